@@ -1,0 +1,387 @@
+"""Shared pieces of the experiment configs in `configs/`.
+
+Every config file in `configs/` builds on `base_config()`: the paper-size model (MM-LDM as described in
+`reference-mmldm.md`) with one section per concern. Dataset configs change the data section and the
+per-dataset loss weights; presets after a colon (`configs/aist.py:tiny`) shrink the model for tests.
+
+Sections (each a `ConfigDict`):
+  data         clip geometry, frame selection, where the records live
+  audio        waveform -> log-mel -> audio image
+  synthetic    the procedural sounding-video dataset (the embedded default)
+  vae          stage-0 image VAE (Stable-Diffusion KL-f8) and its training loss
+  unet         the SD-1.5-shaped U-Net of the autoencoder's diffusion decoder
+  autoencoder  the hierarchical multi-modal autoencoder (encoders, projectors, heads, discriminator)
+  diffusion    noise schedule and prediction target
+  dit          the joint audio-video DiT generator
+  sample       generation (sampler, steps, guidance)
+  train_*      optimisation per training stage (vae, autoencoder, generator)
+  mesh         device mesh and logical-axis rules
+"""
+from __future__ import annotations
+
+import ast
+from typing import Any
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+# Stages `main` knows, in the order they run.
+ALL_STAGES = ("data", "vae", "autoencoder", "latents", "generator", "sample", "evaluate")
+
+
+def parse_preset(arg: str | None) -> dict[str, Any]:
+  """Parses the text after the colon: `tiny`, `tiny,steps=10` -> {'tiny': True, 'steps': 10}."""
+  result: dict[str, Any] = {}
+  if not arg:
+    return result
+  for item in arg.split(","):
+    item = item.strip()
+    if not item:
+      continue
+    if "=" in item:
+      key, value = item.split("=", 1)
+      try:
+        result[key.strip()] = ast.literal_eval(value.strip())
+      except (ValueError, SyntaxError):
+        result[key.strip()] = value.strip()
+    else:
+      result[item] = True
+  return result
+
+
+def data_config() -> ConfigDict:
+  return ConfigDict(dict(
+      source="records",          # 'records' (ingested ArrayRecord shards) or 'synthetic'
+      data_dir="",               # folder with the shards and index.json ('' = <workdir>/data for synthetic)
+      num_frames=16,             # frames per clip
+      fps=10.0,                  # frames per second the clip is sampled at
+      image_size=256,            # frames are letterboxed to image_size x image_size
+      key_frames=(0, 5, 10, 15),  # encoder input frames (reference: [0,5,10,15])
+      num_target_frames=2,       # decoder targets per clip, drawn with replacement and sorted
+      hflip_prob=0.5,            # horizontal flip probability (autoencoder training)
+      generator_hflip_prob=0.0,  # horizontal flip when writing the generator's latents
+      num_classes=0,             # 0 = no class labels
+      shuffle_seed=0,
+      worker_count=0,            # Grain worker processes (0 = in the main process)
+      prefetch_buffer_size=4,
+  ))
+
+
+def audio_config() -> ConfigDict:
+  return ConfigDict(dict(
+      sample_rate=44100,              # waveform rate stored in the records
+      filterbank_sample_rate=22050,   # rate the mel filterbank is built for (the reference's quirk)
+      n_fft=1024,
+      hop_length=256,
+      win_length=1024,
+      num_mels=80,
+      fmin=0.0,
+      fmax=8000.0,
+      image_size=256,                 # the audio image is image_size x image_size x 3
+      griffin_lim_iters=32,
+  ))
+
+
+def synthetic_config() -> ConfigDict:
+  return ConfigDict(dict(
+      num_train_videos=64,
+      num_validation_videos=8,
+      num_heldout_videos=8,
+      video_seconds=3.2,          # length of each generated video (clips are cut from it)
+      num_classes=4,              # scene classes (background look and sound)
+      max_objects=2,
+      seed=0,
+      videos_per_shard=16,
+  ))
+
+
+def vae_config() -> ConfigDict:
+  return ConfigDict(dict(
+      in_channels=3,
+      channels=128,
+      channel_mult=(1, 2, 4, 4),
+      num_res_blocks=2,
+      z_channels=4,
+      embed_dim=4,
+      double_z=True,
+      norm_groups=32,
+      scale_factor=0.18215,
+      pretrained_path="",           # SD VAE weights (diffusers or CompVis format); '' = random init
+      # Stage-0 loss (reference: LPIPSWithDiscriminator, encoder frozen).
+      kl_weight=1e-6,
+      disc_weight=0.5,
+      disc_start=10001,
+      disc_channels=64,
+      disc_layers=3,
+      lpips_path="",                # LPIPS weights file; '' = no perceptual term
+      perceptual_weight=1.0,
+      freeze_encoder=True,
+  ))
+
+
+def unet_config() -> ConfigDict:
+  return ConfigDict(dict(
+      in_channels=4,
+      out_channels=4,
+      model_channels=320,
+      channel_mult=(1, 2, 4, 4),
+      num_res_blocks=2,
+      attention_resolutions=(4, 2, 1),
+      num_heads=8,
+      transformer_depth=1,
+      context_dim=768,
+      norm_groups=32,
+      pretrained_path="",           # SD-1.5 U-Net weights; '' = random init
+  ))
+
+
+def autoencoder_config() -> ConfigDict:
+  return ConfigDict(dict(
+      video_z_channels=16,          # z_v: 16 x (latent/2) x (latent/2)
+      audio_z_channels=16,          # z_a: 16 x (latent/4) x (latent/4)
+      video_encoder=ConfigDict(dict(
+          model_channels=320, channel_mult=(1, 2), num_res_blocks=2,
+          attention_resolutions=(1, 2), head_channels=64)),
+      audio_encoder=ConfigDict(dict(
+          model_channels=320, channel_mult=(1, 2, 4), num_res_blocks=2,
+          attention_resolutions=(1, 2, 4), head_channels=64)),
+      video_projector=ConfigDict(dict(
+          model_channels=128, channel_mult=(1, 2, 4, 4), num_res_blocks=3, head_channels=32)),
+      audio_projector=ConfigDict(dict(
+          model_channels=128, channel_mult=(1, 2, 4), num_res_blocks=4, head_channels=32)),
+      semantic_dim=768,             # width of the semantic tokens
+      contrastive_dim=256,
+      prompt_tokens=77,             # learnable per-modality prompt length
+      index_embed_dim=320,          # sinusoidal frame-index embedding width
+      cfg_dropout=0.1,              # per-sample prompt + encoder-input dropout for guidance
+      # Loss weights (AIST++ / Landscape values differ only in kl_weight).
+      kl_weight=1e-6,
+      cls_weight=0.1,
+      contrastive_weight=0.03,
+      gan_weight=0.1,
+      discriminator=ConfigDict(dict(
+          channels=32, channel_mult=(1, 2, 3, 4, 4, 6, 6), num_res_blocks=1, head_channels=32)),
+      # Decoding a perceptual latent (reference: DDIM 50 steps, CFG 2.5 both modalities).
+      decode_steps=50,
+      decode_guidance_audio=2.5,
+      decode_guidance_video=2.5,
+  ))
+
+
+def diffusion_config() -> ConfigDict:
+  return ConfigDict(dict(
+      num_timesteps=1000,
+      schedule="scaled_linear",     # 'scaled_linear' (SD), 'linear' or 'cosine'
+      beta_start=0.00085,
+      beta_end=0.012,
+      prediction="eps",             # 'eps' or 'v'
+  ))
+
+
+def dit_config() -> ConfigDict:
+  return ConfigDict(dict(
+      depth=28,
+      hidden_size=1152,
+      num_heads=16,
+      mlp_ratio=4.0,
+      context_tokens=77,
+      context_dim=768,
+      cond_prob=0.05,               # A2V and V2A conditioning, each (mutually exclusive)
+      context_dropout=0.1,          # classifier-free guidance dropout
+      scan_layers=True,
+      remat_policy="nothing_saveable",  # a jax.checkpoint_policies name, or 'none'
+      # Long-video continuation (side DiT over [previous latent; current noisy latent]).
+      continuation=False,
+      prev_depth=14,
+  ))
+
+
+def sample_config() -> ConfigDict:
+  return ConfigDict(dict(
+      sampler="ddim",               # 'ddim' or 'dpm_solver++'
+      steps=50,
+      eta=0.0,
+      guidance_audio=9.0,           # reference CLI default (--ucgs_audio)
+      guidance_video=9.0,           # reference CLI default (--ucgs_video)
+      num_samples=16,
+      batch_size=4,
+      mode="joint",                 # 'joint', 'a2v', 'v2a' or 'continuation'
+      num_clips=1,                  # > 1: autoregressive continuation
+      seed=23,
+  ))
+
+
+def train_config(*, lr: float, batch_size: int, num_steps: int) -> ConfigDict:
+  """Optimisation of one stage. The reference uses torch AdamW defaults and no LR schedule."""
+  return ConfigDict(dict(
+      num_steps=num_steps,
+      batch_size=batch_size,        # global batch
+      lr=lr,
+      b1=0.9,
+      b2=0.999,
+      weight_decay=0.01,
+      grad_clip=0.0,                # 0 = off
+      warmup_steps=0,
+      decay="constant",             # 'constant' or 'cosine'
+      ema_decay=0.0,                # 0 = no EMA
+      log_every=50,
+      checkpoint_every=1000,
+      keep_checkpoints=3,
+      sample_every=0,               # 0 = no periodic samples
+      nan_policy="stop",            # 'stop' or 'skip'
+  ))
+
+
+def mesh_config() -> ConfigDict:
+  return ConfigDict(dict(
+      # Axis sizes inside a slice; -1 fills the remaining devices.
+      shape=(("data", -1), ("fsdp", 1), ("tensor", 1)),
+      # Axis sizes across slices (DCN); all 1 for a single slice.
+      dcn_shape=(("data", 1), ("fsdp", 1), ("tensor", 1)),
+      # Logical axis -> mesh axes, per model family. A dimension that the mesh axes do not divide
+      # stays replicated.
+      rules=ConfigDict(dict(
+          dit=(("activation_batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"),
+               ("heads", "tensor"), ("layers", None)),
+          conv=(("activation_batch", ("data", "fsdp")), ("conv_out", "fsdp"), ("embed", "fsdp"),
+                ("mlp", "tensor"), ("heads", "tensor"), ("conv_in", None), ("layers", None)),
+      )),
+      min_sharded_bytes=0,          # parameters smaller than this stay replicated
+  ))
+
+
+def base_config() -> ConfigDict:
+  """The paper-size MM-LDM with AIST++-like data settings; dataset configs adjust it."""
+  config = ConfigDict()
+  config.name = "base"
+  config.seed = 0
+  config.stages = "data,vae,autoencoder,latents,generator,sample,evaluate"
+  config.workdir = ""
+  config.precision = "auto"         # 'auto' = bf16 activations on accelerators, fp32 on CPU
+  config.distributed = "auto"       # 'auto' (detect Cloud TPU / SLURM), 'on' or 'off'
+  config.data = data_config()
+  config.audio = audio_config()
+  config.synthetic = synthetic_config()
+  config.vae = vae_config()
+  config.unet = unet_config()
+  config.autoencoder = autoencoder_config()
+  config.diffusion = diffusion_config()
+  config.dit = dit_config()
+  config.sample = sample_config()
+  config.train_vae = train_config(lr=1e-5, batch_size=80, num_steps=100_000)
+  config.train_autoencoder = train_config(lr=1e-4, batch_size=160, num_steps=200_000)
+  config.train_generator = train_config(lr=1e-5, batch_size=224, num_steps=400_000)
+  config.mesh = mesh_config()
+  return config
+
+
+def apply_tiny(config: ConfigDict) -> ConfigDict:
+  """Shrinks every model to a CPU-test size while keeping every structural feature.
+
+  Geometry: 64x64 frames and audio image, VAE f8 (8x8 latents), z_v 4x4x4, z_a 4x2x2,
+  a 12-input-block U-Net at 32 channels and a 2-block DiT at width 64.
+  """
+  config.data.image_size = 64
+  config.audio.image_size = 64
+  config.vae.update(channels=16, channel_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=8,
+                    disc_channels=8, disc_layers=2)
+  config.unet.update(model_channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
+                     attention_resolutions=(4, 2, 1), num_heads=2, context_dim=32, norm_groups=8)
+  ae = config.autoencoder
+  ae.video_z_channels = 4
+  ae.audio_z_channels = 4
+  ae.video_encoder.update(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, head_channels=8)
+  ae.audio_encoder.update(model_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
+                          head_channels=8)
+  ae.video_projector.update(model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                            head_channels=8)
+  ae.audio_projector.update(model_channels=8, channel_mult=(1,), num_res_blocks=1, head_channels=8)
+  ae.semantic_dim = 32
+  ae.contrastive_dim = 16
+  ae.prompt_tokens = 4
+  ae.index_embed_dim = 16
+  ae.discriminator.update(channels=4, channel_mult=(1, 2, 2), num_res_blocks=1, head_channels=4)
+  ae.decode_steps = 4
+  config.dit.update(depth=2, hidden_size=64, num_heads=4, context_tokens=4, context_dim=32,
+                    prev_depth=1)
+  config.sample.update(steps=4, num_samples=2, batch_size=2)
+  for stage in ("train_vae", "train_autoencoder", "train_generator"):
+    config[stage].update(batch_size=8, num_steps=4, log_every=1, checkpoint_every=2)
+  return config
+
+
+def vae_factor(config: ConfigDict) -> int:
+  """Spatial downsampling factor of the stage-0 VAE."""
+  return 2 ** (len(config.vae.channel_mult) - 1)
+
+
+def validate(config: ConfigDict) -> None:
+  """Fails with a message naming the field and the value when the config cannot work."""
+  def fail(field: str, value: Any, expected: str) -> None:
+    raise ValueError(f"config.{field}={value!r}: expected {expected}")
+
+  factor = vae_factor(config)
+  for field, size in (("data.image_size", config.data.image_size),
+                      ("audio.image_size", config.audio.image_size)):
+    if size <= 0 or size % factor:
+      fail(field, size, f"a positive multiple of the VAE factor {factor} "
+           f"(2 ** (len(vae.channel_mult) - 1))")
+  latent = config.data.image_size // factor
+  if latent % 4:
+    fail("data.image_size", config.data.image_size,
+         f"a multiple of {4 * factor} (the autoencoder halves the {latent}x{latent} latent twice)")
+  if config.data.num_frames <= 0:
+    fail("data.num_frames", config.data.num_frames, "a positive frame count")
+  for index in config.data.key_frames:
+    if not 0 <= index < config.data.num_frames:
+      fail("data.key_frames", tuple(config.data.key_frames),
+           f"frame indices in [0, data.num_frames={config.data.num_frames})")
+  if config.data.fps <= 0:
+    fail("data.fps", config.data.fps, "a positive frame rate")
+  if config.data.source not in ("records", "synthetic"):
+    fail("data.source", config.data.source, "'records' or 'synthetic'")
+  if config.audio.win_length > config.audio.n_fft:
+    fail("audio.win_length", config.audio.win_length, f"<= audio.n_fft={config.audio.n_fft}")
+  if config.audio.fmax > config.audio.filterbank_sample_rate / 2:
+    fail("audio.fmax", config.audio.fmax,
+         f"<= audio.filterbank_sample_rate / 2 = {config.audio.filterbank_sample_rate / 2}")
+  if config.dit.hidden_size % config.dit.num_heads:
+    fail("dit.hidden_size", config.dit.hidden_size,
+         f"a multiple of dit.num_heads={config.dit.num_heads}")
+  if config.diffusion.schedule not in ("scaled_linear", "linear", "cosine"):
+    fail("diffusion.schedule", config.diffusion.schedule, "'scaled_linear', 'linear' or 'cosine'")
+  if config.diffusion.prediction not in ("eps", "v"):
+    fail("diffusion.prediction", config.diffusion.prediction, "'eps' or 'v'")
+  if config.sample.sampler not in ("ddim", "dpm_solver++"):
+    fail("sample.sampler", config.sample.sampler, "'ddim' or 'dpm_solver++'")
+  unknown = [s for s in stage_list(config) if s not in ALL_STAGES]
+  if unknown:
+    fail("stages", config.stages, f"a comma-separated subset of {', '.join(ALL_STAGES)}; "
+         f"unknown: {', '.join(unknown)}")
+
+
+def stage_list(config: ConfigDict) -> list[str]:
+  """The stages to run, in the order given in `config.stages`."""
+  return [s.strip() for s in str(config.stages).split(",") if s.strip()]
+
+
+def clip_samples(config: ConfigDict) -> int:
+  """Audio samples in one clip: num_frames / fps seconds at the waveform rate."""
+  return int(round(config.data.num_frames / config.data.fps * config.audio.sample_rate))
+
+
+def load(path_with_preset: str) -> ConfigDict:
+  """Loads `configs/X.py[:preset]` the way the `--config` flag does (for tests and tools)."""
+  import importlib.util
+  import os
+  path, _, arg = path_with_preset.partition(":")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config file {path} does not exist")
+  spec = importlib.util.spec_from_file_location(
+      "mmldm_config_" + os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg or None)
+  config.lock()
+  return config

@@ -1,0 +1,68 @@
+"""Entry point: runs the stages listed in `config.stages`, in order.
+
+  python -m mmldm_jax.main --config=configs/demo.py --workdir=runs/demo
+  python -m mmldm_jax.main --config=configs/aist.py:tiny --workdir=/tmp/x --config.stages=data
+
+Each stage is a function `run(config, workdir)` in its own module, imported only when it runs. Stages are
+resumable and skip themselves when their output is complete. A stage named in `config.stages` that this
+version does not implement is refused before anything runs.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from mmldm_jax import config_lib
+
+# Implemented stages: name -> "module:function". A stage appears here once it works end to end.
+STAGES = {
+    "data": "mmldm_jax.data.stage:run",
+}
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py[:tiny].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for datasets, checkpoints, samples, logs.")
+
+
+def resolve_stages(config) -> list[str]:
+  """The stages to run; a stage that does not exist (yet) is an error naming it."""
+  config_lib.validate(config)
+  stages = config_lib.stage_list(config)
+  missing = [s for s in stages if s not in STAGES]
+  if missing:
+    raise ValueError(
+        f"config.stages={config.stages!r}: stage(s) {', '.join(missing)} are not implemented in this "
+        f"version; implemented: {', '.join(STAGES)}")
+  return stages
+
+
+def run_stage(name: str, config, workdir: str) -> None:
+  module_name, function_name = STAGES[name].split(":")
+  function = getattr(importlib.import_module(module_name), function_name)
+  logging.info("=== stage %s ===", name)
+  function(config, workdir)
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
+  workdir = _WORKDIR.value or config.workdir
+  if not workdir:
+    raise app.UsageError("--workdir is required (or set config.workdir)")
+  stages = resolve_stages(config)
+  os.makedirs(workdir, exist_ok=True)
+  for name in stages:
+    run_stage(name, config, workdir)
+  logging.info("done: %s in %s", ", ".join(stages), workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,52 @@
+"""mmldm_jax: a JAX/Flax reimplementation of MM-LDM (sounding-video latent diffusion).
+
+Runtime dependencies are pinned to the versions this project is tested with (see README).
+The `test` extra adds the PyTorch reference implementations used by the parity tests; torch is
+pinned in the same requirement set so that pip takes the CPU build instead of a multi-GB CUDA one.
+"""
+import setuptools
+
+RUNTIME = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "array-record==0.8.6",
+    "ml-collections==1.1.0",
+    "absl-py==2.5.1",
+    "numpy==2.4.6",
+    "scipy==1.17.1",
+    "av==18.1.0",
+    "pillow==13.0.0",
+    "tqdm==4.70.1",
+    "tensorboardX==2.6.5",
+    "protobuf==7.36.2",
+]
+
+EXTRAS = {
+    # TF-free TFDS builders (array_record format, Tensor features).
+    "tfds": ["tensorflow-datasets==4.9.10"],
+    # PyTorch checkpoint conversion (SD VAE / U-Net, HiFi-GAN). torch pinned to the CPU build.
+    "convert": ["torch==2.13.0", "safetensors==0.8.0"],
+    "test": [
+        "pytest==9.2.0",
+        "librosa==0.11.0",
+        "tensorflow-datasets==4.9.10",
+        "torch==2.13.0",
+        "diffusers==0.42.1",
+        "transformers==5.24.0",
+        "safetensors==0.8.0",
+    ],
+}
+
+setuptools.setup(
+    name="mmldm_jax",
+    version="0.1.0",
+    description="JAX/Flax MM-LDM: multi-modal latent diffusion for sounding-video generation",
+    packages=setuptools.find_packages(include=["mmldm_jax", "mmldm_jax.*"]),
+    python_requires=">=3.11,<3.12",
+    install_requires=RUNTIME,
+    extras_require=EXTRAS,
+)

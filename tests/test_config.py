@@ -1,0 +1,62 @@
+"""Configs: every real config loads, validates, and its tiny preset keeps the geometry consistent;
+bad values fail with a message naming the field."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mmldm_jax import config_lib
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+@pytest.mark.parametrize("name", ["aist", "landscape", "audioset", "demo"])
+@pytest.mark.parametrize("preset", ["", ":tiny"])
+def test_configs_load_and_validate(name, preset):
+  config = config_lib.load(os.path.join(CONFIGS, f"{name}.py{preset}"))
+  config_lib.validate(config)
+  assert config.data.image_size % config_lib.vae_factor(config) == 0
+
+
+def test_paper_numbers():
+  aist = config_lib.load(os.path.join(CONFIGS, "aist.py"))
+  assert (aist.data.num_frames, aist.data.fps, aist.data.image_size) == (16, 10.0, 256)
+  assert tuple(aist.data.key_frames) == (0, 5, 10, 15)
+  assert (aist.audio.sample_rate, aist.audio.filterbank_sample_rate) == (44100, 22050)
+  assert (aist.audio.n_fft, aist.audio.hop_length, aist.audio.win_length, aist.audio.num_mels,
+          aist.audio.fmin, aist.audio.fmax) == (1024, 256, 1024, 80, 0.0, 8000.0)
+  assert (aist.dit.depth, aist.dit.hidden_size, aist.dit.num_heads) == (28, 1152, 16)
+  assert config_lib.clip_samples(aist) == 70560
+  audioset = config_lib.load(os.path.join(CONFIGS, "audioset.py"))
+  assert audioset.data.fps == 4.0 and config_lib.clip_samples(audioset) == 176400
+  assert audioset.autoencoder.cls_weight == 0.0
+
+
+def test_locked_config_rejects_unknown_field():
+  config = config_lib.load(os.path.join(CONFIGS, "aist.py:tiny"))
+  with pytest.raises(AttributeError):
+    config.data.imagesize = 3
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("data.image_size", 60, "config.data.image_size=60"),
+    ("data.key_frames", (0, 5, 10, 20), "config.data.key_frames"),
+    ("stages", "data,bogus", "unknown: bogus"),
+])
+def test_validate_names_field(field, value, message):
+  config = config_lib.load(os.path.join(CONFIGS, "aist.py:tiny"))
+  section, _, key = field.rpartition(".")
+  with config.unlocked():
+    (config[section] if section else config)[key] = value
+  with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+    config_lib.validate(config)
+
+
+def test_main_rejects_unknown_field_on_command_line(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "mmldm_jax.main", f"--config={CONFIGS}/demo.py",
+       f"--workdir={tmp_path}", "--config.data.imagesize=64"],
+      capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert "imagesize" in result.stderr
