@@ -197,6 +197,20 @@ def dit_config() -> ConfigDict:
   ))
 
 
+def vocoder_config() -> ConfigDict:
+  """HiFi-GAN V1 generator (jik876/hifi-gan config_v1): log-mel -> waveform, hop = prod(upsample_rates)."""
+  return ConfigDict(dict(
+      upsample_rates=(8, 8, 2, 2),
+      upsample_kernel_sizes=(16, 16, 4, 4),
+      upsample_initial_channel=512,
+      resblock_kernel_sizes=(3, 7, 11),
+      resblock_dilation_sizes=((1, 3, 5), (1, 3, 5), (1, 3, 5)),
+      num_mels=80,
+      sample_rate=22050,            # the rate the vocoder's mel filterbank was built for
+      pretrained_path="",           # generator_v1 / UNIVERSAL_V1 checkpoint; '' = Griffin-Lim
+  ))
+
+
 def sample_config() -> ConfigDict:
   return ConfigDict(dict(
       sampler="ddim",               # 'ddim' or 'dpm_solver++'
@@ -269,6 +283,7 @@ def base_config() -> ConfigDict:
   config.diffusion = diffusion_config()
   config.dit = dit_config()
   config.sample = sample_config()
+  config.vocoder = vocoder_config()
   config.train_vae = train_config(lr=1e-5, batch_size=80, num_steps=100_000)
   config.train_autoencoder = train_config(lr=1e-4, batch_size=160, num_steps=200_000)
   config.train_generator = train_config(lr=1e-5, batch_size=224, num_steps=400_000)
@@ -306,6 +321,7 @@ def apply_tiny(config: ConfigDict) -> ConfigDict:
   config.dit.update(depth=2, hidden_size=64, num_heads=4, context_tokens=4, context_dim=32,
                     prev_depth=1)
   config.sample.update(steps=4, num_samples=2, batch_size=2)
+  config.vocoder.upsample_initial_channel = 32
   for stage in ("train_vae", "train_autoencoder", "train_generator"):
     config[stage].update(batch_size=8, num_steps=4, log_every=1, checkpoint_every=2)
   return config
