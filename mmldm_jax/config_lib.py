@@ -93,6 +93,9 @@ def synthetic_config() -> ConfigDict:
       max_objects=2,
       seed=0,
       videos_per_shard=16,
+      events_per_second=1.6,      # wall hits per second (all objects together)
+      min_event_gap_seconds=0.45,  # any two hits at least this far apart (and >= 2.5 frames)
+      object_radius=0.08,         # object radius as a fraction of the frame size
   ))
 
 
