@@ -1,0 +1,308 @@
+"""Device mesh, logical-axis sharding policy, global batches and multi-host start-up.
+
+The sharding policy is data: `config.mesh.rules.<family>` maps logical axis names (which every parameter
+carries through `nn.with_logical_partitioning`) onto mesh axes. The small functions here apply it:
+
+  mesh = create_mesh(config)                                  # ('data', 'fsdp', 'tensor')
+  rules = logical_rules(config, "dit")
+  shardings = tree_shardings(jax.eval_shape(init), mesh, rules, min_sharded_bytes)
+  with activation_rules(mesh, rules): jitted_step(...)         # nn.with_logical_constraint works inside
+  batch = global_batch(host_batch, mesh)                       # per-process data -> one global jax.Array
+
+A dimension that its mesh axes do not divide evenly drops the trailing axes until they do (in the end it
+stays replicated), and arrays smaller than `min_sharded_bytes` stay replicated: both are logged by
+`describe_shardings`, and `check_sharded` fails when the arrays on the devices are less sharded than the
+mesh allows for the bytes the policy meant to shard.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import Any, Iterator, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+# Mesh axes that split the batch dimension of activations and data.
+BATCH_AXES = ("data", "fsdp")
+
+
+# ------------------------------------------------------------------------------------------------
+# Mesh
+# ------------------------------------------------------------------------------------------------
+def _axis_sizes(pairs, field: str) -> dict[str, int]:
+  sizes = dict((str(name), int(size)) for name, size in pairs)
+  if tuple(sizes) != MESH_AXES:
+    raise ValueError(f"config.mesh.{field}={tuple(pairs)!r}: expected the axes {MESH_AXES} in order")
+  return sizes
+
+
+def resolve_mesh_shape(shape: dict[str, int], num_devices: int, field: str = "shape") -> tuple:
+  """Replaces the one -1 entry by whatever makes the product equal `num_devices`."""
+  fill = [name for name, size in shape.items() if size == -1]
+  if len(fill) > 1:
+    raise ValueError(f"config.mesh.{field}: at most one axis may be -1, got {fill}")
+  fixed = math.prod(size for size in shape.values() if size != -1)
+  if fixed <= 0 or num_devices % fixed:
+    raise ValueError(f"config.mesh.{field}={shape}: the fixed axis sizes (product {fixed}) must divide "
+                     f"the {num_devices} available devices")
+  if fill:
+    shape = dict(shape, **{fill[0]: num_devices // fixed})
+  if math.prod(shape.values()) != num_devices:
+    raise ValueError(f"config.mesh.{field}={shape}: product {math.prod(shape.values())} != "
+                     f"{num_devices} devices (use -1 for one axis to fill the rest)")
+  return tuple(shape.values())
+
+
+def create_mesh(config, devices: Sequence[Any] | None = None) -> Mesh:
+  """The ('data', 'fsdp', 'tensor') mesh of `config.mesh` over `devices` (default: all devices).
+
+  With more than one slice (`config.mesh.dcn_shape` has an entry > 1) the mesh is built with
+  `create_hybrid_device_mesh`, so the DCN axes connect slices and the ICI axes stay inside one. On
+  TPU a slice is what the devices report; on GPU and CPU it is one process (a node).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  ici = _axis_sizes(config.mesh.shape, "shape")
+  dcn = _axis_sizes(config.mesh.dcn_shape, "dcn_shape")
+  num_slices = math.prod(dcn.values())
+  if any(size == -1 for size in dcn.values()):
+    raise ValueError(f"config.mesh.dcn_shape={config.mesh.dcn_shape}: -1 is not allowed across slices")
+  if len(devices) % num_slices:
+    raise ValueError(f"config.mesh.dcn_shape={config.mesh.dcn_shape}: {num_slices} slices do not divide "
+                     f"{len(devices)} devices")
+  ici_shape = resolve_mesh_shape(ici, len(devices) // num_slices)
+  if num_slices > 1:
+    # TPU devices know their slice; elsewhere (GPU nodes, CPU processes) each process is one granule.
+    process_is_granule = not hasattr(devices[0], "slice_index")
+    device_array = mesh_utils.create_hybrid_device_mesh(
+        ici_shape, tuple(dcn.values()), devices, process_is_granule=process_is_granule,
+        allow_split_physical_axes=True)
+  elif devices[0].platform == "cpu" or len(devices) != jax.device_count():
+    # No physical topology to respect (CPU, or a subset of the devices): keep the given order.
+    device_array = np.asarray(devices).reshape(ici_shape)
+  else:
+    device_array = mesh_utils.create_device_mesh(ici_shape, devices, allow_split_physical_axes=True)
+  return Mesh(device_array, MESH_AXES)
+
+
+# ------------------------------------------------------------------------------------------------
+# Logical axis rules -> shardings
+# ------------------------------------------------------------------------------------------------
+def logical_rules(config, family: str) -> tuple[tuple[str, Any], ...]:
+  """The rule table of one model family (`config.mesh.rules.<family>`), as Flax expects it."""
+  if family not in config.mesh.rules:
+    raise ValueError(f"config.mesh.rules.{family} does not exist; families: "
+                     f"{', '.join(config.mesh.rules.keys())}")
+  return tuple((str(name), axes if axes is None or isinstance(axes, str) else tuple(axes))
+               for name, axes in config.mesh.rules[family])
+
+
+def _as_tuple(axes) -> tuple[str, ...]:
+  if axes is None:
+    return ()
+  return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules) -> PartitionSpec:
+  """Maps one array's logical axis names to a PartitionSpec.
+
+  Like Flax's rule application (the first rule for a name whose mesh axes are still unused wins),
+  plus: mesh axes that do not divide the dimension are dropped from the end.
+  """
+  used: set[str] = set()
+  spec = []
+  for name, size in zip(names, shape):
+    chosen: tuple[str, ...] = ()
+    for rule_name, rule_axes in rules:
+      axes = _as_tuple(rule_axes)
+      if rule_name == name and not used.intersection(axes):
+        chosen = axes
+        break
+    while chosen and size % math.prod(mesh.shape[a] for a in chosen):
+      chosen = chosen[:-1]
+    used.update(chosen)
+    spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else chosen)
+  while spec and spec[-1] is None:
+    spec.pop()
+  return PartitionSpec(*spec)
+
+
+def _is_boxed(x) -> bool:
+  return isinstance(x, nn.LogicallyPartitioned)
+
+
+def _nbytes(shape, dtype) -> int:
+  return math.prod(shape) * np.dtype(dtype).itemsize
+
+
+def tree_specs(abstract_tree, mesh: Mesh, rules, min_sharded_bytes: int = 0):
+  """PartitionSpecs for a tree of (possibly boxed) abstract arrays, e.g. `jax.eval_shape(init)`.
+
+  Boxed leaves (`nn.LogicallyPartitioned`) use their logical names; plain leaves and leaves smaller
+  than `min_sharded_bytes` are replicated. The result has the unboxed tree structure.
+  """
+  def spec(leaf):
+    if not _is_boxed(leaf):
+      return PartitionSpec()
+    value = leaf.value
+    if _nbytes(value.shape, value.dtype) < min_sharded_bytes:
+      return PartitionSpec()
+    return logical_to_spec(leaf.names, value.shape, mesh, rules)
+  return jax.tree.map(spec, abstract_tree, is_leaf=_is_boxed)
+
+
+def tree_shardings(abstract_tree, mesh: Mesh, rules, min_sharded_bytes: int = 0):
+  """NamedShardings for a tree of (possibly boxed) abstract arrays; see `tree_specs`."""
+  return jax.tree.map(lambda spec: NamedSharding(mesh, spec),
+                      tree_specs(abstract_tree, mesh, rules, min_sharded_bytes),
+                      is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def unbox(tree):
+  """Drops the logical-partitioning boxes (values stay)."""
+  return nn.meta.unbox(tree)
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh, rules) -> Iterator[None]:
+  """Mesh + rule context under which `nn.with_logical_constraint` inside the models takes effect.
+
+  Enter it around the jitted call (tracing happens inside) so constraints see the mesh and rules.
+  """
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
+
+
+# ------------------------------------------------------------------------------------------------
+# Sizes and checks
+# ------------------------------------------------------------------------------------------------
+def bytes_per_device(tree) -> tuple[int, int]:
+  """(total bytes, bytes on the most loaded device) of a tree of jax.Arrays (or abstract arrays
+  with a `.sharding`), from each leaf's sharding."""
+  total = 0
+  per_device: dict[Any, int] = {}
+  for leaf in jax.tree.leaves(tree):
+    total += _nbytes(leaf.shape, leaf.dtype)
+    shard_bytes = _nbytes(leaf.sharding.shard_shape(leaf.shape), leaf.dtype)
+    for device in leaf.sharding.device_set:
+      per_device[device] = per_device.get(device, 0) + shard_bytes
+  return total, max(per_device.values(), default=0)
+
+
+def replicated_by_policy_bytes(abstract_tree, shardings) -> int:
+  """Bytes the policy deliberately leaves unsharded (small, unannotated or indivisible arrays)."""
+  leaves = jax.tree.leaves(unbox(abstract_tree))
+  return sum(_nbytes(leaf.shape, leaf.dtype)
+             for leaf, sharding in zip(leaves, jax.tree.leaves(shardings))
+             if sharding.is_fully_replicated)
+
+
+def check_sharded(tree, mesh: Mesh, axes: Sequence[str] = ("fsdp", "tensor"),
+                  tolerance: float = 0.05, exempt_bytes: int = 0, what: str = "parameters") -> None:
+  """Fails loudly when the arrays hold more bytes per device than sharding over `axes` allows.
+
+  Allowed: (total - exempt) / prod(mesh sizes of axes) * (1 + tolerance) + exempt, where `exempt_bytes`
+  are bytes the policy replicates on purpose (see `replicated_by_policy_bytes`).
+  """
+  total, on_device = bytes_per_device(tree)
+  factor = math.prod(mesh.shape[a] for a in axes)
+  allowed = (total - exempt_bytes) / factor * (1 + tolerance) + exempt_bytes
+  if on_device > allowed:
+    biggest = sorted(
+        ((_nbytes(leaf.shape, leaf.dtype), jax.tree_util.keystr(path), leaf.sharding.spec)
+         for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+         if leaf.sharding.is_fully_replicated), reverse=True)[:5]
+    raise ValueError(
+        f"{what} are less sharded than configured: {on_device} bytes on one device, allowed "
+        f"{allowed:.0f} (= total {total} over {'x'.join(axes)}={factor}, +{tolerance:.0%}, plus "
+        f"{exempt_bytes} replicated by policy). Largest replicated: {biggest}")
+
+
+def describe_shardings(abstract_tree, shardings, limit: int = 12) -> str:
+  """A few lines naming the largest arrays and their PartitionSpecs, for the log."""
+  rows = []
+  for (path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(unbox(abstract_tree)),
+                                    jax.tree.leaves(shardings)):
+    rows.append((_nbytes(leaf.shape, leaf.dtype), jax.tree_util.keystr(path), leaf.shape,
+                 sharding.spec))
+  rows.sort(key=lambda r: -r[0])
+  return "\n".join(f"  {path} {shape} -> {spec}" for _, path, shape, spec in rows[:limit])
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension over the data-parallel axes, the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def global_batch(host_batch, mesh: Mesh):
+  """Assembles per-process numpy batches (each process holds batch/process_count rows) into global
+  jax.Arrays sharded along the batch axes."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                      host_batch)
+
+
+def per_process_batch_size(global_batch_size: int, mesh: Mesh, field: str) -> int:
+  """The rows each process loads; fails when the batch does not split over processes and devices."""
+  data_parallel = math.prod(mesh.shape[a] for a in BATCH_AXES)
+  if global_batch_size % data_parallel or global_batch_size % jax.process_count():
+    raise ValueError(f"config.{field}={global_batch_size}: must be a multiple of the data-parallel "
+                     f"mesh size {data_parallel} and of the process count {jax.process_count()}")
+  return global_batch_size // jax.process_count()
+
+
+# ------------------------------------------------------------------------------------------------
+# Multi-host start-up
+# ------------------------------------------------------------------------------------------------
+def detect_cluster() -> str | None:
+  """Names the multi-process environment this process runs in, or None for a single process.
+
+  Explicit JAX_COORDINATOR_ADDRESS (+ JAX_NUM_PROCESSES, JAX_PROCESS_ID), a SLURM job step with more than
+  one task, or a Cloud TPU VM with more than one worker.
+  """
+  env = os.environ
+  if env.get("JAX_COORDINATOR_ADDRESS"):
+    return "explicit"
+  if int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")) or 1) > 1:
+    return "slurm"
+  hosts = env.get("TPU_WORKER_HOSTNAMES") or env.get("TPU_PROCESS_ADDRESSES") or ""
+  if len([h for h in hosts.split(",") if h]) > 1 or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    return "cloud_tpu"
+  return None
+
+
+def maybe_initialize_distributed(config) -> bool:
+  """Calls `jax.distributed.initialize()` when `config.distributed` is 'on', or 'auto' and a cluster is
+  detected. Must run before anything touches the devices. Returns whether it initialised."""
+  mode = config.distributed
+  if mode not in ("auto", "on", "off"):
+    raise ValueError(f"config.distributed={mode!r}: expected 'auto', 'on' or 'off'")
+  cluster = detect_cluster() if mode == "auto" else mode
+  if mode == "off" or cluster is None:
+    return False
+  kwargs = {}
+  if cluster == "explicit":
+    missing = [v for v in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if v not in os.environ]
+    if missing:
+      raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {', '.join(missing)} not; set all three")
+    kwargs = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+                  num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                  process_id=int(os.environ["JAX_PROCESS_ID"]))
+    if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+      # CPU processes talk through gloo; the default (none) cannot run cross-process collectives.
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  logging.info("jax.distributed.initialize (%s) %s", cluster, kwargs)
+  jax.distributed.initialize(**kwargs)
+  logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+  return True

@@ -1,0 +1,138 @@
+"""Mesh construction, the logical-axis rule tables (golden PartitionSpecs), sharded parameter sizes,
+global batch assembly and cluster detection."""
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from conftest import CONFIGS
+from mmldm_jax import config_lib
+from mmldm_jax import parallel
+
+
+def _config(shape=(("data", -1), ("fsdp", 1), ("tensor", 1)), **mesh):
+  config = config_lib.load(os.path.join(CONFIGS, "aist.py:tiny"))
+  config.unlock()
+  config.mesh.shape = shape
+  config.mesh.update(mesh)
+  return config
+
+
+def test_mesh_fills_minus_one_and_rejects_bad_shapes():
+  mesh = parallel.create_mesh(_config((("data", 2), ("fsdp", -1), ("tensor", 1))))
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+  mesh = parallel.create_mesh(_config(), devices=jax.devices()[:4])
+  assert dict(mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 1}
+  with pytest.raises(ValueError, match="config.mesh.shape"):
+    parallel.create_mesh(_config((("data", 3), ("fsdp", -1), ("tensor", 1))))
+  with pytest.raises(ValueError, match="at most one axis"):
+    parallel.create_mesh(_config((("data", -1), ("fsdp", -1), ("tensor", 1))))
+  with pytest.raises(ValueError, match="in order"):
+    parallel.create_mesh(_config((("fsdp", -1), ("data", 1), ("tensor", 1))))
+
+
+def test_multislice_mesh_uses_dcn_axes():
+  config = _config((("data", 1), ("fsdp", -1), ("tensor", 1)))
+  config.mesh.dcn_shape = (("data", 2), ("fsdp", 1), ("tensor", 1))
+  # Off TPU a slice is one process: one process cannot hold two slices.
+  with pytest.raises(ValueError, match="Number of slices 1"):
+    parallel.create_mesh(config)
+
+
+# Golden: the shipped rule tables on a (data=2, fsdp=2, tensor=2) mesh.
+GOLDEN = [
+    ("dit", ("embed", "mlp"), (64, 256), P("fsdp", "tensor")),
+    ("dit", ("embed", "heads"), (64, 192), P("fsdp", "tensor")),
+    ("dit", ("layers", "embed", "mlp"), (2, 64, 256), P(None, "fsdp", "tensor")),
+    ("dit", ("norm",), (64,), P()),
+    ("dit", ("embed",), (63,), P()),                    # 63 is not divisible by fsdp=2: replicated
+    ("dit", ("activation_batch", None), (8, 5), P(("data", "fsdp"))),
+    ("dit", ("activation_batch", None), (2, 5), P("data")),   # 2 rows: drops fsdp, keeps data
+    ("conv", (None, None, "conv_in", "conv_out"), (3, 3, 3, 16), P(None, None, None, "fsdp")),
+    ("conv", (None, None, "conv_in", "conv_out"), (3, 3, 16, 3), P()),
+    ("conv", ("embed", "mlp"), (32, 128), P("fsdp", "tensor")),
+    ("conv", ("classes", "embed"), (4, 32), P(None, "fsdp")),
+]
+
+
+@pytest.mark.parametrize("family,names,shape,expected", GOLDEN)
+def test_rule_table_golden_specs(family, names, shape, expected):
+  config = _config((("data", 2), ("fsdp", 2), ("tensor", 2)))
+  mesh = parallel.create_mesh(config)
+  rules = parallel.logical_rules(config, family)
+  assert parallel.logical_to_spec(names, shape, mesh, rules) == expected
+
+
+def test_tree_shardings_small_params_stay_replicated():
+  config = _config((("data", 1), ("fsdp", 8), ("tensor", 1)))
+  mesh = parallel.create_mesh(config)
+  rules = parallel.logical_rules(config, "dit")
+  tree = {"big": nn.LogicallyPartitioned(jax.ShapeDtypeStruct((64, 64), jnp.float32), ("embed", None)),
+          "small": nn.LogicallyPartitioned(jax.ShapeDtypeStruct((8,), jnp.float32), ("embed",)),
+          "plain": jax.ShapeDtypeStruct((64,), jnp.float32)}
+  specs = parallel.tree_specs(tree, mesh, rules, min_sharded_bytes=1024)
+  assert specs == {"big": P("fsdp"), "small": P(), "plain": P()}
+
+
+def test_check_sharded_fails_on_replicated_params():
+  config = _config((("data", 1), ("fsdp", 8), ("tensor", 1)))
+  mesh = parallel.create_mesh(config)
+  weights = jnp.ones((64, 64))
+  sharded = jax.device_put(weights, NamedSharding(mesh, P("fsdp")))
+  parallel.check_sharded({"w": sharded}, mesh)
+  replicated = jax.device_put(weights, NamedSharding(mesh, P()))
+  with pytest.raises(ValueError, match="less sharded than configured"):
+    parallel.check_sharded({"w": replicated}, mesh)
+  # Replicated on purpose (policy): allowed.
+  parallel.check_sharded({"w": replicated}, mesh, exempt_bytes=64 * 64 * 4)
+
+
+def test_global_batch_from_host_data():
+  mesh = parallel.create_mesh(_config((("data", 2), ("fsdp", 4), ("tensor", 1))))
+  host = {"x": np.arange(16 * 3, dtype=np.float32).reshape(16, 3)}
+  batch = parallel.global_batch(host, mesh)
+  assert batch["x"].shape == (16, 3)
+  assert batch["x"].sharding.spec == P(("data", "fsdp"))
+  np.testing.assert_array_equal(np.asarray(batch["x"]), host["x"])
+  assert parallel.per_process_batch_size(16, mesh, "train_x.batch_size") == 16
+  with pytest.raises(ValueError, match="train_x.batch_size=12"):
+    parallel.per_process_batch_size(12, mesh, "train_x.batch_size")
+
+
+def test_activation_constraint_inside_jit():
+  config = _config((("data", 2), ("fsdp", 4), ("tensor", 1)))
+  mesh = parallel.create_mesh(config)
+  rules = parallel.logical_rules(config, "dit")
+
+  def constrained(x):
+    return nn.with_logical_constraint(x * 2, ("activation_batch", None))
+
+  with parallel.activation_rules(mesh, rules):
+    out = jax.jit(constrained)(jnp.ones((8, 4)))
+  assert out.sharding.spec == P(("data", "fsdp"))
+
+
+def test_detect_cluster(monkeypatch):
+  for name in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS",
+               "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "MEGASCALE_COORDINATOR_ADDRESS"):
+    monkeypatch.delenv(name, raising=False)
+  assert parallel.detect_cluster() is None
+  monkeypatch.setenv("SLURM_NTASKS", "1")
+  assert parallel.detect_cluster() is None
+  monkeypatch.setenv("SLURM_NTASKS", "16")
+  assert parallel.detect_cluster() == "slurm"
+  monkeypatch.delenv("SLURM_NTASKS")
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.1,10.0.0.2")
+  assert parallel.detect_cluster() == "cloud_tpu"
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:1234")
+  assert parallel.detect_cluster() == "explicit"
+  config = _config()
+  config.distributed = "off"
+  assert parallel.maybe_initialize_distributed(config) is False
+  config.distributed = "maybe"
+  with pytest.raises(ValueError, match="config.distributed"):
+    parallel.maybe_initialize_distributed(config)
