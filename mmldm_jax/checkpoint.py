@@ -1,0 +1,147 @@
+"""Checkpoints of a training stage: train state, data-iterator state and config, with Orbax.
+
+One folder per stage (`<workdir>/<stage>/checkpoints/<step>/`) holding three items:
+  state   the train state pytree (Orbax StandardSave / StandardRestore; sharded arrays, OCDBT)
+  data    the Grain iterator state, one JSON file per process (`process_<i>-of-<n>.json`)
+  config  the run's config as JSON (for people and tools; never read back into a run)
+
+Saves are asynchronous (the step loop continues while arrays are written) and keep the last N.
+Restores always go through an abstract target whose ShapeDtypeStructs carry the CURRENT mesh's
+shardings, so a run saved on 8 devices resumes on 4 or 2. A checkpoint that cannot be read is an error
+naming the step and folder, never a silent fresh start. Preemption: `PreemptionWatcher` notices SIGTERM
+(one process) or the JAX preemption sync point (several processes) so the loop saves and exits.
+
+Everything Orbax-specific lives in this module, so a move to the Orbax v1 API stays local.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+
+def abstract_with_shardings(tree, shardings):
+  """ShapeDtypeStructs of `tree` (arrays or abstract arrays) carrying the given target shardings."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+class Checkpointer:
+  """Saves and restores one stage's checkpoints in `directory`.
+
+  Args:
+    directory: the checkpoint folder (local path or gs://...), created when missing.
+    save_every: save when `step % save_every == 0` (0 = only forced saves).
+    keep: how many of the newest checkpoints to keep.
+    async_save: write arrays in the background (the next save or `close` waits for it).
+  """
+
+  def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True):
+    self.directory = os.fspath(directory)
+    self.save_every = int(save_every)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max(1, int(keep)), create=True, enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=("state", "data", "config"))
+
+  # --- queries -------------------------------------------------------------------------------------
+  def latest_step(self) -> int | None:
+    """The newest complete checkpoint's step, or None when there is none."""
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  # --- save ----------------------------------------------------------------------------------------
+  def should_save(self, step: int) -> bool:
+    return self.save_every > 0 and step % self.save_every == 0
+
+  def save(self, step: int, state, *, data_iterator=None, config=None, force: bool = False) -> bool:
+    """Starts saving `state` (and the iterator and config) at `step` when due or forced.
+
+    Returns whether a save started. The iterator's state is read now, so it must be the iterator
+    positioned right after the batches that produced `state`.
+    """
+    if not (force or self.should_save(step)) or step in self._manager.all_steps():
+      return False
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    if config is not None:
+      items["config"] = ocp.args.JsonSave(json.loads(config.to_json()))
+    saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    if saved:
+      logging.info("checkpoint: saving step %d to %s", step, self.directory)
+    return saved
+
+  def wait(self) -> None:
+    """Blocks until the pending asynchronous save is on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  # --- restore -------------------------------------------------------------------------------------
+  def restore(self, step: int, abstract_state, *, data_iterator=None):
+    """Reads the state saved at `step` into the shardings that `abstract_state` carries.
+
+    `abstract_state`: a pytree of jax.ShapeDtypeStruct with `.sharding` set (see
+    `abstract_with_shardings`). `data_iterator`, when given, is moved to the saved position.
+    Raises RuntimeError naming the step and folder when anything cannot be read.
+    """
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    path = os.path.join(self.directory, str(step))
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as error:  # noqa: BLE001 - re-raised with the step and path, never swallowed
+      raise RuntimeError(
+          f"cannot restore the checkpoint of step {step} in {path}: {type(error).__name__}: {error}. "
+          f"Delete that step folder to resume from an earlier checkpoint, or use a fresh workdir."
+      ) from error
+    logging.info("checkpoint: restored step %d from %s", step, path)
+    return restored["state"]
+
+  def restore_config(self, step: int) -> dict[str, Any]:
+    """The config JSON saved with `step` (for tools and checks)."""
+    return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
+        "config"]
+
+
+class PreemptionWatcher:
+  """Tells the train loop when to save and stop because the job is being preempted.
+
+  One process: a SIGTERM handler sets a flag (the signal Cloud TPU, SLURM and Kubernetes send before
+  eviction). Several processes: JAX's preemption sync point, which agrees on one step on all hosts
+  (it catches SIGTERM itself). Call `reached(step)` once per step on every process.
+  """
+
+  def __init__(self):
+    self._signalled = False
+    self._previous = None
+    self._multi = jax.process_count() > 1
+    if not self._multi:
+      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+  def _on_signal(self, signum, frame) -> None:
+    del frame
+    logging.warning("received signal %d: will save a checkpoint and stop after this step", signum)
+    self._signalled = True
+
+  def reached(self, step: int) -> bool:
+    if self._multi:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._signalled
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None

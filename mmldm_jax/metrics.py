@@ -1,0 +1,161 @@
+"""Training metrics: JSONL + TensorBoard (tensorboardX, no TensorFlow) + absl log lines with an ETA.
+
+The train loop hands each step's metrics over as device arrays; `MetricsWriter.step` keeps them and
+writes them ONE STEP LATE, when the next step has been dispatched, so reading them never stalls the
+device queue. Throughput metrics come from host timers:
+  steps_per_s, examples_per_s   over the steps since the last write
+  data_wait_fraction            share of that wall time spent waiting for the input pipeline
+  mfu                           model FLOPs utilisation, when the model's FLOPs per example are known and
+                                the device kind is in `PEAK_FLOPS` (CPU is not: MFU is omitted there)
+Sample images (uint8 HWC) and audio (float waveform) go to TensorBoard (process 0 only).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from absl import logging
+
+# Dense bf16 peak FLOP/s per device (one jax device), from the vendors' data sheets.
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,   # v5e
+    "TPU v5e": 197e12,
+    "TPU v5": 459e12,        # v5p
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,   # Trillium (v6e)
+    "TPU v6e": 918e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+}
+
+
+def peak_flops(device_kind: str) -> float | None:
+  """Peak bf16 FLOP/s of one device of this kind; None when unknown (e.g. CPU)."""
+  if device_kind in PEAK_FLOPS:
+    return PEAK_FLOPS[device_kind]
+  # Longest table key that prefixes the reported kind ("NVIDIA H100 80GB HBM3" variants).
+  matches = [key for key in PEAK_FLOPS if device_kind.startswith(key)]
+  return PEAK_FLOPS[max(matches, key=len)] if matches else None
+
+
+def _format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  hours, rest = divmod(seconds, 3600)
+  return f"{hours}h{rest // 60:02d}m{rest % 60:02d}s" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class MetricsWriter:
+  """Writes one stage's metrics under `log_dir` (metrics.jsonl and TensorBoard event files).
+
+  Args:
+    log_dir: folder for `metrics.jsonl` and the event files (process 0 writes; others only log).
+    total_steps: the stage's final step, for the ETA.
+    global_batch_size: examples per step, for examples/s and MFU.
+    log_every: write every this many steps (and the last step).
+    flops_per_example: training FLOPs (forward + backward) per example, or None (no MFU).
+  """
+
+  def __init__(self, log_dir: str, *, total_steps: int, global_batch_size: int, log_every: int,
+               flops_per_example: float | None = None):
+    self.log_dir = log_dir
+    self.total_steps = total_steps
+    self.global_batch_size = global_batch_size
+    self.log_every = max(1, int(log_every))
+    self.is_writer = jax.process_index() == 0
+    peak = peak_flops(jax.devices()[0].device_kind)
+    self.peak_flops_total = peak * jax.device_count() if peak else None
+    self.flops_per_example = flops_per_example
+    self._pending: tuple[int, Any] | None = None
+    self._window_start = time.perf_counter()
+    self._window_steps = 0
+    self._window_wait = 0.0
+    self._jsonl = None
+    self._tb = None
+    if self.is_writer:
+      os.makedirs(log_dir, exist_ok=True)
+      import tensorboardX  # imported here: only the writing process needs it
+      self._jsonl = open(os.path.join(log_dir, "metrics.jsonl"), "a", encoding="utf-8")
+      self._tb = tensorboardX.SummaryWriter(log_dir)
+
+  # --- the per-step entry point ---------------------------------------------------------------------
+  def step(self, step: int, device_metrics: Mapping[str, Any], *, data_wait_s: float,
+           extra: Mapping[str, float] | None = None) -> None:
+    """Records step `step` (its metrics still on the device) and writes the previous step if due."""
+    self._window_steps += 1
+    self._window_wait += data_wait_s
+    self._flush_pending()
+    if step % self.log_every == 0 or step == self.total_steps:
+      self._pending = (step, dict(device_metrics), dict(extra or {}))
+
+  def flush(self) -> None:
+    """Writes the step still held back (call at the end of training)."""
+    self._flush_pending()
+    if self._tb is not None:
+      self._tb.flush()
+    if self._jsonl is not None:
+      self._jsonl.flush()
+
+  def _flush_pending(self) -> None:
+    if self._pending is None:
+      return
+    step, device_metrics, extra = self._pending
+    self._pending = None
+    values = {name: float(np.asarray(value)) for name, value in jax.device_get(device_metrics).items()}
+    values.update(extra)
+    now = time.perf_counter()
+    elapsed = max(now - self._window_start, 1e-9)
+    steps_per_s = self._window_steps / elapsed
+    values["steps_per_s"] = steps_per_s
+    values["examples_per_s"] = steps_per_s * self.global_batch_size
+    values["data_wait_fraction"] = min(1.0, self._window_wait / elapsed)
+    if self.flops_per_example and self.peak_flops_total:
+      values["mfu"] = values["examples_per_s"] * self.flops_per_example / self.peak_flops_total
+    self._window_start, self._window_steps, self._window_wait = now, 0, 0.0
+    self.scalars(step, values)
+    eta = (self.total_steps - step) / steps_per_s if steps_per_s > 0 else float("inf")
+    shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(values.items()))
+    logging.info("step %d/%d %s eta %s", step, self.total_steps, shown, _format_duration(eta))
+
+  # --- direct writers -------------------------------------------------------------------------------
+  def scalars(self, step: int, values: Mapping[str, float]) -> None:
+    if not self.is_writer:
+      return
+    self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+    self._jsonl.flush()
+    for name, value in values.items():
+      self._tb.add_scalar(name, value, step)
+
+  def images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+    """uint8 images, each [H, W, 3] or a batch [N, H, W, 3] (shown as a row)."""
+    if not self.is_writer:
+      return
+    for name, image in images.items():
+      image = np.asarray(image)
+      if image.ndim == 4:
+        image = np.concatenate(list(image), axis=1)
+      self._tb.add_image(name, image, step, dataformats="HWC")
+
+  def audio(self, step: int, clips: Mapping[str, np.ndarray], sample_rate: int) -> None:
+    """Float waveforms in [-1, 1], each [N] (one clip)."""
+    if not self.is_writer:
+      return
+    for name, waveform in clips.items():
+      self._tb.add_audio(name, np.clip(np.asarray(waveform, np.float32), -1, 1)[None], step,
+                         sample_rate=sample_rate)
+
+  def close(self) -> None:
+    self.flush()
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+    if self._jsonl is not None:
+      self._jsonl.close()
+      self._jsonl = None

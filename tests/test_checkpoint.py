@@ -1,0 +1,82 @@
+"""Checkpointer: sharded save on 8 devices, restore on a 2x2 mesh of 4, iterator state, keep-last-N,
+unreadable checkpoints, SIGTERM."""
+import os
+import signal
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mmldm_jax import checkpoint as checkpoint_lib
+
+
+def _state(mesh):
+  weights = jnp.arange(64 * 16, dtype=jnp.float32).reshape(64, 16)
+  return {"step": jnp.array(7, jnp.int32),
+          "params": {"w": jax.device_put(weights, NamedSharding(mesh, P("fsdp")))}}
+
+
+def _iterator():
+  return iter(grain.MapDataset.source(list(range(100))).shuffle(seed=3).to_iter_dataset())
+
+
+def test_save_on_8_restore_on_2x2_with_iterator(tmp_path):
+  mesh8 = Mesh(np.array(jax.devices()).reshape(1, 8, 1), ("data", "fsdp", "tensor"))
+  state = _state(mesh8)
+  iterator = _iterator()
+  consumed = [next(iterator) for _ in range(5)]
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), save_every=7, keep=2)
+  assert not checkpointer.save(6, state, data_iterator=iterator)   # not due
+  assert checkpointer.save(7, state, data_iterator=iterator)
+  checkpointer.close()
+  expected_next = [next(iterator) for _ in range(3)]
+
+  mesh4 = Mesh(np.array(jax.devices()[:4]).reshape(2, 2, 1), ("data", "fsdp", "tensor"))
+  shardings = {"step": NamedSharding(mesh4, P()), "params": {"w": NamedSharding(mesh4, P("fsdp"))}}
+  target = checkpoint_lib.abstract_with_shardings(jax.eval_shape(lambda: state), shardings)
+  fresh_iterator = _iterator()
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), save_every=7, keep=2)
+  assert checkpointer.latest_step() == 7
+  restored = checkpointer.restore(7, target, data_iterator=fresh_iterator)
+  checkpointer.close()
+  assert restored["params"]["w"].sharding == shardings["params"]["w"]
+  assert len(restored["params"]["w"].sharding.device_set) == 4
+  np.testing.assert_array_equal(np.asarray(restored["params"]["w"]),
+                                np.asarray(state["params"]["w"]))
+  assert int(restored["step"]) == 7
+  assert [next(fresh_iterator) for _ in range(3)] == expected_next
+  assert consumed  # the saved position was after these
+
+
+def test_keep_last_n_and_unreadable_checkpoint(tmp_path):
+  mesh = Mesh(np.array(jax.devices()).reshape(1, 8, 1), ("data", "fsdp", "tensor"))
+  state = _state(mesh)
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), save_every=1, keep=2, async_save=False)
+  for step in (1, 2, 3):
+    checkpointer.save(step, state)
+  checkpointer.wait()
+  assert checkpointer.all_steps() == [2, 3]
+  checkpointer.close()
+  # Damage step 3: the state item's files are gone.
+  for root, _, files in os.walk(tmp_path / "3" / "state"):
+    for name in files:
+      os.remove(os.path.join(root, name))
+  target = jax.eval_shape(lambda: state)
+  target = checkpoint_lib.abstract_with_shardings(target, jax.tree.map(lambda x: x.sharding, state))
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), save_every=1, keep=2)
+  with pytest.raises(RuntimeError, match=r"step 3 in .*3"):
+    checkpointer.restore(3, target)
+  checkpointer.close()
+
+
+def test_preemption_watcher_catches_sigterm():
+  watcher = checkpoint_lib.PreemptionWatcher()
+  try:
+    assert not watcher.reached(1)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert watcher.reached(2)
+  finally:
+    watcher.close()
