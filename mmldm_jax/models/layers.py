@@ -1,0 +1,472 @@
+"""Building blocks shared by the VAE, the U-Net and the multi-modal autoencoder (Flax Linen, NHWC).
+
+Every block matches the computation of its diffusers counterpart, and its parameter names follow diffusers
+(`norm1`, `conv1`, `time_emb_proj`, `to_q`, ...), so the checkpoint converters are plain renames.
+
+  GroupNorm, LayerNorm       normalisation with 'norm' parameters; statistics in float32
+  Conv                       1-, 2- or 3-D convolution (kernel (*k, in, out)), torch-style padding
+  Dense                      linear layer with configurable logical axis names
+  ResBlock                   diffusers ResnetBlock2D (+ optional time embedding, LDM-style up/down)
+  Downsample, Upsample       SD U-Net style (stride-2 conv pad 1 / nearest x2 + conv) and VAE style
+                             (asymmetric pad (0, 1) + stride-2 conv)
+  AttentionBlock             the VAE mid-block self-attention (GroupNorm, one head, residual)
+  Attention                  multi-head (cross-)attention through `jax.nn.dot_product_attention`
+  TransformerBlock           LayerNorm -> self-attn -> LayerNorm -> cross-attn -> LayerNorm -> GEGLU FF
+  SpatialTransformer         GroupNorm, proj_in, transformer blocks, proj_out, residual (SD-1.5 layout)
+  timestep_embedding         sinusoidal embedding (diffusers `get_timestep_embedding` semantics)
+  TimestepEmbedding          the time MLP (linear_1 -> SiLU -> linear_2)
+
+Layout: activations are channels-last, `[B, *spatial, C]`; the spatial rank (1, 2 or 3) is taken from the
+input. Every module has `dtype` (computation) and `param_dtype` (storage) attributes; every parameter
+carries logical axis names (see the working agreement): conv kernels `(None, ..., 'conv_in',
+'conv_out')`, norm scales/biases `('norm',)`, dense kernels `kernel_axes` (default `('embed', 'mlp')`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Array = jax.Array
+
+
+def torch_default_init(scale: float = 1.0):
+  """PyTorch's default weight init for Linear/Conv (uniform with variance 1/(3 fan_in)), times `scale`.
+
+  Using torch's init keeps freshly initialised models in the same numeric range as the PyTorch
+  reference; `scale=0` gives a zero init.
+  """
+  if scale == 0.0:
+    return nn.initializers.zeros
+  return nn.initializers.variance_scaling(scale * scale / 3.0, "fan_in", "uniform")
+
+
+def _spatial_rank(x: Array) -> int:
+  if x.ndim < 3:
+    raise ValueError(f"expected a channels-last array [B, *spatial, C], got shape {x.shape}")
+  return x.ndim - 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# Normalisation
+
+
+class GroupNorm(nn.Module):
+  """Group normalisation over all non-batch axes (torch.nn.GroupNorm semantics), channels last.
+
+  For `[B, T, H, W, C]` input the statistics cover T too; fold T into the batch for per-frame norms.
+  Statistics are computed in float32 whatever the computation dtype.
+  """
+  num_groups: int = 32
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    channels = x.shape[-1]
+    if channels % self.num_groups:
+      raise ValueError(f"GroupNorm: {channels} channels are not divisible by {self.num_groups} groups")
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (channels,), self.param_dtype)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+                      (channels,), self.param_dtype)
+    grouped = x.astype(jnp.float32).reshape(
+        x.shape[:-1] + (self.num_groups, channels // self.num_groups))
+    axes = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
+    mean = jnp.mean(grouped, axis=axes, keepdims=True)
+    var = jnp.mean(jnp.square(grouped - mean), axis=axes, keepdims=True)
+    normed = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+    return (normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+  """Layer normalisation over the last axis (torch.nn.LayerNorm semantics), float32 statistics."""
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    features = x.shape[-1]
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (features,), self.param_dtype)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+                      (features,), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    normed = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+    return (normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Linear layers
+
+
+class Conv(nn.Module):
+  """N-D convolution, channels last, kernel `(*kernel_size, in, out)` (torch `(out, in, *k)` transposed).
+
+  `padding`: an int (same on every side of every spatial axis, as torch's `padding=`), or one
+  `(low, high)` pair per spatial axis. The default pads `k // 2`, which keeps the size at stride 1.
+  `zero_init=True` zero-initialises kernel and bias (ControlNet-style zero convs, zeroed last convs).
+  """
+  features: int
+  kernel_size: Sequence[int] = (3, 3)
+  strides: Sequence[int] | int = 1
+  padding: int | Sequence[tuple[int, int]] | None = None
+  use_bias: bool = True
+  zero_init: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    rank = len(self.kernel_size)
+    if _spatial_rank(x) != rank:
+      raise ValueError(f"Conv with kernel {tuple(self.kernel_size)} got input of shape {x.shape}")
+    kernel_axes = (None,) * rank + ("conv_in", "conv_out")
+    kernel = self.param(
+        "kernel", nn.with_logical_partitioning(torch_default_init(0.0 if self.zero_init else 1.0),
+                                               kernel_axes),
+        tuple(self.kernel_size) + (x.shape[-1], self.features), self.param_dtype)
+    strides = (self.strides,) * rank if isinstance(self.strides, int) else tuple(self.strides)
+    if self.padding is None:
+      padding = [(k // 2, k // 2) for k in self.kernel_size]
+    elif isinstance(self.padding, int):
+      padding = [(self.padding, self.padding)] * rank
+    else:
+      padding = [tuple(p) for p in self.padding]
+    spatial = "DHW"[-rank:] if rank <= 3 else None
+    dimension_numbers = ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
+    y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype), kernel.astype(self.dtype), window_strides=strides, padding=padding,
+        dimension_numbers=dimension_numbers)
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+                        (self.features,), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class Dense(nn.Module):
+  """Linear layer `x @ kernel + bias` with logical axis names `kernel_axes` (input, output)."""
+  features: int
+  kernel_axes: tuple[str | None, str | None] = ("embed", "mlp")
+  use_bias: bool = True
+  zero_init: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param(
+        "kernel", nn.with_logical_partitioning(torch_default_init(0.0 if self.zero_init else 1.0),
+                                               self.kernel_axes),
+        (x.shape[-1], self.features), self.param_dtype)
+    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                             (self.kernel_axes[1],)),
+                        (self.features,), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resampling
+
+
+def upsample_nearest(x: Array, factors: Sequence[int]) -> Array:
+  """Nearest-neighbour upsampling of the spatial axes of `[B, *spatial, C]` by integer factors."""
+  for axis, factor in enumerate(factors, start=1):
+    if factor != 1:
+      x = jnp.repeat(x, factor, axis=axis)
+  return x
+
+
+def avg_pool(x: Array, factors: Sequence[int]) -> Array:
+  """Average pooling with window = stride = `factors` over the spatial axes (LDM's non-conv Downsample)."""
+  window = (1,) + tuple(factors) + (1,)
+  return jax.lax.reduce_window(x, 0.0, jax.lax.add, window, window, "VALID") / math.prod(factors)
+
+
+class Downsample(nn.Module):
+  """Halves the spatial size with a stride-2 3x3 conv (name `conv`).
+
+  `asymmetric_padding=False`: SD U-Net / LDM style, padding 1 on every side.
+  `asymmetric_padding=True`: SD VAE style, zero pad (0, 1) (bottom/right only), then padding 0.
+  `factors`: per-spatial-axis strides, default 2 on every axis (e.g. (1, 2, 2) for a 3-D conv that keeps T).
+  """
+  channels: int
+  asymmetric_padding: bool = False
+  factors: Sequence[int] | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    rank = _spatial_rank(x)
+    factors = tuple(self.factors) if self.factors is not None else (2,) * rank
+    if self.asymmetric_padding:
+      pads = [(0, 1) if f > 1 else (1, 1) for f in factors]
+    else:
+      pads = [(1, 1)] * rank
+    return Conv(self.channels, (3,) * rank, strides=factors, padding=pads, dtype=self.dtype,
+                param_dtype=self.param_dtype, name="conv")(x)
+
+
+class Upsample(nn.Module):
+  """Nearest-neighbour x2 (per `factors`) followed by a 3x3 conv (name `conv`), as diffusers Upsample2D."""
+  channels: int
+  factors: Sequence[int] | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    rank = _spatial_rank(x)
+    factors = tuple(self.factors) if self.factors is not None else (2,) * rank
+    x = upsample_nearest(x, factors)
+    return Conv(self.channels, (3,) * rank, dtype=self.dtype, param_dtype=self.param_dtype,
+                name="conv")(x)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Residual block
+
+
+class ResBlock(nn.Module):
+  """diffusers ResnetBlock2D (any spatial rank): the residual unit of the VAE, U-Net and autoencoder.
+
+  h = conv1(SiLU(norm1(x)));  h += time_emb_proj(SiLU(temb)) when temb is given;
+  h = conv2(dropout(SiLU(norm2(h))));  out = conv_shortcut(x) + h   (1x1 shortcut when channels change)
+
+  `resample='up'|'down'` gives LDM's ResBlock(up=True / down=True): after SiLU(norm1(x)) both the
+  branch and the input are resampled by x2 nearest / 2x2 average pooling (per `resample_factors`).
+  `zero_init_out=True` zero-initialises conv2 (LDM's zero_module; the block starts as the shortcut).
+  `use_temb=True` creates `time_emb_proj`; then `temb` must be passed.
+  """
+  out_channels: int | None = None
+  use_temb: bool = False
+  dropout: float = 0.0
+  norm_groups: int = 32
+  epsilon: float = 1e-5
+  zero_init_out: bool = False
+  resample: str = "none"
+  resample_factors: Sequence[int] | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, temb: Array | None = None, *, deterministic: bool = True) -> Array:
+    rank = _spatial_rank(x)
+    in_channels = x.shape[-1]
+    out_channels = self.out_channels or in_channels
+    kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    if self.use_temb != (temb is not None):
+      raise ValueError(f"ResBlock(use_temb={self.use_temb}) called with temb="
+                       f"{None if temb is None else temb.shape}")
+    h = nn.silu(GroupNorm(self.norm_groups, self.epsilon, name="norm1", **kwargs)(x))
+    if self.resample != "none":
+      factors = tuple(self.resample_factors or (2,) * rank)
+      if self.resample == "up":
+        h, x = upsample_nearest(h, factors), upsample_nearest(x, factors)
+      elif self.resample == "down":
+        h, x = avg_pool(h, factors), avg_pool(x, factors)
+      else:
+        raise ValueError(f"ResBlock.resample={self.resample!r}: expected 'none', 'up' or 'down'")
+    h = Conv(out_channels, (3,) * rank, name="conv1", **kwargs)(h)
+    if temb is not None:
+      emb = Dense(out_channels, kernel_axes=("embed", "conv_out"), name="time_emb_proj",
+                  **kwargs)(nn.silu(temb))
+      h = h + emb.reshape(emb.shape[:1] + (1,) * rank + emb.shape[1:])
+    h = nn.silu(GroupNorm(self.norm_groups, self.epsilon, name="norm2", **kwargs)(h))
+    h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+    h = Conv(out_channels, (3,) * rank, zero_init=self.zero_init_out, name="conv2", **kwargs)(h)
+    if in_channels != out_channels:
+      x = Conv(out_channels, (1,) * rank, name="conv_shortcut", **kwargs)(x)
+    return x.astype(self.dtype) + h
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention
+
+
+def dot_product_attention(query: Array, key: Array, value: Array, num_heads: int) -> Array:
+  """Multi-head softmax attention on fused-head arrays `[B, L, heads * head_dim]`.
+
+  Splits into jax.nn.dot_product_attention's `[B, L, N, H]` layout (fused kernels where the platform
+  has them), scales by 1/sqrt(head_dim), and merges the heads back.
+  """
+  batch, q_len, width = query.shape
+  if width % num_heads:
+    raise ValueError(f"attention width {width} is not divisible by {num_heads} heads")
+  head_dim = width // num_heads
+  split = lambda t: t.reshape(t.shape[0], t.shape[1], num_heads, head_dim)
+  out = jax.nn.dot_product_attention(split(query), split(key), split(value))
+  return out.reshape(batch, q_len, width)
+
+
+class Attention(nn.Module):
+  """diffusers Attention for transformer blocks: to_q/to_k/to_v (no bias) and to_out (with bias).
+
+  `context=None` gives self-attention; otherwise keys and values come from `context` `[B, S, D_ctx]`.
+  """
+  num_heads: int
+  head_dim: int
+  qkv_bias: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, context: Array | None = None) -> Array:
+    kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    inner = self.num_heads * self.head_dim
+    context = x if context is None else context
+    dense = lambda name: Dense(inner, kernel_axes=("embed", "heads"), use_bias=self.qkv_bias,
+                               name=name, **kwargs)
+    out = dot_product_attention(dense("to_q")(x), dense("to_k")(context), dense("to_v")(context),
+                                self.num_heads)
+    return Dense(x.shape[-1], kernel_axes=("heads", "embed"), name="to_out", **kwargs)(out)
+
+
+class AttentionBlock(nn.Module):
+  """The VAE mid-block self-attention: GroupNorm, single-head attention over all pixels, residual.
+
+  diffusers `Attention(heads=1, dim_head=C, norm_num_groups=..., residual_connection=True)`; CompVis's
+  AttnBlock (q/k/v/proj_out as 1x1 convs) computes the same function.
+  """
+  norm_groups: int = 32
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    batch, channels = x.shape[0], x.shape[-1]
+    h = GroupNorm(self.norm_groups, self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
+                  name="group_norm")(x)
+    h = h.reshape(batch, -1, channels)
+    dense = lambda name, axes: Dense(channels, kernel_axes=axes, name=name, dtype=self.dtype,
+                                     param_dtype=self.param_dtype)
+    qkv = [dense(name, ("embed", "heads"))(h) for name in ("to_q", "to_k", "to_v")]
+    h = dot_product_attention(*qkv, num_heads=1)
+    h = dense("to_out", ("heads", "embed"))(h)
+    return x.astype(self.dtype) + h.reshape(x.shape)
+
+
+class GEGLUFeedForward(nn.Module):
+  """diffusers FeedForward with GEGLU: proj (D -> 2*mult*D), hidden * gelu(gate) (exact), out (-> D)."""
+  mult: int = 4
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    inner = self.mult * x.shape[-1]
+    hidden, gate = jnp.split(Dense(2 * inner, kernel_axes=("embed", "mlp"), name="geglu",
+                                   **kwargs)(x), 2, axis=-1)
+    hidden = hidden * nn.gelu(gate, approximate=False)
+    return Dense(x.shape[-1], kernel_axes=("mlp", "embed"), name="out", **kwargs)(hidden)
+
+
+class TransformerBlock(nn.Module):
+  """diffusers BasicTransformerBlock (SD-1.5): pre-LayerNorm self-attn, cross-attn, GEGLU FF, residuals."""
+  num_heads: int
+  head_dim: int
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, context: Array | None = None) -> Array:
+    kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    attn = lambda name: Attention(self.num_heads, self.head_dim, name=name, **kwargs)
+    norm = lambda name: LayerNorm(self.epsilon, name=name, **kwargs)
+    x = x + attn("attn1")(norm("norm1")(x))
+    x = x + attn("attn2")(norm("norm2")(x), context)
+    return x + GEGLUFeedForward(name="ff", **kwargs)(norm("norm3")(x))
+
+
+class SpatialTransformer(nn.Module):
+  """diffusers Transformer2DModel / LDM SpatialTransformer over `[B, H, W, C]` with a residual.
+
+  GroupNorm (eps 1e-6) -> proj_in (1x1 conv; a Dense when `linear_projection`, as SD-2) -> `depth`
+  TransformerBlocks over the H*W tokens, cross-attending to `context` `[B, S, D_ctx]` -> proj_out.
+  The inner width is `num_heads * head_dim` (= C in SD).
+  """
+  num_heads: int
+  head_dim: int
+  depth: int = 1
+  norm_groups: int = 32
+  linear_projection: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, context: Array | None = None) -> Array:
+    kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    batch, channels = x.shape[0], x.shape[-1]
+    inner = self.num_heads * self.head_dim
+    h = GroupNorm(self.norm_groups, 1e-6, name="norm", **kwargs)(x)
+    if self.linear_projection:
+      h = Dense(inner, kernel_axes=("embed", "heads"), name="proj_in", **kwargs)(h.reshape(
+          batch, -1, channels))
+    else:
+      h = Conv(inner, (1, 1), name="proj_in", **kwargs)(h).reshape(batch, -1, inner)
+    h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_embed"))
+    for index in range(self.depth):
+      h = TransformerBlock(self.num_heads, self.head_dim, name=f"transformer_blocks_{index}",
+                           **kwargs)(h, context)
+    if self.linear_projection:
+      h = Dense(channels, kernel_axes=("heads", "embed"), name="proj_out", **kwargs)(h)
+      h = h.reshape(x.shape)
+    else:
+      h = Conv(channels, (1, 1), name="proj_out", **kwargs)(h.reshape(x.shape[:-1] + (inner,)))
+    return x.astype(self.dtype) + h
+
+
+# ---------------------------------------------------------------------------------------------------
+# Timestep embeddings
+
+
+def timestep_embedding(timesteps: Array, dim: int, *, flip_sin_to_cos: bool = True,
+                       freq_shift: float = 0.0, max_period: float = 10000.0) -> Array:
+  """Sinusoidal embedding `[B] -> [B, dim]` (diffusers `get_timestep_embedding`; SD uses the defaults).
+
+  Frequencies exp(-log(max_period) * i / (dim/2 - freq_shift)); output [cos, sin] when
+  `flip_sin_to_cos` (SD / LDM openaimodel), else [sin, cos]; odd `dim` is zero-padded. Timesteps may be
+  fractional. Always float32.
+  """
+  timesteps = jnp.asarray(timesteps, jnp.float32)
+  if timesteps.ndim != 1:
+    raise ValueError(f"timesteps must be 1-D [B], got shape {timesteps.shape}")
+  half = dim // 2
+  exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+  angles = timesteps[:, None] * jnp.exp(exponent)[None, :]
+  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+class TimestepEmbedding(nn.Module):
+  """The time MLP: linear_1 (-> features) -> SiLU -> linear_2 (-> features), diffusers naming."""
+  features: int
+  zero_init_out: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = Dense(self.features, kernel_axes=("embed", "mlp"), name="linear_1", **kwargs)(x)
+    return Dense(self.features, kernel_axes=("mlp", "embed"), zero_init=self.zero_init_out,
+                 name="linear_2", **kwargs)(nn.silu(h))
