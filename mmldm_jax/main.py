@@ -18,6 +18,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from mmldm_jax import config_lib
+from mmldm_jax import parallel
 
 # Implemented stages: name -> "module:function". A stage appears here once it works end to end.
 STAGES = {
@@ -58,6 +59,7 @@ def main(argv) -> None:
   if not workdir:
     raise app.UsageError("--workdir is required (or set config.workdir)")
   stages = resolve_stages(config)
+  parallel.maybe_initialize_distributed(config)  # before anything touches the devices
   os.makedirs(workdir, exist_ok=True)
   for name in stages:
     run_stage(name, config, workdir)
