@@ -164,7 +164,9 @@ def autoencoder_config() -> ConfigDict:
       contrastive_weight=0.03,
       gan_weight=0.1,
       discriminator=ConfigDict(dict(
-          channels=32, channel_mult=(1, 2, 3, 4, 4, 6, 6), num_res_blocks=1, head_channels=32)),
+          channels=32, channel_mult=(1, 2, 3, 4, 4, 6, 6), num_res_blocks=1, head_channels=32,
+          spatial_attention_resolutions=(32,),           # full spatio-temporal attention
+          temporal_attention_resolutions=(4, 8, 16))),
       # Decoding a perceptual latent (reference: DDIM 50 steps, CFG 2.5 both modalities).
       decode_steps=50,
       decode_guidance_audio=2.5,
@@ -319,7 +321,8 @@ def apply_tiny(config: ConfigDict) -> ConfigDict:
   ae.contrastive_dim = 16
   ae.prompt_tokens = 4
   ae.index_embed_dim = 16
-  ae.discriminator.update(channels=4, channel_mult=(1, 2, 2), num_res_blocks=1, head_channels=4)
+  ae.discriminator.update(channels=4, channel_mult=(1, 2, 2), num_res_blocks=1, head_channels=4,
+                          spatial_attention_resolutions=(4,), temporal_attention_resolutions=(2,))
   ae.decode_steps = 4
   config.dit.update(depth=2, hidden_size=64, num_heads=4, context_tokens=4, context_dim=32,
                     prev_depth=1)
