@@ -1,0 +1,343 @@
+"""Video frames on the host: letterboxing, frame selection, and media I/O with PyAV.
+
+Everything here is NumPy + PIL + PyAV and runs in the data pipeline or in tools, never under jit.
+
+- `letterbox`: the reference's resize (longer side to `size`, bicubic, zero bars; not a crop).
+- `to_float` / `to_uint8`: uint8 [0, 255] <-> float32 [-1, 1] (x / 127.5 - 1).
+- `key_frame_indices`, `sample_target_indices`: which frames of a clip feed the video encoder and which
+  are the diffusion decoder's targets (reference: videoaudiodataset_wclass.py).
+- `read_av`: decode a media file completely (frames at native size, audio at native rate) with the
+  presentation times that ingestion needs to resample frames and align the audio.
+- `write_mp4` (H.264 + AAC) and `write_wav` (16-bit PCM), both atomic.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import wave
+from fractions import Fraction
+
+import av
+import numpy as np
+from PIL import Image
+
+
+class MediaError(Exception):
+  """A file that cannot be read as a video: `path` and a short `reason`."""
+
+  def __init__(self, path: str, reason: str):
+    super().__init__(f"{path}: {reason}")
+    self.path = str(path)
+    self.reason = reason
+
+
+# ----------------------------------------------------------------------------------------------
+# Frames
+# ----------------------------------------------------------------------------------------------
+
+def letterbox(frame: np.ndarray, size: int) -> np.ndarray:
+  """uint8 [size, size, 3]: `frame` [H, W, 3] scaled (bicubic, PIL) so its longer side is `size`,
+  centred on black. A wide frame gets bars at the top and bottom, a tall one at the sides."""
+  frame = np.asarray(frame)
+  if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[-1] != 3:
+    raise ValueError(f"letterbox: expected a uint8 [H, W, 3] frame, got {frame.dtype} {frame.shape}")
+  height, width = frame.shape[:2]
+  scale = size / max(height, width)
+  new_height = min(size, max(1, int(round(height * scale))))
+  new_width = min(size, max(1, int(round(width * scale))))
+  if (new_height, new_width) == (height, width):
+    resized = frame
+  else:
+    resized = np.asarray(Image.fromarray(frame).resize((new_width, new_height), Image.BICUBIC))
+  canvas = np.zeros((size, size, 3), np.uint8)
+  top, left = (size - new_height) // 2, (size - new_width) // 2
+  canvas[top:top + new_height, left:left + new_width] = resized
+  return canvas
+
+
+def to_float(frames: np.ndarray) -> np.ndarray:
+  """uint8 [0, 255] -> float32 [-1, 1] as x / 127.5 - 1 (the reference's normalisation)."""
+  return np.asarray(frames, np.float32) / 127.5 - 1.0
+
+
+def to_uint8(frames: np.ndarray) -> np.ndarray:
+  """float [-1, 1] -> uint8, rounding to the nearest level and clipping out-of-range values."""
+  levels = (np.asarray(frames, np.float32) + 1.0) * 127.5
+  return np.clip(np.round(levels), 0, 255).astype(np.uint8)
+
+
+def key_frame_indices(num_frames_available: int, key_frames) -> np.ndarray:
+  """int32 indices of the encoder's key frames in a clip of `num_frames_available` frames.
+
+  The configured `key_frames` (data.key_frames, reference [0, 5, 10, 15]) when the clip reaches the
+  last of them; otherwise the reference's short-clip rule [0, n // 3, 2n // 3, n - 1].
+  """
+  if num_frames_available <= 0:
+    raise ValueError(f"key_frame_indices: expected a positive frame count, got {num_frames_available}")
+  key_frames = np.asarray(key_frames, np.int32)
+  if key_frames.size and num_frames_available > int(key_frames.max()):
+    return key_frames
+  n = num_frames_available
+  return np.asarray([0, n // 3, 2 * n // 3, n - 1], np.int32)
+
+
+def sample_target_indices(rng: np.random.Generator, num_frames: int,
+                          count: int) -> tuple[np.ndarray, np.ndarray]:
+  """`count` target frames drawn uniformly WITH replacement and sorted (reference rule).
+
+  Returns (int32 indices, float32 indices / num_frames in [0, 1)); the normalised index is what the
+  decoder's frame-index embedding sees.
+  """
+  if num_frames <= 0 or count <= 0:
+    raise ValueError(f"sample_target_indices: expected positive num_frames and count, got "
+                     f"{num_frames} and {count}")
+  indices = np.sort(rng.integers(0, num_frames, size=count)).astype(np.int32)
+  return indices, (indices / num_frames).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class MediaData:
+  """A decoded media file. Times are seconds relative to the container's start time (the
+  earliest stream start), so `frame_times[0]` and `audio_start` can be compared directly.
+
+  frames         uint8 [T, H, W, 3], decoded in stored orientation and native size (see `rotation`)
+  frame_times    float64 [T], presentation time of each frame (pts * time_base - container start)
+  video_start    seconds, the video stream's declared start (falls back to the first frame's time)
+  fps            the stream's average frame rate (frames / duration), None when it declares none
+  audio          float32 [channels, N] in [-1, 1] as the decoder returns it, or None (no audio)
+  sample_rate    native audio rate (0 when there is no audio)
+  audio_start    seconds, presentation time of the first decoded audio sample. AAC: FFmpeg drops the
+                 encoder's priming samples when the file says how many (mp4 edit list), so sample 0
+                 is the first real sample; the decoder still returns whole 1024-sample frames, so
+                 the end can carry up to one frame of padding: trim to the wanted duration.
+  rotation       degrees from the display matrix; the frames need np.rot90(frames, k=rotation // 90,
+                 axes=(1, 2)) to be upright (counter-clockwise, FFmpeg's convention)
+  video_codec, audio_codec   decoder names ('h264', 'aac', ...; audio_codec '' without audio)
+  """
+  path: str
+  frames: np.ndarray
+  frame_times: np.ndarray
+  video_start: float
+  fps: float | None
+  audio: np.ndarray | None
+  sample_rate: int
+  audio_start: float
+  rotation: int
+  video_codec: str
+  audio_codec: str
+
+  @property
+  def duration(self) -> float:
+    """Seconds from the first frame to the end of the last (using the median frame interval)."""
+    if len(self.frame_times) < 2:
+      return 1.0 / self.fps if self.fps else 0.0
+    interval = float(np.median(np.diff(self.frame_times)))
+    return float(self.frame_times[-1] - self.frame_times[0]) + interval
+
+
+def _seconds(value, time_base) -> float | None:
+  if value is None or time_base is None:
+    return None
+  return float(value * time_base)
+
+
+def read_av(path: str) -> MediaData:
+  """Decodes every video frame (RGB, native size) and the first audio stream of `path`.
+
+  Raises MediaError(path, reason) for a missing or unreadable file ('cannot open: ...'), a file with
+  no video stream ('no video stream'), a stream that decodes to nothing ('no frames decoded') and
+  errors in the middle of decoding ('decode error: ...'). Memory is T x H x W x 3 bytes: long or
+  high-resolution files should be cut before they get here.
+  """
+  path = str(path)
+  try:
+    container = av.open(path)
+  except (av.FFmpegError, OSError, UnicodeDecodeError) as error:
+    raise MediaError(path, f"cannot open: {error}") from error
+  with container:
+    if not container.streams.video:
+      raise MediaError(path, "no video stream")
+    video_stream = container.streams.video[0]
+    audio_stream = container.streams.audio[0] if container.streams.audio else None
+    container_start = (container.start_time or 0) / av.time_base
+    frames, frame_times, rotation = [], [], 0
+    audio_chunks, audio_start = [], None
+    resampler = None
+    if audio_stream is not None:
+      resampler = av.AudioResampler(format="fltp", layout=audio_stream.layout,
+                                    rate=audio_stream.rate)
+    streams = [video_stream] + ([audio_stream] if audio_stream is not None else [])
+    try:
+      for packet in container.demux(streams):
+        for frame in packet.decode():
+          if packet.stream is video_stream:
+            if not frames:
+              rotation = int(frame.rotation)
+            frames.append(frame.to_ndarray(format="rgb24"))
+            frame_times.append(_frame_time(frame, len(frames), video_stream) - container_start)
+          else:
+            if audio_start is None and frame.pts is not None:
+              audio_start = float(frame.pts * frame.time_base) - container_start
+            audio_chunks.extend(chunk.to_ndarray() for chunk in resampler.resample(frame))
+      if resampler is not None:
+        audio_chunks.extend(chunk.to_ndarray() for chunk in resampler.resample(None))
+    except av.FFmpegError as error:
+      raise MediaError(path, f"decode error: {error}") from error
+    if not frames:
+      raise MediaError(path, "no frames decoded")
+    declared_start = _seconds(video_stream.start_time, video_stream.time_base)
+    video_start = (declared_start - container_start if declared_start is not None
+                   else frame_times[0])
+    fps = float(video_stream.average_rate) if video_stream.average_rate else None
+    audio = None
+    if audio_chunks:
+      audio = np.concatenate(audio_chunks, axis=-1).astype(np.float32)
+    return MediaData(
+        path=path, frames=np.stack(frames), frame_times=np.asarray(frame_times, np.float64),
+        video_start=float(video_start), fps=fps, audio=audio,
+        sample_rate=int(audio_stream.rate) if audio is not None else 0,
+        audio_start=float(audio_start or 0.0) if audio is not None else 0.0,
+        rotation=rotation, video_codec=video_stream.codec_context.name,
+        audio_codec=audio_stream.codec_context.name if audio is not None else "")
+
+
+def _frame_time(frame, count: int, stream) -> float:
+  """A frame's presentation time in seconds; frames without pts are placed at the stream rate."""
+  if frame.pts is not None and frame.time_base is not None:
+    return float(frame.pts * frame.time_base)
+  if stream.average_rate:
+    return (count - 1) / float(stream.average_rate)
+  raise ValueError("frame without a timestamp in a stream without a frame rate")
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------
+
+def _atomic_target(path: str) -> str:
+  """A temporary file next to `path` (same filesystem, so os.replace is atomic)."""
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
+  os.close(handle)
+  return temporary
+
+
+def _audio_channels_first(audio: np.ndarray) -> np.ndarray:
+  audio = np.asarray(audio, np.float32)
+  if audio.ndim == 1:
+    audio = audio[None]
+  if audio.ndim != 2 or audio.shape[0] not in (1, 2):
+    raise ValueError(f"expected audio float [N] or [C, N] with 1 or 2 channels, got {audio.shape}")
+  return np.ascontiguousarray(np.clip(audio, -1.0, 1.0))
+
+
+def write_mp4(path: str, frames: np.ndarray, fps, audio: np.ndarray | None = None,
+              sample_rate: int | None = None, crf: int = 18) -> None:
+  """Writes frames uint8 [T, H, W, 3] as H.264 (libx264, yuv420p) plus optional AAC audio.
+
+  fps may be fractional (a float like 29.97 or a Fraction). yuv420p needs even sizes, so an odd
+  height or width gets one black row / column at the bottom / right. audio: float [N] or [C, N] in
+  [-1, 1] (mono or stereo) at `sample_rate`. The file is written next to `path` and renamed, so a
+  crash never leaves a truncated `path`.
+  """
+  frames = np.asarray(frames)
+  if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or not len(frames):
+    raise ValueError(f"write_mp4 {path}: expected uint8 frames [T, H, W, 3] with T > 0, got "
+                     f"{frames.dtype} {frames.shape}")
+  if audio is not None and not sample_rate:
+    raise ValueError(f"write_mp4 {path}: audio given without sample_rate")
+  rate = Fraction(fps).limit_denominator(10_000) if not isinstance(fps, Fraction) else fps
+  if rate <= 0:
+    raise ValueError(f"write_mp4 {path}: expected a positive fps, got {fps}")
+  height, width = frames.shape[1:3]
+  pad_bottom, pad_right = height % 2, width % 2
+  if pad_bottom or pad_right:
+    frames = np.pad(frames, ((0, 0), (0, pad_bottom), (0, pad_right), (0, 0)))
+  temporary = _atomic_target(path)
+  try:
+    with av.open(temporary, mode="w", format="mp4") as container:
+      video_stream = container.add_stream("libx264", rate=rate)
+      video_stream.width, video_stream.height = frames.shape[2], frames.shape[1]
+      video_stream.pix_fmt = "yuv420p"
+      video_stream.options = {"crf": str(crf)}
+      audio_stream = None
+      if audio is not None:
+        audio = _audio_channels_first(audio)
+        layout = "mono" if audio.shape[0] == 1 else "stereo"
+        audio_stream = container.add_stream("aac", rate=int(sample_rate), layout=layout)
+      audio_writer = (_AudioWriter(container, audio_stream, audio, int(sample_rate))
+                      if audio_stream is not None else None)
+      for index, frame in enumerate(frames):
+        video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+        video_frame.pts = index
+        video_frame.time_base = 1 / rate
+        container.mux(video_stream.encode(video_frame))
+        if audio_writer is not None:  # interleave, so the muxer need not buffer a whole stream
+          audio_writer.write_until((index + 1) / rate)
+      container.mux(video_stream.encode(None))
+      if audio_writer is not None:
+        audio_writer.finish()
+    os.replace(temporary, path)
+  finally:
+    if os.path.exists(temporary):
+      os.remove(temporary)
+
+
+class _AudioWriter:
+  """Feeds planar float audio [C, N] to an AAC stream in 1024-sample frames, in time order.
+
+  `start_pts` (in samples) places the first sample later than the container start.
+  """
+
+  def __init__(self, container, stream, audio: np.ndarray, sample_rate: int, start_pts: int = 0):
+    self.container, self.stream, self.audio = container, stream, audio
+    self.sample_rate, self.start_pts, self.offset = sample_rate, start_pts, 0
+    self.layout = "mono" if audio.shape[0] == 1 else "stereo"
+
+  def write_until(self, seconds) -> None:
+    chunk = 1024
+    end = self.audio.shape[1]
+    if seconds is not None:
+      end = min(end, int(seconds * self.sample_rate) - self.start_pts)
+    while self.offset < end:
+      piece = np.ascontiguousarray(self.audio[:, self.offset:self.offset + chunk])
+      frame = av.AudioFrame.from_ndarray(piece, format="fltp", layout=self.layout)
+      frame.sample_rate = self.sample_rate
+      frame.pts = self.start_pts + self.offset
+      frame.time_base = Fraction(1, self.sample_rate)
+      self.container.mux(self.stream.encode(frame))
+      self.offset += piece.shape[1]
+
+  def finish(self) -> None:
+    self.write_until(None)
+    self.container.mux(self.stream.encode(None))
+
+
+def write_wav(path: str, audio: np.ndarray, sample_rate: int) -> None:
+  """Writes float audio [N] or [C, N] in [-1, 1] as 16-bit PCM WAV (values beyond +-1 are clipped).
+
+  Atomic like `write_mp4`; uses only the standard library.
+  """
+  audio = np.asarray(audio, np.float32)
+  if audio.ndim == 1:
+    audio = audio[None]
+  if audio.ndim != 2:
+    raise ValueError(f"write_wav {path}: expected audio [N] or [C, N], got {audio.shape}")
+  pcm = np.round(np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2")
+  temporary = _atomic_target(path)
+  try:
+    with wave.open(temporary, "wb") as handle:
+      handle.setnchannels(pcm.shape[0])
+      handle.setsampwidth(2)
+      handle.setframerate(int(sample_rate))
+      handle.writeframes(np.ascontiguousarray(pcm.T).tobytes())
+    os.replace(temporary, path)
+  finally:
+    if os.path.exists(temporary):
+      os.remove(temporary)
