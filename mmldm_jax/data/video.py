@@ -242,7 +242,7 @@ def write_mp4(path: str, frames: np.ndarray, fps, audio: np.ndarray | None = Non
   """Writes frames uint8 [T, H, W, 3] as H.264 (libx264, yuv420p) plus optional AAC audio.
 
   fps may be fractional (a float like 29.97 or a Fraction). yuv420p needs even sizes, so an odd
-  height or width gets one black row / column at the bottom / right. audio: float [N] or [C, N] in
+  height or width gets one more row / column at the bottom / right, a copy of the last one. audio: float [N] or [C, N] in
   [-1, 1] (mono or stereo) at `sample_rate`. The file is written next to `path` and renamed, so a
   crash never leaves a truncated `path`.
   """
@@ -258,7 +258,9 @@ def write_mp4(path: str, frames: np.ndarray, fps, audio: np.ndarray | None = Non
   height, width = frames.shape[1:3]
   pad_bottom, pad_right = height % 2, width % 2
   if pad_bottom or pad_right:
-    frames = np.pad(frames, ((0, 0), (0, pad_bottom), (0, pad_right), (0, 0)))
+    # Repeat the edge (not black): 4:2:0 chroma is shared by 2x2 blocks, so a black pad would bleed
+    # into the last real row / column.
+    frames = np.pad(frames, ((0, 0), (0, pad_bottom), (0, pad_right), (0, 0)), mode="edge")
   temporary = _atomic_target(path)
   try:
     with av.open(temporary, mode="w", format="mp4") as container:
