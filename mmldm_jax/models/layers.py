@@ -113,7 +113,9 @@ class Conv(nn.Module):
 
   `padding`: an int (same on every side of every spatial axis, as torch's `padding=`), or one
   `(low, high)` pair per spatial axis. The default pads `k // 2`, which keeps the size at stride 1.
-  `zero_init=True` zero-initialises kernel and bias (ControlNet-style zero convs, zeroed last convs).
+  `zero_init=True` zero-initialises kernel and bias (ControlNet-style zero convs, zeroed last convs);
+  `init_std` > 0 draws the kernel from N(0, init_std^2) (e.g. 0.02 for PatchGAN discriminators);
+  otherwise the kernel gets PyTorch's default init.
   """
   features: int
   kernel_size: Sequence[int] = (3, 3)
@@ -121,6 +123,7 @@ class Conv(nn.Module):
   padding: int | Sequence[tuple[int, int]] | None = None
   use_bias: bool = True
   zero_init: bool = False
+  init_std: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -130,9 +133,12 @@ class Conv(nn.Module):
     if _spatial_rank(x) != rank:
       raise ValueError(f"Conv with kernel {tuple(self.kernel_size)} got input of shape {x.shape}")
     kernel_axes = (None,) * rank + ("conv_in", "conv_out")
+    if self.init_std > 0 and not self.zero_init:
+      kernel_init = nn.initializers.normal(self.init_std)
+    else:
+      kernel_init = torch_default_init(0.0 if self.zero_init else 1.0)
     kernel = self.param(
-        "kernel", nn.with_logical_partitioning(torch_default_init(0.0 if self.zero_init else 1.0),
-                                               kernel_axes),
+        "kernel", nn.with_logical_partitioning(kernel_init, kernel_axes),
         tuple(self.kernel_size) + (x.shape[-1], self.features), self.param_dtype)
     strides = (self.strides,) * rank if isinstance(self.strides, int) else tuple(self.strides)
     if self.padding is None:
