@@ -8,7 +8,8 @@ The forward chain is what the models consume (reference: MM-LDM's Audio_Manager 
          sqrt(re^2 + im^2 + 1e-9), Slaney mel filterbank built for `filterbank_sample_rate`,
          log(clamp(x, 1e-5))
     -> audio image [..., S, S, 3] in [-1, 1]    dB = 20 log10(exp(log-mel)), x = (dB - 20 + 100) / 100
-         clipped to [0, 1], bicubic resize (aspect distorted) to S x S, 3 identical channels, 2x - 1.
+         clipped to [0, 1], bicubic resize (aspect distorted) to S x S, clipped to [0, 1] again,
+         3 identical channels, 2x - 1.
 
 Orientation of the audio image: rows are mel bins and columns are time frames. Row 0 is the HIGHEST
 mel bin, so the picture has low frequencies at the bottom like a usual spectrogram plot. (The reference
@@ -200,8 +201,17 @@ def _resize_matrix(size_in: int, size_out: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=32)
 def _inverse_resize_matrix(size_image: int, size_raw: int) -> np.ndarray:
-  """Least-squares inverse [size_raw, size_image] of the raw -> image resize along one axis."""
-  inverse = np.linalg.pinv(_resize_matrix(size_raw, size_image)).astype(np.float32)
+  """Inverse [size_raw, size_image] of the raw -> image resize along one axis.
+
+  With A the forward resize and U the plain bicubic resize back, this is
+  pinv(A) + (I - pinv(A) A) U: the least-squares inverse of A, and where A shrinks the axis (so many
+  inverses reproduce the image) the one closest to U's smooth answer.
+  """
+  forward = _resize_matrix(size_raw, size_image)
+  backward = _resize_matrix(size_image, size_raw)
+  pseudo_inverse = np.linalg.pinv(forward)
+  inverse = pseudo_inverse + (np.eye(size_raw) - pseudo_inverse @ forward) @ backward
+  inverse = inverse.astype(np.float32)
   inverse.setflags(write=False)
   return inverse
 
@@ -216,7 +226,8 @@ def mel_to_image(log_mel_spectrogram: jax.Array, image_size: int) -> jax.Array:
   level = jnp.clip((decibels + _DB_OFFSET) / _DB_SCALE, 0.0, 1.0)
   level = jnp.flip(level, axis=-2)
   out_shape = level.shape[:-2] + (image_size, image_size)
-  resized = jax.image.resize(level, out_shape, "bicubic")
+  # Clipped like the reference's 8-bit image: bicubic overshoots next to silent regions.
+  resized = jnp.clip(jax.image.resize(level, out_shape, "bicubic"), 0.0, 1.0)
   image = 2.0 * resized - 1.0
   return jnp.broadcast_to(image[..., None], out_shape + (3,))
 
@@ -230,10 +241,11 @@ def image_to_mel(image: jax.Array, num_mels: int, num_frames: int) -> jax.Array:
   silent (level 0) regions is part of a valid image and needed to undo the resize exactly. The result
   lies in [-80, +20] dB: the forward clamp and clip are not invertible.
 
-  Round trip: mel_to_image(image_to_mel(image)) == image (to float precision) for any image of the
-  forward map when neither mel axis is shrunk by the resize and no level saturates; otherwise the
-  resize drops detail and re-clipping moves pixels next to saturated regions (a fraction of an 8-bit
-  level with the paper's 80 x 275 -> 256 x 256).
+  Round trip: mel_to_image(image_to_mel(image)) == image (to float precision) for an image of the
+  forward map as long as no clip acts (no level at 0 or 1 and no bicubic overshoot). Where an axis is
+  shrunk, detail the image does not hold is gone and the inverse picks the smooth solution; next to
+  saturated regions re-clipping then moves pixels (by less than one 8-bit level with the paper's
+  80 x 275 -> 256 x 256, by several levels where time is shrunk 3x as in the demo config).
   """
   image = jnp.asarray(image, jnp.float32)
   rows, cols = image.shape[-3], image.shape[-2]
