@@ -198,6 +198,30 @@ def test_rotation_turns_frames_upright():
     ingest.rotate_upright(frame, 45)
 
 
+def test_rotated_file_comes_out_upright(tmp_path):
+  upright = np.full((96, 64, 3), 40, np.uint8)  # portrait, as the camera saw it
+  upright[:24, :16] = 255                       # marker at the top left
+  stored = np.rot90(upright, k=-1)              # stored landscape; players turn it back 90 degrees
+  path = str(tmp_path / "rotated.mp4")
+  with av.open(path, "w") as container:
+    stream = container.add_stream("libx264", rate=10)
+    stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+    stream.set_display_rotation(90)  # counter-clockwise, FFmpeg's display-matrix convention
+    for index in range(20):
+      frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(stored), format="rgb24")
+      frame.pts = index
+      container.mux(stream.encode(frame))
+    container.mux(stream.encode(None))
+  settings = ingest.Settings(fps=10.0, image_size=64, sample_rate=16000, min_frames=16,
+                             missing_audio="silence")
+  record = ingest.convert(ingest.Item(path, "rotated", -1, "train"), settings)
+  frame = record["frames"][0].astype(int)
+  # Upright 96x64 letterboxed to 64x43: bars left and right, the marker at the picture's top left.
+  assert frame[:, :8].max() < 10 and frame[:, -8:].max() < 10
+  assert frame[:12, 12:18].mean() > 200 and frame[-12:, 12:18].mean() < 80
+  assert frame[:12, 40:50].mean() < 80
+
+
 def test_frame_resampling_by_timestamps():
   # 30 fps with a 0.2 s hole (variable frame rate) -> 10 fps picks the nearest frames.
   times = np.concatenate([np.arange(0, 1.0, 1 / 30), np.arange(1.2, 2.0, 1 / 30)]) + 5.0
