@@ -136,7 +136,8 @@ def bench_pipeline(config, work: str, num_clips: int = 96, batch_size: int = 8) 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--append", action="store_true", help="append the rows to benchmarks/README.md")
+  parser.add_argument("--append", action="store_true",
+                      help="append the rows to benchmarks/README.md")
   args = parser.parse_args()
   config = config_lib.load(os.path.join(REPO, "configs", "aist.py"))
   with tempfile.TemporaryDirectory() as work:
@@ -152,8 +153,8 @@ def main() -> None:
       f"{ing['bare']:.2f} s (bare PyAV decode) | {ing['ours'] / ing['bare']:.2f} |",
       f"| pipeline clip (16x256x256 frames + 1.6 s 44.1 kHz audio), main process: time per clip "
       f"(ours {1 / pipe['ours']:.1f} clips/s per host) | {command} | {MACHINE} | {today} | "
-      f"{pipe['ours'] * 1e3:.1f} ms | {pipe['bare'] * 1e3:.1f} ms (bare ArrayRecord read + decode + "
-      f"slice) | {pipe['ours'] / pipe['bare']:.2f} |",
+      f"{pipe['ours'] * 1e3:.1f} ms | {pipe['bare'] * 1e3:.1f} ms (bare ArrayRecord read + "
+      f"decode + slice) | {pipe['ours'] / pipe['bare']:.2f} |",
   ]
   print("\n".join(rows))
   if args.append:

@@ -277,7 +277,9 @@ def test_killed_job_resumes_to_the_clean_result(media_folder, ingested, tmp_path
   dst = str(tmp_path / "resumed")
   job = _cli(media_folder, dst)
   def finished_shards():
-    return [n for n in os.listdir(dst) if n.endswith(ingest.DONE_SUFFIX)] if os.path.isdir(dst) else []
+    if not os.path.isdir(dst):
+      return []
+    return [n for n in os.listdir(dst) if n.endswith(ingest.DONE_SUFFIX)]
   deadline = time.time() + 120
   while time.time() < deadline and not finished_shards() and job.poll() is None:
     time.sleep(0.01)

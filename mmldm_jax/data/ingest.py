@@ -42,7 +42,8 @@ import numpy as np
 from mmldm_jax.data import records
 from mmldm_jax.data import video
 
-MEDIA_EXTENSIONS = (".mp4", ".m4v", ".webm", ".mkv", ".avi", ".mov", ".mpg", ".mpeg", ".ogv", ".flv")
+MEDIA_EXTENSIONS = (".mp4", ".m4v", ".webm", ".mkv", ".avi", ".mov", ".mpg", ".mpeg", ".ogv",
+                    ".flv")
 REPORT_FILE = "ingest_report.json"
 DONE_SUFFIX = ".done.json"
 # Folder names accepted by --split=folders, per split.
@@ -80,7 +81,7 @@ class IngestError(ValueError):
     self.skipped = skipped
 
 
-# ---------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # One file.
 
 
@@ -175,7 +176,8 @@ def convert(item: Item, settings: Settings) -> dict[str, Any]:
   }
 
 
-def _convert_or_reason(args: tuple[Item, Settings]) -> tuple[Item, dict[str, Any] | None, str, bool]:
+def _convert_or_reason(
+    args: tuple[Item, Settings]) -> tuple[Item, dict[str, Any] | None, str, bool]:
   """Pool task: (item, record or None, failure reason, skipped)."""
   item, settings = args
   try:
@@ -188,7 +190,7 @@ def _convert_or_reason(args: tuple[Item, Settings]) -> tuple[Item, dict[str, Any
     return item, None, f"{type(e).__name__}: {e}", False
 
 
-# ---------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # The job: files -> items -> shards.
 
 
@@ -257,7 +259,8 @@ def read_label_file(path: str) -> dict[str, Any]:
       if not row or row[0].startswith("#"):
         continue
       if len(row) < 2:
-        raise ValueError(f"--labels={path} line {line_number}: expected 'video_id,class', got {row}")
+        raise ValueError(
+            f"--labels={path} line {line_number}: expected 'video_id,class', got {row}")
       if line_number == 1 and row[0].strip().lower() in ("video_id", "id", "video"):
         continue  # header
       mapping[row[0].strip()] = row[1].strip()
@@ -380,7 +383,10 @@ def _shard_records(chunk: Sequence[Item], results: Iterator, shard: str, done: d
 def ingest(items: Sequence[Item], dst: str, settings: Settings, *, workers: int = 1,
            videos_per_shard: int = 32, meta: dict[str, Any] | None = None,
            show_progress: bool = True) -> dict[str, Any]:
-  """Converts `items` into shards + index.json in `dst`, resuming finished shards; returns the report."""
+  """Converts `items` into shards + index.json in `dst`, resuming finished shards.
+
+  Returns the report (also written to `<dst>/ingest_report.json`).
+  """
   import tqdm
   os.makedirs(dst, exist_ok=True)
   plan = plan_shards(items, videos_per_shard)
@@ -412,7 +418,7 @@ def ingest(items: Sequence[Item], dst: str, settings: Settings, *, workers: int 
 
 
 def _finish(dst: str, plan, settings: Settings, meta: dict[str, Any]) -> dict[str, Any]:
-  """Index and report from every shard's marker (so a resumed run reports the earlier shards too)."""
+  """Index and report from every shard's marker (a resumed run reports earlier shards too)."""
   entries, failures, skipped = [], [], []
   for shard, chunk in plan:
     done = _read_done(dst, shard, chunk, settings)
@@ -430,7 +436,7 @@ def _finish(dst: str, plan, settings: Settings, meta: dict[str, Any]) -> dict[st
   return report
 
 
-# ---------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Command line.
 
 
@@ -497,7 +503,8 @@ def _define_flags() -> None:
   from absl import flags as absl_flags
   from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", None, "Experiment config, e.g. configs/aist.py.")
-  absl_flags.DEFINE_string("src", None, "Folder of media files (recursive) or a file listing paths.",
+  absl_flags.DEFINE_string("src", None,
+                           "Folder of media files (recursive) or a file listing media paths.",
                            required=True)
   absl_flags.DEFINE_string("dst", None, "Output folder (shards, index.json, ingest_report.json).",
                            required=True)

@@ -109,8 +109,8 @@ class RecordVideos:
     record = records.decode_record(data)
     if record["frames"].shape[0] != entry.num_frames:
       raise records.RecordError(
-          f"{os.path.join(self.folder, entry.shard)} record {entry.position}: field 'frames' expected "
-          f"{entry.num_frames} frames (index.json), got {record['frames'].shape[0]}")
+          f"{os.path.join(self.folder, entry.shard)} record {entry.position}: field 'frames' "
+          f"expected {entry.num_frames} frames (index.json), got {record['frames'].shape[0]}")
     return record
 
   def __getstate__(self):
@@ -142,8 +142,8 @@ class TfdsVideos:
   def read(self, index: int) -> dict[str, Any]:
     record = dict(self.data_source[index])
     if record["frames"].shape[0] != self.lengths[index]:
-      raise ValueError(f"TFDS example {index}: field 'frames' expected {self.lengths[index]} frames "
-                       f"(metadata num_frames), got {record['frames'].shape[0]}")
+      raise ValueError(f"TFDS example {index}: field 'frames' expected {self.lengths[index]} "
+                       f"frames (metadata num_frames), got {record['frames'].shape[0]}")
     return record
 
 
@@ -234,7 +234,7 @@ def make_example(clip: dict[str, Any], rng: np.random.Generator, *, key_frames: 
 
 
 def clip_source(config, split: str, videos: Videos | None = None) -> ClipSource:
-  """The clip source of `split`: from `videos` if given, else from the records in config.data.data_dir."""
+  """The clips of `split`: from `videos` if given, else from the records in config.data.data_dir."""
   if videos is None:
     if not config.data.data_dir:
       raise ValueError("config.data.data_dir is empty: set it to the folder holding index.json")
@@ -284,8 +284,8 @@ def make_map_dataset(config, split: str, *, process_index: int = 0, process_coun
       num_target_frames=config.data.num_target_frames,
       hflip_prob=config.data.hflip_prob if hflip_prob is None else hflip_prob, frames=frames)
   dataset = dataset.map_with_index(transform)
-  # Every process takes every process_count-th clip of the same global stream: disjoint, and together
-  # they cover each epoch.
+  # Every process takes every process_count-th clip of the same global stream: disjoint, and
+  # together they cover each epoch.
   dataset = dataset[process_index::process_count]
   return dataset.batch(batch_size, drop_remainder=drop_remainder)
 

@@ -64,7 +64,8 @@ def _split_generators(builder: tfds.core.GeneratorBasedBuilder, folder: str) -> 
   builder.info.metadata["num_frames"] = {
       s: [e.num_frames for e in entries if e.split == s] for s in splits}
   builder.info.metadata["records_meta"] = meta
-  return {s: builder._generate_examples(folder, s) for s in splits}  # pylint: disable=protected-access
+  generate = builder._generate_examples  # pylint: disable=protected-access
+  return {s: generate(folder, s) for s in splits}
 
 
 def _generate_examples(folder: str, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
