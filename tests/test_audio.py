@@ -145,6 +145,13 @@ def test_audio_image_layout_and_orientation():
   assert gray[high_rows, 156:].max() > gray[low_rows, 156:].mean() + 0.5
 
 
+@pytest.mark.parametrize("size_in,size_out", [(80, 256), (275, 256), (200, 64), (64, 64)])
+def test_resize_matrix_is_jax_image_resize(size_in, size_out):
+  values = np.random.default_rng(size_in).uniform(0, 1, (size_in, 3))
+  expected = jax.image.resize(jnp.asarray(values, jnp.float32), (size_out, 3), "bicubic")
+  np.testing.assert_allclose(audio._resize_matrix(size_in, size_out) @ values, expected, atol=2e-6)
+
+
 def test_audio_image_matches_pil_bicubic():
   """Ours == PIL float bicubic; the reference's 8-bit PIL path differs by its quantisation only."""
   cfg = config_lib.load("configs/aist.py").audio
