@@ -260,6 +260,14 @@ def test_labels_and_splits(tmp_path):
   items, names = ingest.make_items(flat, labels=str(mapping), split="train",
                                    validation_fraction=0, heldout_fraction=0)
   assert names == [] and [it.label for it in items][:4] == [0, 1, 2, 0]
+  aist = [(f"/a/{n}.mp4", f"{n}.mp4") for n in (
+      "gBR_sBM_c01_d04_mBR0_ch01", "gJS_sFM_c02_d02_mJS3_ch03", "gBR_sFM_c03_d05_mBR0_ch07")]
+  items, names = ingest.make_items(aist, labels=r"pattern:_(m[A-Z]{2}\d)_", split="train",
+                                   validation_fraction=0, heldout_fraction=0)
+  assert names == ["mBR0", "mJS3"] and [it.label for it in items] == [0, 1, 0]
+  with pytest.raises(ValueError, match="no match"):
+    ingest.make_items(flat, labels=r"pattern:_(m[A-Z]{2}\d)_", split="train",
+                      validation_fraction=0, heldout_fraction=0)
   with pytest.raises(ValueError, match="no class for video '0'"):
     (tmp_path / "labels.json").write_text(json.dumps({"1": "a"}))
     ingest.make_items(flat, labels=str(tmp_path / "labels.json"), split="train",

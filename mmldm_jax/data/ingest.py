@@ -35,6 +35,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -285,8 +286,9 @@ def make_items(files: Sequence[tuple[str, str]], *, labels: str, split: str,
                validation_fraction: float, heldout_fraction: float) -> tuple[list[Item], list[str]]:
   """Items (in shard order) and the class names (empty when labels are ids or absent).
 
-  labels: '' (no classes: -1), 'folders' (the file's parent folder name) or a JSON/CSV mapping file
-    keyed by video id (path relative to --src without extension) or by file stem.
+  labels: '' (no classes: -1), 'folders' (the file's parent folder name), 'pattern:REGEX' (the first
+    group of REGEX searched in the file stem, e.g. 'pattern:_(m[A-Z]{2}[0-9])_' for AIST++'s music id)
+    or a JSON/CSV mapping file keyed by video id (path relative to --src without extension) or stem.
   split: 'hash' (by validation/heldout fractions), 'folders' (first folder: train/val/test), or one
     of records.SPLITS for every file.
   """
@@ -299,6 +301,16 @@ def make_items(files: Sequence[tuple[str, str]], *, labels: str, split: str,
     missing = [rel for (_, rel), r in zip(files, raw) if not r]
     if missing:
       raise ValueError(f"--labels=folders: {missing[0]} is not inside a class folder")
+  elif labels.startswith("pattern:"):
+    pattern = re.compile(labels[len("pattern:"):])
+    if pattern.groups < 1:
+      raise ValueError(f"--labels={labels}: the pattern needs a group, e.g. '_(m[A-Z]{{2}}[0-9])_'")
+    raw = []
+    for vid in ids:
+      match = pattern.search(vid.split("/")[-1])
+      if match is None:
+        raise ValueError(f"--labels={labels}: no match in the name of video '{vid}'")
+      raw.append(match.group(1))
   elif labels:
     mapping = read_label_file(labels)
     raw = []
@@ -508,8 +520,9 @@ def _define_flags() -> None:
                            required=True)
   absl_flags.DEFINE_string("dst", None, "Output folder (shards, index.json, ingest_report.json).",
                            required=True)
-  absl_flags.DEFINE_string("labels", "", "'' (no classes), 'folders' (parent folder name = class) "
-                           "or a JSON/CSV file video_id -> class name or id.")
+  absl_flags.DEFINE_string("labels", "", "'' (no classes), 'folders' (parent folder name = class), "
+                           "'pattern:REGEX' (first group of REGEX in the file name) or a JSON/CSV "
+                           "file video_id -> class name or id.")
   absl_flags.DEFINE_string("split", "hash", "'hash' (by the fractions), 'folders' (first folder: "
                            "train/val/test) or train|validation|heldout for every file.")
   absl_flags.DEFINE_float("validation_fraction", 0.05, "Share of videos in 'validation' (hash).")
