@@ -121,6 +121,7 @@ def test_write_then_read_round_trip(written_clip):
   # FFmpeg trims the AAC priming samples; whole 1024-sample frames may pad the end.
   assert len(audio) <= media.audio.shape[1] < len(audio) + 1024
   assert media.audio_start == pytest.approx(0.0, abs=1e-6)
+  assert media.audio_repaired_samples == 0
   decoded = media.audio[0, :len(audio)]
   assert _peak_hz(decoded, sample_rate) == pytest.approx(1000, abs=2)
   # Sample k plays at audio_start + k / rate: the decoded sine is in phase with the one written.
@@ -133,7 +134,7 @@ def test_fractional_fps_and_stereo_audio(tmp_path):
   frames = _moving_frames(6, 32, 32)
   t = np.arange(8000) / 44100
   stereo = np.stack([np.sin(2 * np.pi * 500 * t), np.sin(2 * np.pi * 1500 * t)]).astype(np.float32)
-  video.write_mp4(path, frames, 30000 / 1001, audio=0.4 * stereo, sample_rate=44100)
+  video.write_mp4(path, frames, np.float32(30000 / 1001), audio=0.4 * stereo, sample_rate=44100)
   media = video.read_av(path)
   assert media.fps == pytest.approx(30000 / 1001, rel=1e-6)
   np.testing.assert_allclose(media.frame_times, np.arange(6) * 1001 / 30000, atol=1e-6)
@@ -194,6 +195,35 @@ def test_audio_that_starts_late_is_placed_by_its_timestamps(tmp_path):
   onset_time = media.audio_start + onset / media.sample_rate - media.video_start
   assert onset_time == pytest.approx(0.3, abs=2 / media.sample_rate)
   assert media.audio_start - media.video_start == pytest.approx(0.3, abs=1024 / 16000 + 1e-6)
+  assert media.audio_repaired_samples == 0
+
+
+def test_gaps_in_the_audio_timestamps_are_filled_with_silence(tmp_path):
+  """Matroska + 16-bit PCM keeps exact timestamps: blocks at samples 0, 1024, 4096 and 5120 leave a
+  2048-sample hole that must stay a hole, so later samples keep their times."""
+  path = str(tmp_path / "gap.mkv")
+  rate = 8000
+  with av.open(path, "w", format="matroska") as container:
+    stream = container.add_stream("libx264", rate=10)
+    stream.width, stream.height, stream.pix_fmt = 16, 16, "yuv420p"
+    audio_stream = container.add_stream("pcm_s16le", rate=rate, layout="mono")
+    for index in range(10):
+      frame = av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24")
+      frame.pts, frame.time_base = index, Fraction(1, 10)
+      container.mux(stream.encode(frame))
+    container.mux(stream.encode(None))
+    for start in (0, 1024, 4096, 5120):
+      block = np.full((1, 1024), 16384, np.int16)
+      frame = av.AudioFrame.from_ndarray(block, format="s16", layout="mono")
+      frame.sample_rate, frame.time_base, frame.pts = rate, Fraction(1, rate), start
+      container.mux(audio_stream.encode(frame))
+    container.mux(audio_stream.encode(None))
+  media = video.read_av(path)
+  assert media.audio_codec == "pcm_s16le" and media.audio.shape == (1, 6144)
+  assert media.audio_repaired_samples == 2048
+  expected = np.full(6144, 0.5, np.float32)
+  expected[2048:4096] = 0.0
+  np.testing.assert_allclose(media.audio[0], expected, atol=1e-4)
 
 
 def test_rotation_comes_from_the_display_matrix(tmp_path):

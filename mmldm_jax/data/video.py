@@ -111,10 +111,15 @@ class MediaData:
   fps            the stream's average frame rate (frames / duration), None when it declares none
   audio          float32 [channels, N] in [-1, 1] as the decoder returns it, or None (no audio)
   sample_rate    native audio rate (0 when there is no audio)
-  audio_start    seconds, presentation time of the first decoded audio sample. AAC: FFmpeg drops the
-                 encoder's priming samples when the file says how many (mp4 edit list), so sample 0
-                 is the first real sample; the decoder still returns whole 1024-sample frames, so
-                 the end can carry up to one frame of padding: trim to the wanted duration.
+  audio_start    seconds, presentation time of audio sample 0: sample k plays at
+                 audio_start + k / sample_rate (gaps between decoded frames are filled with silence
+                 and overlaps dropped, so this holds for the whole track). AAC: when the mp4 edit
+                 list says so, FFmpeg drops the encoder's priming samples and sample 0 is the first
+                 real one; otherwise the priming (silence) is returned with earlier timestamps,
+                 e.g. an audio track written to start at 0.3 s may decode from 0.236 s. The end can
+                 carry up to one 1024-sample frame of padding: trim to the wanted duration.
+  audio_repaired_samples  samples of silence inserted into gaps plus samples dropped from overlaps
+                 (0 for a clean file; ingestion may want to count or skip files where it is not)
   rotation       degrees from the display matrix; the frames need np.rot90(frames, k=rotation // 90,
                  axes=(1, 2)) to be upright (counter-clockwise, FFmpeg's convention)
   video_codec, audio_codec   decoder names ('h264', 'aac', ...; audio_codec '' without audio)
@@ -127,6 +132,7 @@ class MediaData:
   audio: np.ndarray | None
   sample_rate: int
   audio_start: float
+  audio_repaired_samples: int
   rotation: int
   video_codec: str
   audio_codec: str
@@ -163,29 +169,22 @@ def read_av(path: str) -> MediaData:
     if not container.streams.video:
       raise MediaError(path, "no video stream")
     video_stream = container.streams.video[0]
+    video_stream.thread_type = "AUTO"
     audio_stream = container.streams.audio[0] if container.streams.audio else None
     container_start = (container.start_time or 0) / av.time_base
     frames, frame_times, rotation = [], [], 0
-    audio_chunks, audio_start = [], None
-    resampler = None
-    if audio_stream is not None:
-      resampler = av.AudioResampler(format="fltp", layout=audio_stream.layout,
-                                    rate=audio_stream.rate)
-    streams = [video_stream] + ([audio_stream] if audio_stream is not None else [])
+    audio_track = _AudioTrack(audio_stream, container_start) if audio_stream is not None else None
     try:
-      for packet in container.demux(streams):
+      for packet in container.demux([s for s in (video_stream, audio_stream) if s is not None]):
         for frame in packet.decode():
-          if packet.stream is video_stream:
-            if not frames:
-              rotation = int(frame.rotation)
-            frames.append(frame.to_ndarray(format="rgb24"))
-            frame_times.append(_frame_time(frame, len(frames), video_stream) - container_start)
-          else:
-            if audio_start is None and frame.pts is not None:
-              audio_start = float(frame.pts * frame.time_base) - container_start
-            audio_chunks.extend(chunk.to_ndarray() for chunk in resampler.resample(frame))
-      if resampler is not None:
-        audio_chunks.extend(chunk.to_ndarray() for chunk in resampler.resample(None))
+          if packet.stream is not video_stream:
+            audio_track.add(frame)
+            continue
+          if not frames:
+            rotation = int(frame.rotation)
+          frames.append(frame.to_ndarray(format="rgb24"))
+          frame_times.append(_frame_time(path, frame, len(frames), video_stream) - container_start)
+      audio = audio_track.finish() if audio_track is not None else None
     except av.FFmpegError as error:
       raise MediaError(path, f"decode error: {error}") from error
     if not frames:
@@ -193,26 +192,74 @@ def read_av(path: str) -> MediaData:
     declared_start = _seconds(video_stream.start_time, video_stream.time_base)
     video_start = (declared_start - container_start if declared_start is not None
                    else frame_times[0])
-    fps = float(video_stream.average_rate) if video_stream.average_rate else None
-    audio = None
-    if audio_chunks:
-      audio = np.concatenate(audio_chunks, axis=-1).astype(np.float32)
     return MediaData(
         path=path, frames=np.stack(frames), frame_times=np.asarray(frame_times, np.float64),
-        video_start=float(video_start), fps=fps, audio=audio,
-        sample_rate=int(audio_stream.rate) if audio is not None else 0,
-        audio_start=float(audio_start or 0.0) if audio is not None else 0.0,
+        video_start=float(video_start),
+        fps=float(video_stream.average_rate) if video_stream.average_rate else None,
+        audio=audio, sample_rate=int(audio_stream.rate) if audio is not None else 0,
+        audio_start=audio_track.start if audio is not None else 0.0,
+        audio_repaired_samples=audio_track.repaired if audio is not None else 0,
         rotation=rotation, video_codec=video_stream.codec_context.name,
         audio_codec=audio_stream.codec_context.name if audio is not None else "")
 
 
-def _frame_time(frame, count: int, stream) -> float:
+def _frame_time(path: str, frame, count: int, stream) -> float:
   """A frame's presentation time in seconds; frames without pts are placed at the stream rate."""
   if frame.pts is not None and frame.time_base is not None:
     return float(frame.pts * frame.time_base)
   if stream.average_rate:
     return (count - 1) / float(stream.average_rate)
-  raise ValueError("frame without a timestamp in a stream without a frame rate")
+  raise MediaError(path, "a video frame without a timestamp in a stream without a frame rate")
+
+
+class _AudioTrack:
+  """Collects decoded audio as float32 planar [C, N], placed by the frames' timestamps.
+
+  Sample k of the result plays at `start + k / rate`. A decoded frame that starts later than the
+  samples so far end leaves a gap, filled with silence; one that starts earlier overlaps, and its
+  first samples are dropped. `repaired` counts the samples inserted or dropped (0 for clean files).
+  """
+
+  def __init__(self, stream, container_start: float):
+    self.rate = int(stream.rate)
+    self.container_start = container_start
+    self.resampler = av.AudioResampler(format="fltp", layout=stream.layout, rate=stream.rate)
+    self.chunks: list[np.ndarray] = []
+    self.length = 0
+    self.start: float | None = None
+    self.repaired = 0
+
+  def add(self, frame) -> None:
+    shift = 0
+    if frame.pts is not None and frame.time_base is not None:
+      time = float(frame.pts * frame.time_base) - self.container_start
+      if self.start is None:
+        self.start = time
+      # More than a sample of disagreement is a gap (> 0) or an overlap (< 0).
+      shift = int(round((time - self.start) * self.rate)) - self.length
+      shift = shift if abs(shift) > 1 else 0
+    for chunk in self.resampler.resample(frame):
+      self._append(chunk.to_ndarray(), shift)
+      shift = 0
+
+  def _append(self, samples: np.ndarray, shift: int) -> None:
+    if shift > 0:
+      self.chunks.append(np.zeros((samples.shape[0], shift), np.float32))
+      self.length += shift
+    elif shift < 0:
+      samples = samples[:, -shift:]
+    self.repaired += abs(shift)
+    self.chunks.append(samples.astype(np.float32))
+    self.length += samples.shape[1]
+
+  def finish(self) -> np.ndarray | None:
+    for chunk in self.resampler.resample(None):
+      self._append(chunk.to_ndarray(), 0)
+    if not self.length:
+      return None
+    if self.start is None:
+      self.start = 0.0
+    return np.concatenate(self.chunks, axis=-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,7 +299,7 @@ def write_mp4(path: str, frames: np.ndarray, fps, audio: np.ndarray | None = Non
                      f"{frames.dtype} {frames.shape}")
   if audio is not None and not sample_rate:
     raise ValueError(f"write_mp4 {path}: audio given without sample_rate")
-  rate = Fraction(fps).limit_denominator(10_000) if not isinstance(fps, Fraction) else fps
+  rate = fps if isinstance(fps, Fraction) else Fraction(float(fps)).limit_denominator(10_000)
   if rate <= 0:
     raise ValueError(f"write_mp4 {path}: expected a positive fps, got {fps}")
   height, width = frames.shape[1:3]
