@@ -191,5 +191,13 @@ def test_bad_inputs_are_named(config, tmp_path):
     pipeline.make_dataset(config, "heldout", batch_size=1, seed=0)
   with pytest.raises(ValueError, match="process_index"):
     pipeline.make_dataset(config, "train", process_index=2, process_count=2, batch_size=1, seed=0)
+  with config.unlocked():
+    config.data.image_size = 32
+  try:
+    with pytest.raises(ValueError, match="64x64, the config wants 32x32"):
+      pipeline.clip_source(config, "train")[0]
+  finally:
+    with config.unlocked():
+      config.data.image_size = SIZE
   with pytest.raises(FileNotFoundError, match="index.json"):
     pipeline.RecordVideos(str(tmp_path), "train")

@@ -155,8 +155,10 @@ class ClipSource:
   video_index, clip_start.
   """
 
-  def __init__(self, videos: Videos, num_frames: int, fps: float, sample_rate: int):
+  def __init__(self, videos: Videos, num_frames: int, fps: float, sample_rate: int,
+               image_size: int | None = None):
     self.videos = videos
+    self.image_size = image_size
     self.num_frames = num_frames
     self.fps = float(fps)
     self.sample_rate = int(sample_rate)
@@ -179,6 +181,11 @@ class ClipSource:
     video_index, start = self.locate(int(index))
     record = self.videos.read(video_index)
     frames = np.asarray(record["frames"])
+    if self.image_size is not None and frames.shape[1:3] != (self.image_size, self.image_size):
+      raise ValueError(
+          f"video {record.get('video_id', video_index)!r}: field 'frames' is "
+          f"{frames.shape[1]}x{frames.shape[2]}, the config wants {self.image_size}x"
+          f"{self.image_size} (config.data.image_size); ingest the data at that size")
     clip = frames[start:start + self.num_frames]
     valid = clip.shape[0]
     if valid < self.num_frames:
@@ -239,7 +246,8 @@ def clip_source(config, split: str, videos: Videos | None = None) -> ClipSource:
     if not config.data.data_dir:
       raise ValueError("config.data.data_dir is empty: set it to the folder holding index.json")
     videos = RecordVideos(config.data.data_dir, split)
-  return ClipSource(videos, config.data.num_frames, config.data.fps, config.audio.sample_rate)
+  return ClipSource(videos, config.data.num_frames, config.data.fps, config.audio.sample_rate,
+                    config.data.image_size)
 
 
 def _check_rate(config, source: ClipSource) -> None:
