@@ -281,17 +281,14 @@ def mel_to_image(log_mel_spectrogram: jax.Array, image_size: int) -> jax.Array:
 def image_to_mel(image: jax.Array, num_mels: int, num_frames: int) -> jax.Array:
   """Log-mel [..., num_mels, num_frames] of an audio image [..., S, S, 3]: the inverse of mel_to_image.
 
-  Channels are averaged and mapped to levels in [0, 1], the resize is undone by least squares, the
-  levels are clipped to [0, 1] (the range of the forward map) and dB = 100 x - 80 is turned into a
-  natural-log magnitude. Levels are clipped only AFTER the inverse resize: bicubic overshoot next to
-  silent (level 0) regions is part of a valid image and needed to undo the resize exactly. The result
-  lies in [-80, +20] dB: the forward clamp and clip are not invertible.
+  Channels are averaged and mapped to levels in [0, 1], the resize is undone by least squares (see
+  `_inverse_resize_matrix`), levels are clipped to [0, 1] and dB = 100 x - 80 becomes a natural-log
+  magnitude, so the result lies in [-80, +20] dB (the forward clamp and clips are not invertible).
 
-  Round trip: mel_to_image(image_to_mel(image)) == image (to float precision) for an image of the
-  forward map as long as no clip acts (no level at 0 or 1 and no bicubic overshoot). Where an axis is
-  shrunk, detail the image does not hold is gone and the inverse picks the smooth solution; next to
-  saturated regions re-clipping then moves pixels (by less than one 8-bit level with the paper's
-  80 x 275 -> 256 x 256, by several levels where time is shrunk 3x as in the demo config).
+  Round trip: mel_to_image(image_to_mel(image)) == image to float precision for an image of the
+  forward map wherever no clip acts. Next to silence (level 0) the forward clipped the bicubic
+  overshoot, which no mel reproduces exactly: there a few pixels move, by up to 3 8-bit levels with
+  the paper's 80 x 275 -> 256 x 256, more where time is shrunk 3x (demo: 200 frames -> 64 columns).
   """
   image = jnp.asarray(image, jnp.float32)
   rows, cols = image.shape[-3], image.shape[-2]

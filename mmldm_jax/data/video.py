@@ -116,8 +116,9 @@ class MediaData:
                  and overlaps dropped, so this holds for the whole track). AAC: when the mp4 edit
                  list says so, FFmpeg drops the encoder's priming samples and sample 0 is the first
                  real one; otherwise the priming (silence) is returned with earlier timestamps,
-                 e.g. an audio track written to start at 0.3 s may decode from 0.236 s. The end can
-                 carry up to one 1024-sample frame of padding: trim to the wanted duration.
+                 e.g. 16 kHz audio written to start at 0.3 s decodes from 0.236 s (1024 priming
+                 samples first). The end can carry up to one 1024-sample frame of padding: trim
+                 to the wanted duration.
   audio_repaired_samples  samples of silence inserted into gaps plus samples dropped from overlaps
                  (0 for a clean file; ingestion may want to count or skip files where it is not)
   rotation       degrees from the display matrix; the frames need np.rot90(frames, k=rotation // 90,
