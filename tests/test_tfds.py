@@ -32,7 +32,8 @@ def config_and_folder(tmp_path_factory):
     shard = []
     for position, length in enumerate(lengths):
       shard.append(_record(number, length, config.audio.sample_rate))
-      entries.append(records.VideoEntry(f"video{number}", name, position, length, number % 2, split))
+      entries.append(
+          records.VideoEntry(f"video{number}", name, position, length, number % 2, split))
       number += 1
     records.write_shard(os.path.join(folder, name), shard)
     written[split] = shard
@@ -73,3 +74,33 @@ def test_records_builder_round_trip_into_the_pipeline(config_and_folder, tmp_pat
   with pytest.raises(ValueError, match="no split 'heldout'"):
     tfds_builders.videos(source, info, "heldout")
 
+
+def test_synthetic_builder_feeds_the_pipeline(tmp_path):
+  config = config_lib.load(os.path.join(CONFIGS, "demo.py:tiny"))
+  with config.unlocked():
+    config.synthetic.update(num_train_videos=3, num_validation_videos=1, num_heldout_videos=1,
+                            videos_per_shard=2)
+  data_dir = str(tmp_path / "tfds")
+  builder = tfds_builders.MmldmSynthetic(config=config, data_dir=data_dir)
+  builder.download_and_prepare(file_format="array_record")
+  source = tfds.data_source("mmldm_synthetic", split="train", data_dir=data_dir)
+  assert len(source) == 3
+  example = source[0]
+  assert example["frames"].dtype == np.uint8
+  assert example["frames"].shape[1:] == (config.data.image_size, config.data.image_size, 3)
+  assert example["source"] == b"synthetic"
+  # The examples are the synthetic writer's records.
+  folder = os.path.join(data_dir, "downloads", "mmldm_synthetic_records")
+  entries = [e for e in records.read_index(folder)[0] if e.split == "train"]
+  for example, entry in zip(source, entries):
+    record = records.read_shard_record(os.path.join(folder, entry.shard), entry.position)
+    np.testing.assert_array_equal(example["frames"], record["frames"])
+    np.testing.assert_array_equal(example["audio"], record["audio"])
+    assert int(example["label"]) == record["label"]
+  videos = tfds_builders.videos(source, builder.info, "train")
+  batch = next(iter(pipeline.make_dataset(config, "train", batch_size=2, seed=0, videos=videos)))
+  size = config.data.image_size
+  assert batch["key_frames"].shape == (2, len(config.data.key_frames), size, size, 3)
+  assert batch["audio"].shape == (2, config_lib.clip_samples(config))
+  assert sorted(tfds.data_source("mmldm_synthetic", split="heldout", data_dir=data_dir)[0]) == [
+      "audio", "fps", "frames", "label", "sample_rate", "source", "video_id"]
