@@ -113,16 +113,17 @@ class MetricsWriter:
     now = time.perf_counter()
     elapsed = max(now - self._window_start, 1e-9)
     steps_per_s = self._window_steps / elapsed
-    values["steps_per_s"] = steps_per_s
-    values["examples_per_s"] = steps_per_s * self.global_batch_size
-    values["data_wait_fraction"] = min(1.0, self._window_wait / elapsed)
-    if self.flops_per_example and self.peak_flops_total:
-      values["mfu"] = values["examples_per_s"] * self.flops_per_example / self.peak_flops_total
+    if self._window_steps:  # (none at the final flush: no throughput to report)
+      values["steps_per_s"] = steps_per_s
+      values["examples_per_s"] = steps_per_s * self.global_batch_size
+      values["data_wait_fraction"] = min(1.0, self._window_wait / elapsed)
+      if self.flops_per_example and self.peak_flops_total:
+        values["mfu"] = values["examples_per_s"] * self.flops_per_example / self.peak_flops_total
     self._window_start, self._window_steps, self._window_wait = now, 0, 0.0
     self.scalars(step, values)
-    eta = (self.total_steps - step) / steps_per_s if steps_per_s > 0 else float("inf")
+    eta = (_format_duration((self.total_steps - step) / steps_per_s) if steps_per_s > 0 else "?")
     shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(values.items()))
-    logging.info("step %d/%d %s eta %s", step, self.total_steps, shown, _format_duration(eta))
+    logging.info("step %d/%d %s eta %s", step, self.total_steps, shown, eta)
 
   # --- direct writers -------------------------------------------------------------------------------
   def scalars(self, step: int, values: Mapping[str, float]) -> None:

@@ -1,0 +1,337 @@
+"""The one training loop shared by every stage (vae, autoencoder, generator).
+
+A stage describes WHAT it trains as a `Task` (`train/stages.py`): parameter groups, their init, a loss
+per group, the input pipeline, frozen networks. `train(config, workdir, task)` does the rest, top to
+bottom: mesh, input pipeline, model & optimizer, shardings, update step, checkpoint restore, train
+loop, final save. Layout under the workdir:
+
+  <workdir>/<stage>/checkpoints/<step>/   Orbax checkpoints (train state, data iterator, config)
+  <workdir>/<stage>/logs/                 metrics.jsonl and TensorBoard event files
+
+The train state is a dict: step (int32), params {group: tree}, opt_state {group: tree} and, with
+`ema_decay > 0`, ema {group: tree}. One jitted step updates the groups in order on the same batch
+(the autoencoder: generator, then discriminator, as the reference's two alternating optimisers do).
+The step's randomness is `fold_in(key(config.seed), step)`, so a resumed run is bit-identical to an
+uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from mmldm_jax import checkpoint as checkpoint_lib
+from mmldm_jax import metrics as metrics_lib
+from mmldm_jax import parallel
+from mmldm_jax.train import optim
+
+Params = Any
+LossFn = Callable[[str, Mapping[str, Params], Any, Mapping[str, jax.Array], jax.Array, jax.Array],
+                  tuple[jax.Array, dict[str, jax.Array]]]
+
+
+@dataclasses.dataclass
+class Task:
+  """What one training stage trains; `train` does the how.
+
+  Attributes:
+    name: the stage ('vae', 'autoencoder', 'generator'); its folder under the workdir.
+    train_config: its `config.train_<name>` section.
+    rules_family: which `config.mesh.rules` table shards its parameters ('dit' or 'conv').
+    groups: parameter groups, updated in this order each step, each with its own optimiser.
+    init: rng -> {group: boxed params} (logical annotations kept; traced under jax.eval_shape/jit).
+    loss: (group, params of all groups, frozen, batch, rng, step) -> (scalar loss, metrics dict).
+    make_dataset: (process_index, process_count, per_host_batch, seed) -> grain IterDataset.
+    to_model_batch: host batch dict -> the arrays the loss reads (numpy, leading batch axis).
+    frozen: () -> placed arrays the loss reads but never updates (e.g. the VAE), or None.
+    pretrained: () -> {group: parameter values} to start from instead of the init, or None.
+    trainable: {group: params -> pytree of bools}; False leaves get no update (no weight decay).
+    flops_per_example: training FLOPs per example for MFU, or None.
+  """
+  name: str
+  train_config: Any
+  rules_family: str
+  groups: tuple[str, ...]
+  init: Callable[[jax.Array], dict[str, Params]]
+  loss: LossFn
+  make_dataset: Callable[[int, int, int, int], Any]
+  to_model_batch: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
+  frozen: Callable[[Any], Any] | None = None
+  pretrained: Callable[[], dict[str, Params]] | None = None
+  trainable: Mapping[str, Callable[[Params], Any]] = dataclasses.field(default_factory=dict)
+  flops_per_example: float | None = None
+
+
+def stage_dir(workdir: str, name: str) -> str:
+  return os.path.join(workdir, name)
+
+
+def checkpoint_dir(workdir: str, name: str) -> str:
+  return os.path.join(stage_dir(workdir, name), "checkpoints")
+
+
+def compute_dtype(config) -> jnp.dtype:
+  """Activation dtype: config.precision 'auto' = bfloat16 on accelerators, float32 on CPU."""
+  precision = config.precision
+  if precision == "auto":
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+  if precision not in ("float32", "bfloat16"):
+    raise ValueError(f"config.precision={precision!r}: expected 'auto', 'float32' or 'bfloat16'")
+  return jnp.dtype(precision)
+
+
+def _saved_steps(workdir: str, task_name: str) -> list[int]:
+  directory = checkpoint_dir(workdir, task_name)
+  if not os.path.isdir(directory):
+    return []
+  return [int(n) for n in os.listdir(directory) if n.isdigit()]
+
+
+def has_checkpoint(workdir: str, task_name: str) -> bool:
+  return bool(_saved_steps(workdir, task_name))
+
+
+def is_complete(workdir: str, task_name: str, num_steps: int) -> bool:
+  """Whether the stage's final checkpoint exists."""
+  return max(_saved_steps(workdir, task_name), default=-1) >= num_steps
+
+
+# ------------------------------------------------------------------------------------------------
+# Train state
+# ------------------------------------------------------------------------------------------------
+def make_state_init(task: Task):
+  """rng -> boxed train state (params, optimiser states, optional EMA), and the optimisers by group
+  (filled in when init_state is first traced: a trainable mask needs the parameter structure)."""
+  optimizers: dict[str, optax.GradientTransformation] = {}
+  use_ema = task.train_config.ema_decay > 0
+
+  def optimizer(group, params):
+    tx = optim.make_optimizer(task.train_config)
+    if group not in task.trainable:
+      return tx
+    mask = task.trainable[group](parallel.unbox(params))
+    labels = jax.tree.map(lambda trained: "train" if trained else "frozen", mask)
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+  def init_state(rng):
+    params = task.init(rng)
+    optimizers.update({g: optimizer(g, params[g]) for g in task.groups})
+    state = {"step": jnp.zeros((), jnp.int32), "params": params,
+             "opt_state": {g: optimizers[g].init(params[g]) for g in task.groups}}
+    if use_ema:
+      state["ema"] = jax.tree.map(lambda x: x, params)
+    return state
+  return init_state, optimizers
+
+
+def abstract_state(init_state, task: Task, mesh, config):
+  """(unboxed abstract train state with the mesh's shardings, shardings tree, boxed abstract state)
+  of the state `init_state` (from `make_state_init`) builds."""
+  boxed = jax.eval_shape(init_state, jax.random.key(0))
+  rules = parallel.logical_rules(config, task.rules_family)
+  shardings = parallel.tree_shardings(boxed, mesh, rules, config.mesh.min_sharded_bytes)
+  return checkpoint_lib.abstract_with_shardings(parallel.unbox(boxed), shardings), shardings, boxed
+
+
+def restore_params(config, workdir: str, task: Task, mesh, *, use_ema: bool = True,
+                   step: int | None = None):
+  """The parameters of a finished (or the latest) checkpoint of `task`, placed on `mesh`.
+
+  Returns {group: params}; the EMA parameters when the stage kept them and `use_ema`.
+  Raises FileNotFoundError naming the folder when the stage has no checkpoint.
+  """
+  directory = checkpoint_dir(workdir, task.name)
+  checkpointer = checkpoint_lib.Checkpointer(directory, save_every=0, keep=1, async_save=False)
+  try:
+    step = checkpointer.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"stage {task.name!r} has no checkpoint in {directory}: run the "
+                              f"{task.name} stage first")
+    init_state, _ = make_state_init(task)
+    target, _, _ = abstract_state(init_state, task, mesh, config)
+    state = checkpointer.restore(step, target)
+  finally:
+    checkpointer.close()
+  return state["ema"] if use_ema and "ema" in state else state["params"]
+
+
+def _with_pretrained(state, values, shardings):
+  """The fresh state with the given groups' parameter values (and EMA) placed on its shardings."""
+  state = dict(state, params=dict(state["params"]))
+  for group, group_values in values.items():
+    def place(value, current, sharding):
+      if tuple(np.shape(value)) != tuple(current.shape):
+        raise ValueError(f"pretrained {group} parameter of shape {np.shape(value)}, model expects "
+                         f"{current.shape}")
+      return jax.device_put(np.asarray(value, current.dtype), sharding)
+    placed = jax.tree.map(place, parallel.unbox(group_values), state["params"][group],
+                          shardings["params"][group])
+    state["params"][group] = placed
+    if "ema" in state:
+      state["ema"] = dict(state["ema"], **{group: jax.tree.map(jnp.copy, placed)})
+  return state
+
+
+# ------------------------------------------------------------------------------------------------
+# Update step
+# ------------------------------------------------------------------------------------------------
+def make_train_step(task: Task, optimizers, seed: int):
+  """(state, frozen, batch) -> (state, metrics): one update of every group, NaN-guarded."""
+  train_config = task.train_config
+  skip_bad = train_config.nan_policy == "skip"
+  ema_decay = float(train_config.ema_decay)
+  schedule = optim.learning_rate_schedule(train_config)
+
+  def train_step(state, frozen, batch):
+    step = state["step"]
+    rng = jax.random.fold_in(jax.random.key(seed), step)
+    params = dict(state["params"])
+    opt_state = dict(state["opt_state"])
+    metrics = {"learning_rate": schedule(step)}
+    all_finite = jnp.array(True)
+    for index, group in enumerate(task.groups):
+      group_rng = jax.random.fold_in(rng, index)
+
+      def group_loss(group_params, group=group, group_rng=group_rng):
+        return task.loss(group, {**params, group: group_params}, frozen, batch, group_rng, step)
+
+      (loss, aux), grads = jax.value_and_grad(group_loss, has_aux=True)(params[group])
+      grad_norm = optax.global_norm(grads)
+      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      updates, new_opt = optimizers[group].update(grads, opt_state[group], params[group])
+      new_params = optax.apply_updates(params[group], updates)
+      if skip_bad:
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        new_params = jax.tree.map(keep, new_params, params[group])
+        new_opt = jax.tree.map(keep, new_opt, opt_state[group])
+      params[group], opt_state[group] = new_params, new_opt
+      all_finite &= finite
+      prefix = "" if len(task.groups) == 1 else f"{group}/"
+      metrics.update({f"{prefix}loss": loss, f"{prefix}grad_norm": grad_norm})
+      metrics.update({f"{prefix}{k}": v for k, v in aux.items()})
+    new_state = {"step": step + 1, "params": params, "opt_state": opt_state}
+    if "ema" in state:
+      new_state["ema"] = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p,
+                                      state["ema"], params)
+    metrics["finite"] = all_finite.astype(jnp.float32)
+    return new_state, metrics
+  return train_step
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop
+# ------------------------------------------------------------------------------------------------
+def train(config, workdir: str, task: Task) -> dict[str, Any]:
+  """Trains `task` to `train_config.num_steps`, resuming from its latest checkpoint.
+
+  Returns {'step': final step, 'skipped_steps': count, 'preempted': False}. Skips itself (returns at
+  once) when the final checkpoint exists. On SIGTERM / preemption it saves and raises SystemExit.
+  """
+  train_config = task.train_config
+  num_steps = int(train_config.num_steps)
+  if is_complete(workdir, task.name, num_steps):
+    logging.info("stage %s: final checkpoint (step %d) exists, skipping", task.name, num_steps)
+    return {"step": num_steps, "skipped_steps": 0, "preempted": False}
+
+  # ---- Mesh ------------------------------------------------------------------------------------
+  mesh = parallel.create_mesh(config)
+  rules = parallel.logical_rules(config, task.rules_family)
+  logging.info("stage %s: mesh %s over %d devices (%d processes)", task.name, dict(mesh.shape),
+               mesh.size, jax.process_count())
+
+  # ---- Input pipeline --------------------------------------------------------------------------
+  per_host = parallel.per_process_batch_size(train_config.batch_size, mesh,
+                                             f"train_{task.name}.batch_size")
+  dataset = task.make_dataset(jax.process_index(), jax.process_count(), per_host, config.seed)
+  data_iterator = iter(dataset)
+
+  # ---- Model & optimizer -----------------------------------------------------------------------
+  init_state, optimizers = make_state_init(task)
+
+  # ---- Shardings -------------------------------------------------------------------------------
+  target, state_shardings, boxed = abstract_state(init_state, task, mesh, config)
+  logging.info("stage %s: largest parameters and their shardings:\n%s", task.name,
+               parallel.describe_shardings(boxed["params"], state_shardings["params"]))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  frozen = task.frozen(mesh) if task.frozen is not None else None
+  frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
+
+  # ---- Update step -----------------------------------------------------------------------------
+  step_fn = jax.jit(make_train_step(task, optimizers, config.seed),
+                    in_shardings=(state_shardings, frozen_shardings, parallel.batch_sharding(mesh)),
+                    out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+  # ---- Checkpoint restore ----------------------------------------------------------------------
+  checkpointer = checkpoint_lib.Checkpointer(
+      checkpoint_dir(workdir, task.name), save_every=train_config.checkpoint_every,
+      keep=train_config.keep_checkpoints)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    state = checkpointer.restore(latest, target, data_iterator=data_iterator)
+    logging.info("stage %s: resuming at step %d", task.name, latest)
+  else:
+    with parallel.activation_rules(mesh, rules):
+      state = jax.jit(lambda rng: parallel.unbox(init_state(rng)),
+                      out_shardings=state_shardings)(jax.random.key(config.seed))
+    if task.pretrained is not None:
+      state = _with_pretrained(state, task.pretrained(), state_shardings)
+  exempt = parallel.replicated_by_policy_bytes(boxed["params"], state_shardings["params"])
+  parallel.check_sharded(state["params"], mesh, exempt_bytes=exempt,
+                         what=f"stage {task.name} parameters")
+  start = int(jax.device_get(state["step"]))
+
+  # ---- Train loop ------------------------------------------------------------------------------
+  writer = metrics_lib.MetricsWriter(
+      os.path.join(stage_dir(workdir, task.name), "logs"), total_steps=num_steps,
+      global_batch_size=train_config.batch_size, log_every=train_config.log_every,
+      flops_per_example=task.flops_per_example)
+  watcher = checkpoint_lib.PreemptionWatcher()
+  previous_finite = None
+  skipped = 0
+  try:
+    for step in range(start + 1, num_steps + 1):
+      wait_start = time.perf_counter()
+      host_batch = task.to_model_batch(next(data_iterator))
+      batch = parallel.global_batch(host_batch, mesh)
+      data_wait = time.perf_counter() - wait_start
+      with parallel.activation_rules(mesh, rules):
+        state, step_metrics = step_fn(state, frozen, batch)
+      # The previous step's NaN flag is ready by now; reading it does not stall this step.
+      if previous_finite is not None and not bool(jax.device_get(previous_finite[1])):
+        skipped += 1
+        if train_config.nan_policy == "stop":
+          raise FloatingPointError(
+              f"stage {task.name}: loss or gradient norm is NaN/Inf at step {previous_finite[0]}; "
+              f"set train_{task.name}.nan_policy='skip' to skip such steps")
+        logging.warning("stage %s: skipped step %d (NaN/Inf)", task.name, previous_finite[0])
+      previous_finite = (step, step_metrics["finite"])
+      writer.step(step, step_metrics, data_wait_s=data_wait)
+      checkpointer.save(step, state, data_iterator=data_iterator, config=config)
+      if watcher.reached(step):
+        checkpointer.save(step, state, data_iterator=data_iterator, config=config, force=True)
+        checkpointer.wait()
+        raise SystemExit(f"stage {task.name}: preempted at step {step}; checkpoint saved, run the "
+                         f"same command again to resume")
+
+    # ---- Final save ----------------------------------------------------------------------------
+    if previous_finite is not None and not bool(jax.device_get(previous_finite[1])):
+      skipped += 1
+      if train_config.nan_policy == "stop":
+        raise FloatingPointError(f"stage {task.name}: loss or gradient norm is NaN/Inf at step "
+                                 f"{previous_finite[0]}")
+    checkpointer.save(num_steps, state, data_iterator=data_iterator, config=config, force=True)
+  finally:
+    writer.close()
+    watcher.close()
+    checkpointer.close()
+  if skipped:
+    logging.warning("stage %s: %d step(s) skipped for NaN/Inf", task.name, skipped)
+  logging.info("stage %s: done at step %d", task.name, num_steps)
+  return {"step": num_steps, "skipped_steps": skipped, "preempted": False}

@@ -1,0 +1,165 @@
+"""The training stages as `Task`s for `train/loop.py`, and their `run(config, workdir)` entry points.
+
+  vae          stage-0 image VAE (decoder fine-tuned on frames and audio images) + PatchGAN
+  autoencoder  the multi-modal autoencoder + its 3-frame discriminator, VAE frozen
+  generator    the joint audio-video DiT on precomputed latents (`latents` stage, train/latents.py)
+
+Stage order and inputs: `data` writes `<workdir>/data` (or `config.data.data_dir` holds ingested records);
+`vae` starts from `config.vae.pretrained_path` (SD VAE weights) or random; `autoencoder` freezes the
+`vae` stage's final parameters (or, without that stage in the workdir, the pretrained SD VAE);
+`latents` encodes the training clips with the frozen autoencoder; `generator` trains on those.
+Each stage is skipped when its final checkpoint exists and resumes from its latest one otherwise.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from mmldm_jax.data import audio as audio_lib
+from mmldm_jax.data import pipeline
+from mmldm_jax.train import loop
+
+# Clip fields each stage's loss reads (the rest of the pipeline's dict stays on the host).
+_AUTOENCODER_FIELDS = ("key_frames", "target_frames", "target_indices", "audio", "label")
+
+
+def data_folder(config, workdir: str) -> str:
+  """Where the training records are: config.data.data_dir, else `<workdir>/data` (the data stage)."""
+  folder = config.data.data_dir or os.path.join(workdir, "data")
+  if not os.path.exists(os.path.join(folder, "index.json")):
+    raise FileNotFoundError(
+        f"no dataset index at {os.path.join(folder, 'index.json')}: run the `data` stage first "
+        f"(config.stages starting with 'data') or set config.data.data_dir to ingested records")
+  return folder
+
+
+def clip_dataset_factory(config, workdir: str, *, hflip_prob: float | None = None):
+  """(process_index, process_count, per_host_batch, seed) -> the shuffled, repeating clip dataset."""
+  folder = data_folder(config, workdir)
+
+  def make(process_index, process_count, batch_size, seed):
+    return pipeline.make_dataset(
+        config, "train", process_index=process_index, process_count=process_count,
+        batch_size=batch_size, seed=seed, hflip_prob=hflip_prob,
+        videos=pipeline.RecordVideos(folder, "train"))
+  return make
+
+
+def _select(fields):
+  def to_model_batch(host_batch):
+    return {name: np.asarray(host_batch[name]) for name in fields}
+  return to_model_batch
+
+
+# ------------------------------------------------------------------------------------------------
+# vae
+# ------------------------------------------------------------------------------------------------
+def vae_task(config, workdir: str) -> loop.Task:
+  """Stage 0: the SD KL-f8 VAE fine-tuned on the clips' target frames and audio images (the
+  reference's `tar_frames` + `audio_img`), encoder frozen by `config.vae.freeze_encoder`; starts from
+  config.vae.pretrained_path when set."""
+  from mmldm_jax.models import vae as vae_lib  # model modules load only for the stage that runs
+  dtype = loop.compute_dtype(config)
+  vae = vae_lib.build_vae(config, dtype=dtype)
+  disc = vae_lib.build_discriminator(config, dtype=dtype)
+  size = config.data.image_size
+
+  def init(rng):
+    vae_rng, disc_rng = jax.random.split(rng)
+    image = jnp.zeros((1, size, size, 3))
+    return {"vae": vae.init(vae_rng, image)["params"],
+            "discriminator": disc.init(disc_rng, image)["params"]}
+
+  def images_of(batch):
+    frames = batch["target_frames"]
+    frames = frames.reshape((-1,) + frames.shape[2:])
+    audio_image = audio_lib.waveform_to_image(batch["audio"], config.audio)
+    return jnp.concatenate([frames, audio_image.astype(frames.dtype)], axis=0)
+
+  def loss(group, params, frozen, batch, rng, step):
+    del frozen
+    images = images_of(batch)
+    if group == "vae":
+      value, aux = vae_lib.generator_loss(params["vae"], params["discriminator"], images, rng, step,
+                                          config=config, vae=vae, disc=disc)
+      aux.pop("reconstructions")
+      return value, aux
+    # As the reference's second optimiser: a fresh reconstruction by the just-updated VAE.
+    reconstructions, _ = vae.apply({"params": params["vae"]}, images, rng)
+    return vae_lib.discriminator_loss(params["discriminator"], images, reconstructions, step,
+                                      config=config, disc=disc)
+
+  return loop.Task(
+      name="vae", train_config=config.train_vae, rules_family="conv",
+      groups=("vae", "discriminator"), init=init, loss=loss,
+      make_dataset=clip_dataset_factory(config, workdir),
+      to_model_batch=_select(("target_frames", "audio")),
+      pretrained=(lambda: {"vae": _pretrained_vae(config)}) if config.vae.pretrained_path else None,
+      trainable={"vae": lambda params: vae_lib.trainable_mask(params, config)})
+
+
+def _pretrained_vae(config):
+  from mmldm_jax.convert import vae as convert_vae
+  params, report = convert_vae.convert_vae_file(config.vae.pretrained_path, config)
+  logging.info("vae: weights from %s (%s)", config.vae.pretrained_path, report)
+  return params
+
+
+def frozen_vae_params(config, workdir: str, mesh):
+  """The `vae` stage's final parameters on `mesh`, or (no vae checkpoint in the workdir) the pretrained
+  SD VAE of config.vae.pretrained_path, replicated. Fails naming both when neither exists."""
+  if loop.has_checkpoint(workdir, "vae"):
+    return loop.restore_params(config, workdir, vae_task(config, workdir), mesh)["vae"]
+  if config.vae.pretrained_path:
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.device_put(_pretrained_vae(config), replicated)
+  raise FileNotFoundError(
+      f"no VAE: {loop.checkpoint_dir(workdir, 'vae')} has no checkpoint and "
+      f"config.vae.pretrained_path is empty; run the `vae` stage first or give SD VAE weights")
+
+
+# ------------------------------------------------------------------------------------------------
+# autoencoder
+# ------------------------------------------------------------------------------------------------
+def autoencoder_system(config):
+  from mmldm_jax.models import autoencoder as autoencoder_lib
+  return autoencoder_lib.AutoencoderSystem(config, dtype=loop.compute_dtype(config))
+
+
+def autoencoder_task(config, workdir: str) -> loop.Task:
+  """The multi-modal autoencoder and its discriminator, updated in turn on each batch (the reference's
+  two AdamW optimisers, alternating every step), with the VAE frozen."""
+  system = autoencoder_system(config)
+
+  def loss(group, params, frozen_vae, batch, rng, step):
+    del step
+    if group == "autoencoder":
+      return system.generator_loss(params["autoencoder"], params["discriminator"], frozen_vae,
+                                   batch, rng)
+    return system.discriminator_loss(params["discriminator"], params["autoencoder"], frozen_vae,
+                                     batch, rng)
+
+  fields = _AUTOENCODER_FIELDS
+  return loop.Task(
+      name="autoencoder", train_config=config.train_autoencoder, rules_family="conv",
+      groups=("autoencoder", "discriminator"), init=system.init, loss=loss,
+      make_dataset=clip_dataset_factory(config, workdir),
+      to_model_batch=_select(fields),
+      frozen=lambda mesh: frozen_vae_params(config, workdir, mesh))
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry points (main.STAGES)
+# ------------------------------------------------------------------------------------------------
+def run_vae(config, workdir: str) -> None:
+  loop.train(config, workdir, vae_task(config, workdir))
+
+
+def run_autoencoder(config, workdir: str) -> None:
+  loop.train(config, workdir, autoencoder_task(config, workdir))
