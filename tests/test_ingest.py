@@ -307,6 +307,11 @@ def test_killed_job_resumes_to_the_clean_result(media_folder, ingested, tmp_path
     if os.path.exists(os.path.join(dst, name + ingest.DONE_SUFFIX)):
       assert os.path.getmtime(os.path.join(dst, name)) == mtime
 
+  # Another job's settings in the same folder: refused before any work.
+  with pytest.raises(ValueError, match="fresh --dst"):
+    ingest.run_from_flags(config_lib.load(CONFIG_PATH), src=media_folder, dst=dst, split="train",
+                          videos_per_shard=1, min_frames=12, show_progress=False)
+
   clean = str(tmp_path / "clean")
   ingest.run_from_flags(config_lib.load(CONFIG_PATH), src=media_folder, dst=clean, split="train",
                         videos_per_shard=1, show_progress=False)

@@ -1,7 +1,7 @@
 """Media files -> a records folder (ArrayRecord shards + index.json) the Grain pipeline reads.
 
-  python -m mmldm_jax.data.ingest --src=/data/landscape --dst=/data/landscape_rec \
-      --config=configs/landscape.py --labels=folders --split=folders --workers=8
+  python -m mmldm_jax.data.ingest --config=configs/landscape.py --src=/data/landscape \\
+      --dst=/data/landscape_rec --labels=folders --split=folders --workers=8
 
 What happens to each file (`convert`):
   1. `video.read_av` decodes it (any container/codec PyAV's FFmpeg reads: mp4, webm, mkv, avi, mov;
@@ -150,7 +150,7 @@ def convert(item: Item, settings: Settings) -> dict[str, Any]:
   try:
     media = video.read_av(item.path)
   except video.MediaError as e:
-    raise IngestError(item.path, getattr(e, "reason", str(e))) from e
+    raise IngestError(item.path, e.reason) from e
   if media.audio is None:
     if settings.missing_audio == "error":
       raise IngestError(item.path, "no audio stream")
@@ -403,6 +403,9 @@ def ingest(items: Sequence[Item], dst: str, settings: Settings, *, workers: int 
   os.makedirs(dst, exist_ok=True)
   plan = plan_shards(items, videos_per_shard)
   finished = {shard for shard, _ in plan if os.path.exists(_done_path(dst, shard))}
+  for shard, chunk in plan:  # fail before any work when dst holds another job's shards
+    if shard in finished:
+      _read_done(dst, shard, chunk, settings)
   pending = [(shard, chunk) for shard, chunk in plan if shard not in finished]
   tasks = [(item, settings) for _, chunk in pending for item in chunk]
   progress = tqdm.tqdm(total=len(items), initial=len(items) - len(tasks), unit="video",
