@@ -1,16 +1,16 @@
-"""Data throughput: ingestion (media -> records) and the Grain clip pipeline, each against a bare peer.
+"""Data throughput: ingestion (media -> records) and the Grain clip pipeline, each against a peer.
 
   python benchmarks/data_throughput.py [--append]
 
 1. Ingestion, one worker process (so the rates are per core), at the paper's data config
-   (configs/aist.py: 256x256 letterboxed, 10 fps, 44.1 kHz): `ingest.run_from_flags` on a folder of
-   generated H.264 + AAC mp4 files, against the peer "bare PyAV decode" of the same files (every video
-   frame to RGB and every audio frame to NumPy, nothing else). Reports videos/s and decoded source
-   frames/s; ratio = our time / bare decode time.
+   (configs/aist.py: 256x256 letterboxed, 10 fps, 44.1 kHz): `ingest.run_from_flags` on a folder
+   of generated H.264 + AAC mp4 files, against the peer "bare PyAV decode" of the same files (every
+   video frame to RGB and every audio frame to NumPy, nothing else). Reports videos/s and decoded
+   source frames/s; ratio = our time / bare decode time.
 2. Pipeline, in the main process (worker_count 0, the default read threads), paper clip geometry
-   (16 x 256 x 256 frames + 1.6 s of 44.1 kHz audio): clips/s of `pipeline.make_dataset`, against the
-   peer "bare ArrayRecord loop" (read a random record, msgpack-decode it, slice a clip). Ratio = our
-   time per clip / the loop's.
+   (16 x 256 x 256 frames + 1.6 s of 44.1 kHz audio): clips/s of `pipeline.make_dataset`, against
+   the peer "bare ArrayRecord loop" (read a random record, msgpack-decode it, slice a clip).
+   Ratio = our time per clip / the loop's.
 With --append the rows go to benchmarks/README.md.
 """
 from __future__ import annotations

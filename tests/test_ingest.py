@@ -1,7 +1,7 @@
-"""Ingestion of real media files: containers/codecs, broken files, resume after a kill, A/V alignment.
+"""Ingestion of real media files: containers/codecs, broken files, resume after a kill, alignment.
 
-Fixtures are written with PyAV: 96x64 frames (a moving grey bar; white frames at "flash" instants) and a
-quiet tone track with 1 kHz beeps at the same instants.
+Fixtures are written with PyAV: 96x64 frames (a moving grey bar; white frames at "flash" instants)
+and a quiet tone track with 1 kHz beeps at the same instants.
 """
 import json
 import os
@@ -36,7 +36,7 @@ def _frames(seconds: float, fps: float, flashes=FLASHES) -> np.ndarray:
 
 
 def _audio(seconds: float, rate: int, start: float, flashes=FLASHES) -> np.ndarray:
-  """Mono track covering [start, seconds) of the video clock: a faint hum plus beeps at `flashes`."""
+  """Mono track over [start, seconds) of the video clock: a faint hum plus beeps at `flashes`."""
   times = start + np.arange(int(round((seconds - start) * rate))) / rate
   audio = 0.01 * np.sin(2 * np.pi * 110 * times)
   for flash in flashes:

@@ -1,4 +1,4 @@
-"""The Grain clip pipeline over hand-made records whose pixels and samples encode where they came from.
+"""The Grain clip pipeline over hand-made records whose pixels and samples say where they are from.
 
 Frame t of video v holds t in channel 0, v in channel 1 and the column index in channel 2 (so a flip
 shows); audio sample n holds n / AUDIO_SCALE (a ramp, so a slice tells its start time).

@@ -6,24 +6,26 @@
 What happens to each file (`convert`):
   1. `video.read_av` decodes it (any container/codec PyAV's FFmpeg reads: mp4, webm, mkv, avi, mov;
      H.264, VP9, MPEG-4, MJPEG; AAC, Opus, FLAC, PCM, ...).
-  2. Video: resampled to config.data.fps by presentation time - output frame k is the decoded frame whose
-     time is nearest to k / fps after the video stream's first frame (variable frame rate works) -,
-     turned upright by the rotation metadata, letterboxed to config.data.image_size.
-  3. Audio: mixed to mono, resampled to config.audio.sample_rate (scipy.signal.resample_poly), aligned to
-     the video by the streams' start times (audio starting after the video is zero-padded in front,
-     audio before the video's first frame is dropped), trimmed or zero-padded to exactly the video span
-     N = round(T / fps * rate) (records.py). Encoder priming (AAC) is already removed by the decoder and
-     reflected in the audio's start time. Both tracks are timed from the first decoded frame.
-  4. The record (records.py) with the label and video id (path relative to --src, without extension).
+  2. Video: resampled to config.data.fps by presentation time - output frame k is the decoded frame
+     whose time is nearest to k / fps after the first frame (variable frame rate works) -, turned
+     upright by the rotation metadata, letterboxed to config.data.image_size.
+  3. Audio: mixed to mono, resampled to config.audio.sample_rate (scipy.signal.resample_poly),
+     aligned to the video by the streams' start times (audio starting after the video is
+     zero-padded in front, audio before the video's first frame is dropped), trimmed or zero-padded
+     to exactly the video span N = round(T / fps * rate) (records.py). Encoder priming (AAC) is
+     already removed by the decoder and reflected in the audio's start time. Both tracks are timed
+     from the first decoded frame.
+  4. The record (records.py) with the label and the video id (path relative to --src, without
+     extension).
 
-The job: files are listed and sorted, each gets a split (`--split`) and a label (`--labels`), each split's
-files are cut into shards of `--videos_per_shard` in that order, and a pool of `--workers` processes
-converts them. A shard is written atomically and then marked finished by a small `<shard>.done.json`
-(its index entries and failures); a rerun skips finished shards, so a killed job resumes and gives the
-same result as a clean run. The index is written last. A file that cannot be used (unreadable, truncated,
-not a video, no video stream, no audio stream, shorter than one clip) is recorded with its reason in
-`<dst>/ingest_report.json`; the job goes on. Exit status 0 when at least one video was ingested (and,
-with --strict, nothing failed).
+The job: files are listed and sorted, each gets a split (`--split`) and a label (`--labels`), each
+split's files are cut into shards of `--videos_per_shard` in that order, and a pool of `--workers`
+processes converts them. A shard is written atomically and then marked finished by a small
+`<shard>.done.json` (its index entries and failures); a rerun skips finished shards, so a killed job
+resumes and gives the same result as a clean run. The index is written last. A file that cannot be
+used (unreadable, truncated, not a video, no video stream, no audio stream, shorter than one clip)
+is recorded with its reason in `<dst>/ingest_report.json`; the job goes on. Exit status 0 when at
+least one video was ingested (and, with --strict, nothing failed or was skipped).
 """
 from __future__ import annotations
 
@@ -89,9 +91,10 @@ class IngestError(ValueError):
 def resample_frame_indices(frame_times: np.ndarray, fps: float) -> np.ndarray:
   """Indices of the decoded frames shown at the output times k / fps (from the first frame).
 
-  `frame_times` are presentation times in seconds (increasing). The video lasts from its first frame to
-  the end of its last one (last time + the median frame interval); output frame k exists while k / fps
-  lies inside that span, and takes the decoded frame nearest in time (the earlier one on a tie).
+  `frame_times` are presentation times in seconds (increasing). The video lasts from its first
+  frame to the end of its last one (last time + the median frame interval); output frame k exists
+  while k / fps lies inside that span, and takes the decoded frame nearest in time (the earlier one
+  on a tie).
   """
   times = np.asarray(frame_times, np.float64) - float(frame_times[0])
   if times.shape[0] > 1:
@@ -108,8 +111,11 @@ def resample_frame_indices(frame_times: np.ndarray, fps: float) -> np.ndarray:
 
 
 def rotate_upright(frames: np.ndarray, rotation: float) -> np.ndarray:
-  """Turns [T, H, W, C] frames upright: `rotation` is `video.read_av`'s display-matrix angle in degrees
-  (counter-clockwise, FFmpeg's convention, a multiple of 90)."""
+  """Turns [T, H, W, C] frames upright.
+
+  `rotation` is `video.read_av`'s display-matrix angle in degrees (counter-clockwise, FFmpeg's
+  convention, a multiple of 90).
+  """
   quarter_turns = int(round(float(rotation) / 90.0))
   if abs(float(rotation) - 90.0 * quarter_turns) > 1.0:
     raise ValueError(f"rotation {rotation} degrees: only multiples of 90 are supported")
@@ -286,9 +292,10 @@ def make_items(files: Sequence[tuple[str, str]], *, labels: str, split: str,
                validation_fraction: float, heldout_fraction: float) -> tuple[list[Item], list[str]]:
   """Items (in shard order) and the class names (empty when labels are ids or absent).
 
-  labels: '' (no classes: -1), 'folders' (the file's parent folder name), 'pattern:REGEX' (the first
-    group of REGEX searched in the file stem, e.g. 'pattern:_(m[A-Z]{2}[0-9])_' for AIST++'s music id)
-    or a JSON/CSV mapping file keyed by video id (path relative to --src without extension) or stem.
+  labels: '' (no classes: -1), 'folders' (the file's parent folder name), 'pattern:REGEX' (the
+    first group of REGEX searched in the file stem, e.g. 'pattern:_(m[A-Z]{2}[0-9])_' for AIST++'s
+    music id) or a JSON/CSV mapping file keyed by video id (path relative to --src without
+    extension) or by stem.
   split: 'hash' (by validation/heldout fractions), 'folders' (first folder: train/val/test), or one
     of records.SPLITS for every file.
   """

@@ -1,38 +1,40 @@
 """Grain input pipeline: whole-video records -> shuffled, augmented, batched clips.
 
-A split of a dataset is a list of whole videos (`records.py`). The pipeline cuts every clip window out of
-every video, as the reference does: a window of `config.data.num_frames` frames at every start offset
-(stride 1). A video with `num_frames` frames or fewer is ONE clip, padded up to `num_frames` by repeating
-its last frame (its audio is zero-padded); its key and target frames are chosen among its real frames.
+A split of a dataset is a list of whole videos (`records.py`). The pipeline cuts every clip window
+out of every video, as the reference does: a window of `config.data.num_frames` frames at every
+start offset (stride 1). A video with `num_frames` frames or fewer is ONE clip, padded up to
+`num_frames` by repeating its last frame (its audio is zero-padded); its key and target frames are
+chosen among its real frames.
 
-Per clip (`make_example`):
-  key_frames      float32 [K, H, W, 3] in [-1, 1]   frames `video.key_frame_indices(n, data.key_frames)`
-  target_frames   float32 [num_target, H, W, 3]      `data.num_target_frames` frames drawn with replacement,
-                                                     sorted (`video.sample_target_indices`)
-  target_indices  float32 [num_target]               target index / data.num_frames, in [0, 1)
-  frames          float32 [num_frames, H, W, 3]      the whole clip, only with `frames=True`
-  audio           float32 [clip_samples]             the waveform of the same span, zero-padded if short
-  label           int32                              class id, -1 without classes
-  video_index     int32                              the video's position among the split's videos
-  clip_start      int32                              the clip's first frame in its video
-A horizontal flip (probability `data.hflip_prob` unless given) applies to every frame of a clip alike.
-The random choices come from a generator seeded with (seed, position of the clip in the global stream),
-so they are the same on every run and after a resume, and differ between epochs.
+Per clip (`make_example`), n = real frames in the clip:
+  key_frames      float32 [K, H, W, 3] in [-1, 1]  `video.key_frame_indices(n, data.key_frames)`
+  target_frames   float32 [num_target, H, W, 3]     `data.num_target_frames` frames drawn with
+                                                    replacement, sorted (`sample_target_indices`)
+  target_indices  float32 [num_target]              target index / data.num_frames, in [0, 1)
+  frames          float32 [num_frames, H, W, 3]     the whole clip, only with `frames=True`
+  audio           float32 [clip_samples]            the waveform of the same span, zero-padded
+  label           int32                             class id, -1 without classes
+  video_index     int32                             the video's position among the split's videos
+  clip_start      int32                             the clip's first frame in its video
+  flipped         bool                              whether the clip was mirrored
+A horizontal flip (probability `data.hflip_prob` unless given) applies to every frame of a clip
+alike. The random choices come from a generator seeded with (seed, position of the clip in the
+global stream), so they are the same on every run and after a resume, and differ between epochs.
 
-`make_dataset` chains it (all in Grain's random-access `MapDataset`, so the iterator state is a position):
+`make_dataset` chains (all in Grain's random-access `MapDataset`; the iterator state is a number):
   clips -> shuffle(seed, reshuffled every epoch) -> repeat(num_epochs) -> per-clip RNG + transform
   -> [process_index::process_count] -> batch(per-host batch, drop remainder) -> iterator
   -> mp_prefetch(data.worker_count workers)
-For the trainer: `iter(dataset)` gives a `grain.DatasetIterator`; `get_state()` / `set_state()` resume it
-exactly, and `grain.checkpoint.CheckpointSave(iterator)` / `CheckpointRestore(iterator)` with
-`grain.checkpoint.CheckpointHandler()` store it in an Orbax `CheckpointManager`. Restoring needs an
-iterator of a dataset built with the same arguments (config, split, seed, process, batch size).
+For the trainer: `iter(dataset)` gives a `grain.DatasetIterator`; `get_state()` / `set_state()`
+resume it exactly, and `grain.checkpoint.CheckpointSave(iterator)` / `CheckpointRestore(iterator)`
+with `grain.checkpoint.CheckpointHandler()` store it in an Orbax `CheckpointManager`. Restoring
+needs an iterator of a dataset built with the same arguments (config, split, seed, process, batch).
 
-Sources: an ingested folder (`RecordVideos`, reading `index.json` and ArrayRecord shards, readers opened
-lazily in each worker) or a TFDS data source (`TfdsVideos`, see `tfds_builders.py`).
+Sources: an ingested folder (`RecordVideos`, reading `index.json` and ArrayRecord shards, readers
+opened lazily in each worker) or a TFDS data source (`TfdsVideos`, see `tfds_builders.py`).
 
-Limits: each clip decodes its whole video record, so throughput falls with video length (a minute of
-256x256 video is ~120 MB); split long videos before ingesting if that matters.
+Limits: each clip decodes its whole video record, so throughput falls with video length (a minute
+of 256x256 video at 10 fps is ~120 MB); split long videos before ingesting if that matters.
 """
 from __future__ import annotations
 
@@ -125,7 +127,7 @@ class RecordVideos:
 
 
 class TfdsVideos:
-  """The videos of a TFDS data source written by `tfds_builders` (features frames, audio, label, ...).
+  """The videos of a TFDS data source written by `tfds_builders` (frames, audio, label, ...).
 
   `lengths` are the frame counts in the source's order (the builders store them in their metadata).
   """
@@ -150,9 +152,9 @@ class TfdsVideos:
 class ClipSource:
   """Grain random-access source over every clip window of every video (stride 1).
 
-  Element `i` is the raw clip: frames uint8 [num_frames, H, W, 3] (short videos padded with their last
-  frame), `valid_frames` (real frames in it), audio float32 [clip_samples] (zero-padded), label,
-  video_index, clip_start.
+  Element `i` is the raw clip: frames uint8 [num_frames, H, W, 3] (short videos padded with their
+  last frame), `valid_frames` (real frames in it), audio float32 [clip_samples] (zero-padded),
+  label, video_index, clip_start.
   """
 
   def __init__(self, videos: Videos, num_frames: int, fps: float, sample_rate: int,

@@ -5,10 +5,10 @@ ArrayRecord files, with `tfds.features.Tensor` features only (TFDS's Image/Video
 TensorFlow):
   video_id str, frames uint8 [T, H, W, 3], audio float32 [N], label int32, source str, fps float32,
   sample_rate int32
-and the frame count of every video, in example order, in `info.metadata['num_frames'][split]` (so clip
-windows can be enumerated without decoding the videos).
+and the frame count of every video, in example order, in `info.metadata['num_frames'][split]` (so
+clip windows can be enumerated without decoding the videos).
 
-  MmldmRecords    re-packs an ingested (or synthetic) records folder: `MmldmRecords(records_dir=...)`
+  MmldmRecords    re-packs an ingested (or synthetic) records folder: `MmldmRecords(records_dir=)`
   MmldmSynthetic  writes the project's synthetic set for a config: `MmldmSynthetic(config=...)`
 
 Build, then read into the Grain pipeline:
@@ -30,9 +30,9 @@ from typing import Any, Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-# TFDS 4.9.10 checks a builder's code path against `importlib_resources.abc.Traversable`, importing the
-# `importlib_resources` backport that it does not install; the standard library module has the same
-# class. Without this, building from a package module fails with ModuleNotFoundError.
+# TFDS 4.9.10 checks a builder's code path against `importlib_resources.abc.Traversable`, importing
+# the `importlib_resources` backport that it does not install; the standard library module has the
+# same class. Without this, building from a package module fails with ModuleNotFoundError.
 sys.modules.setdefault("importlib_resources", importlib.resources)
 
 from mmldm_jax.data import pipeline
@@ -112,8 +112,8 @@ class MmldmRecords(tfds.core.GeneratorBasedBuilder):
 class MmldmSynthetic(tfds.core.GeneratorBasedBuilder):
   """The synthetic sounding-video set of an experiment config (`synthetic.write_dataset`).
 
-  The videos are first written as a records folder under the download directory, then re-packed, so the
-  TFDS examples equal the records byte for byte. `config` is needed only to build.
+  The videos are first written as a records folder under the download directory, then re-packed,
+  so the TFDS examples equal the records byte for byte. `config` is needed only to build.
   """
 
   VERSION = tfds.core.Version("1.0.0")
