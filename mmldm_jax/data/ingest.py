@@ -162,14 +162,16 @@ def convert(item: Item, settings: Settings) -> dict[str, Any]:
       raise IngestError(item.path, "no audio stream")
     if settings.missing_audio == "skip":
       raise IngestError(item.path, "no audio stream (skipped)", skipped=True)
-  picks = resample_frame_indices(media.frame_times, settings.fps)
+  # Presentation order (a broken muxer can emit timestamps out of order).
+  order = np.argsort(media.frame_times, kind="stable")
+  picks = order[resample_frame_indices(media.frame_times[order], settings.fps)]
   if picks.shape[0] < settings.min_frames:
     raise IngestError(item.path, f"shorter than one clip: {picks.shape[0]} frames at "
                       f"{settings.fps:g} fps < {settings.min_frames}")
   frames = rotate_upright(np.asarray(media.frames)[picks], media.rotation)
   frames = np.stack([video.letterbox(frame, settings.image_size) for frame in frames])
   # Both tracks are placed on the clock of the first shown frame (output frame 0 is that frame).
-  offset = 0.0 if media.audio is None else media.audio_start - float(media.frame_times[0])
+  offset = 0.0 if media.audio is None else media.audio_start - float(media.frame_times[order[0]])
   audio = align_audio(media.audio, media.sample_rate, offset, frames.shape[0], settings.fps,
                       settings.sample_rate)
   return {
