@@ -367,3 +367,15 @@ def test_synthetic_mp4_round_trip_keeps_sound_on_the_sample(tmp_path):
               for l in lags]
     assert abs(lags[int(np.argmax(scores))]) <= rate // 1000, lags[int(np.argmax(scores))]
     assert np.corrcoef(a, b)[0, 1] > 0.9
+
+
+def test_sources_from_a_folder_or_a_list(media_folder, tmp_path):
+  found = ingest.list_media(media_folder)
+  assert [rel for _, rel in found] == sorted(list(VALID) + list(BROKEN))
+  listing = tmp_path / "files.txt"
+  listing.write_text("# two files\n" + "".join(
+      os.path.join(media_folder, n) + "\n" for n in ("webm_vp9_opus.webm", "avi_mjpeg_pcm.avi")))
+  assert [rel for _, rel in ingest.list_media(str(listing))] == [
+      "avi_mjpeg_pcm.avi", "webm_vp9_opus.webm"]
+  with pytest.raises(FileNotFoundError, match="neither a folder nor a file"):
+    ingest.list_media(str(tmp_path / "missing"))
