@@ -76,6 +76,32 @@ def select_submodel(state_dict: Mapping[str, np.ndarray], prefix: str) -> tuple[
   return inside, len(state_dict) - len(inside)
 
 
+def check_against_template(params: Any, template: Any, source: str) -> None:
+  """Fails listing every missing, unexpected and misshaped parameter of an already converted tree."""
+  expected = {p: tuple(v.shape) for p, v in traverse_util.flatten_dict(common.unbox(template)).items()}
+  actual = {p: tuple(np.shape(v)) for p, v in traverse_util.flatten_dict(common.unbox(params)).items()}
+  problems = []
+  missing = sorted("/".join(p) for p in set(expected) - set(actual))
+  unexpected = sorted("/".join(p) for p in set(actual) - set(expected))
+  misshaped = sorted(f"{'/'.join(p)}: {actual[p]} != model {expected[p]}"
+                     for p in set(expected) & set(actual) if actual[p] != expected[p])
+  for label, items in (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped)):
+    if items:
+      problems.append(f"{label} parameters ({len(items)}): " + ", ".join(items))
+  if problems:
+    raise common.ConversionError(f"{source} does not match the model:\n  " + "\n  ".join(problems))
+
+
+def load_params_or_checkpoint(path: str, kind: str, template: Any, convert_file) -> dict:
+  """Params from a converted `.msgpack` (checked against `template`) or any checkpoint `convert_file`
+  reads (safetensors / torch)."""
+  if path.endswith(".msgpack"):
+    params = common.load_params(path, kind)
+    check_against_template(params, template, path)
+    return params
+  return convert_file(path)[0]
+
+
 # ---------------------------------------------------------------------------------------------------
 # VAE key formats
 
@@ -157,3 +183,9 @@ def convert_vae_state_dict(state_dict: Mapping[str, np.ndarray], config, *,
 def convert_vae_file(path: str, config) -> tuple[dict, dict]:
   """Reads a local VAE checkpoint (safetensors, .bin, .ckpt/.pth) and converts it."""
   return convert_vae_state_dict(common.load_torch_state_dict(path, "vae"), config, source=path)
+
+
+def load_vae_params(path: str, config) -> dict:
+  """VAE params for `config` from a converted `.msgpack` or a diffusers / CompVis checkpoint file."""
+  return load_params_or_checkpoint(path, "vae", vae_template(config),
+                                   lambda p: convert_vae_file(p, config))
