@@ -203,7 +203,7 @@ def dit_config() -> ConfigDict:
 
 
 def vocoder_config() -> ConfigDict:
-  """HiFi-GAN V1 generator (jik876/hifi-gan config_v1): log-mel -> waveform, hop = prod(upsample_rates)."""
+  """HiFi-GAN V1 generator (jik876/hifi-gan config_v1): log-mel -> waveform, hop = prod(rates)."""
   return ConfigDict(dict(
       upsample_rates=(8, 8, 2, 2),
       upsample_kernel_sizes=(16, 16, 4, 4),
