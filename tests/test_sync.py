@@ -126,6 +126,10 @@ def test_score_clip_and_matching_rules():
                                    np.array([220.0]), num_frames=16)
   assert (score.true_positives, score.false_positives, score.false_negatives) == (0, 0, 1)
   assert sync.nearest_palette_colour(np.array([230.0, 1500.0])).tolist() == [0, 5]
+  with pytest.raises(ValueError, match="uint8"):
+    sync.detect_video_events(np.zeros((4, 8, 8, 3), np.float32))
+  with pytest.raises(ValueError, match="mono"):
+    sync.detect_onsets(np.zeros((2, 100)), 16000)
 
 
 def test_score_clip_any_frame_size():

@@ -130,6 +130,10 @@ def test_bad_arguments_name_the_field(config):
   low.audio.sample_rate = 3000
   with pytest.raises(ValueError, match="sample_rate=3000"):
     synthetic.generate_video(0, 0, low)
+  crowded = demo_config()
+  crowded.synthetic.max_objects = len(synthetic.PALETTE) + 1
+  with pytest.raises(ValueError, match="max_objects"):
+    synthetic.generate_video(0, 0, crowded)
 
 
 def test_write_dataset_deterministic_resumable(tmp_path, config):

@@ -295,6 +295,9 @@ def generate_video(seed: int, label: int, config: Any, *, seconds: float | None 
   if not 0 <= label < max(syn.num_classes, 1):
     raise ValueError(f"label={label}: expected a class in [0, config.synthetic.num_classes="
                      f"{syn.num_classes})")
+  if not 1 <= syn.max_objects <= len(PALETTE):
+    raise ValueError(f"config.synthetic.max_objects={syn.max_objects}: expected 1 to {len(PALETTE)} "
+                     "(one palette colour per object)")
   sample_rate = int(config.audio.sample_rate)
   if PALETTE_PITCH_HZ.max() >= min(0.5 * sample_rate, config.audio.fmax):
     raise ValueError(f"config.audio.sample_rate={sample_rate} / fmax={config.audio.fmax}: the "

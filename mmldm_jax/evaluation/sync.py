@@ -85,8 +85,9 @@ def track_colours(frames: np.ndarray, palette_rgb: np.ndarray = synthetic.PALETT
   centroids sub-pixel accurate instead of snapping to whole pixels.
   """
   frames = np.asarray(frames)
-  if frames.ndim != 4 or frames.shape[-1] != 3:
-    raise ValueError(f"frames: expected [T, H, W, 3], got shape {frames.shape}")
+  if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+    raise ValueError(f"frames: expected uint8 [T, H, W, 3] (convert float frames in [-1, 1] with "
+                     f"mmldm_jax.data.video.to_uint8), got {frames.dtype} {frames.shape}")
   pixels = frames.astype(np.float32)
   background = np.median(pixels, axis=0)
   palette = np.asarray(palette_rgb, np.float32)
@@ -152,6 +153,7 @@ def detect_video_events(frames: np.ndarray, palette_rgb: np.ndarray = synthetic.
   An x reversal and a y reversal of the same colour within `merge_frames` are one bounce.
   Tracks are split where the colour disappears; each piece is analysed on its own.
   """
+  frames = np.asarray(frames)
   centres = track_colours(frames, palette_rgb, colour_threshold)
   min_step = max(0.25, 0.002 * max(frames.shape[1:3]))   # pixels per frame that count as motion
   found_times, found_colours = [], []
