@@ -172,6 +172,14 @@ def test_load_vocoder(mel, tmp_path):
     apply_fn, params = vocoder.load_vocoder(config)
     np.testing.assert_allclose(np.asarray(apply_fn(params, mel)), run_torch(reference_model, mel),
                                atol=1e-4, rtol=0)
+    # Converter CLI output (msgpack) and the [B, mels, frames] layout of mmldm_jax.data.audio.
+    common.save_params(str(tmp_path / "hifigan.msgpack"), params)
+    config.vocoder.pretrained_path = str(tmp_path / "hifigan.msgpack")
+    apply_fn, params = vocoder.load_vocoder(config, layout="mels_frames")
+    np.testing.assert_allclose(np.asarray(apply_fn(params, np.swapaxes(mel, 1, 2))),
+                               run_torch(reference_model, mel), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match=r"\[batch, mels, frames\] with 80 mels"):
+      apply_fn(params, mel)
     config.vocoder.pretrained_path = str(tmp_path / "absent")
     with pytest.raises(FileNotFoundError, match="absent.*jik876/hifi-gan"):
       vocoder.load_vocoder(config)
