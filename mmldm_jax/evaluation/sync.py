@@ -21,6 +21,10 @@ that started before the clip; unmatched events and onsets in those margins are n
 
 Generated samples are scored exactly like real ones: `score_clip(frames, waveform, fps, sample_rate)`.
 Scores over many clips add up their counts (`aggregate`).
+
+Read F1 against chance, not 0: with the synthetic set's event rate (~1.5 per second), unrelated sound
+and picture (audio of another clip) score F1 ~0.38 at 10 fps, where +-1 frame is +-100 ms, and ~0.18
+at 20 fps (64 clips each); sound 3 frames off scores ~0.0, the true sound ~1.0.
 """
 from __future__ import annotations
 
