@@ -25,11 +25,15 @@ from mmldm_jax.convert import common
 
 KINDS = ("vae", "unet", "hifigan")
 
-_KIND = flags.DEFINE_enum("kind", None, KINDS, "Which model the checkpoint holds.")
-_SRC = flags.DEFINE_string("src", None, "Checkpoint file (.safetensors, .bin, .ckpt, .pth).")
-_DST = flags.DEFINE_string("dst", None, "Output file (Flax msgpack params).")
-_CONFIG = flags.DEFINE_string("config", "configs/aist.py",
-                              "Config file (and preset) that sizes the model, e.g. configs/aist.py.")
+
+def _define_flags() -> None:
+  """Flags exist only when this file runs as a program, so importing it (tests) defines none and
+  cannot clash with other modules' flags (e.g. main's --config)."""
+  flags.DEFINE_enum("kind", None, KINDS, "Which model the checkpoint holds.")
+  flags.DEFINE_string("src", None, "Checkpoint file (.safetensors, .bin, .ckpt, .pth).")
+  flags.DEFINE_string("dst", None, "Output file (Flax msgpack params).")
+  flags.DEFINE_string("config", "configs/aist.py",
+                      "Config file (and preset) that sizes the model, e.g. configs/aist.py.")
 
 
 def convert(kind: str, src: str, config) -> tuple[dict, dict]:
@@ -47,25 +51,32 @@ def convert(kind: str, src: str, config) -> tuple[dict, dict]:
   raise ValueError(f"--kind={kind!r}: expected one of {', '.join(KINDS)}")
 
 
+def run(kind: str, src: str, dst: str, config_path: str) -> str:
+  """Converts `src` and writes `dst`; returns the one-line report. Raises on any problem."""
+  config = config_lib.load(config_path)
+  params, report = convert(kind, src, config)
+  flat = traverse_util.flatten_dict(common.unbox(params))
+  count = sum(int(np.prod(np.shape(v))) for v in flat.values())
+  common.save_params(dst, params)
+  details = ", ".join(f"{k}={v}" for k, v in report.items())
+  return f"{src}: {details}; {len(flat)} arrays, {count:,} parameters -> {dst}"
+
+
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  for flag in (_KIND, _SRC, _DST):
-    if flag.value is None:
-      raise app.UsageError(f"--{flag.name} is required")
-  config = config_lib.load(_CONFIG.value)
+  values = flags.FLAGS
+  for name in ("kind", "src", "dst"):
+    if values[name].value is None:
+      raise app.UsageError(f"--{name} is required")
   try:
-    params, report = convert(_KIND.value, _SRC.value, config)
+    print(run(values.kind, values.src, values.dst, values.config))
   except (FileNotFoundError, common.ConversionError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  flat = traverse_util.flatten_dict(common.unbox(params))
-  count = sum(int(np.prod(np.shape(v))) for v in flat.values())
-  common.save_params(_DST.value, params)
-  details = ", ".join(f"{k}={v}" for k, v in report.items())
-  print(f"{_SRC.value}: {details}; {len(flat)} arrays, {count:,} parameters -> {_DST.value}")
   return 0
 
 
 if __name__ == "__main__":
+  _define_flags()
   sys.exit(app.run(main))
