@@ -273,6 +273,10 @@ def _atomic_target(path: str) -> str:
   os.makedirs(folder, exist_ok=True)
   handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
   os.close(handle)
+  # mkstemp creates the file 0600; give the result the permissions a normally created file would get.
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(temporary, 0o666 & ~umask)
   return temporary
 
 
