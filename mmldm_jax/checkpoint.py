@@ -46,7 +46,8 @@ class Checkpointer:
     self.directory = os.fspath(directory)
     self.save_every = int(save_every)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max(1, int(keep)), create=True, enable_async_checkpointing=async_save)
+        max_to_keep=max(1, int(keep)), create=True, enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True)  # a run killed mid-save leaves a partial step folder
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "data", "config"))
 

@@ -23,6 +23,8 @@ from mmldm_jax import parallel
 # Implemented stages: name -> "module:function". A stage appears here once it works end to end.
 STAGES = {
     "data": "mmldm_jax.data.stage:run",
+    "vae": "mmldm_jax.train.stages:run_vae",
+    "generator": "mmldm_jax.train.stages:run_generator",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py[:tiny].",

@@ -175,8 +175,13 @@ def activation_rules(mesh: Mesh, rules) -> Iterator[None]:
   """Mesh + rule context under which `nn.with_logical_constraint` inside the models takes effect.
 
   Enter it around the jitted call (tracing happens inside) so constraints see the mesh and rules.
+  Only the activation_* rules are active: parameters are placed by the jit's in/out shardings.
+  Limit: Flax re-runs parameter initialisers during `apply` (its shape check) and, under a mesh,
+  constrains their boxed outputs; an initialiser whose box names do not match its value's rank
+  (e.g. `nn.DenseGeneral` with a kernel_init boxed for the unflattened kernel) then fails to trace.
   """
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  activation_only = tuple((name, axes) for name, axes in rules if name.startswith("activation_"))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(activation_only):
     yield
 
 

@@ -16,6 +16,7 @@ uninterrupted one.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -54,6 +55,8 @@ class Task:
     pretrained: () -> {group: parameter values} to start from instead of the init, or None.
     trainable: {group: params -> pytree of bools}; False leaves get no update (no weight decay).
     flops_per_example: training FLOPs per example for MFU, or None.
+    activation_constraints: trace the step under `parallel.activation_rules` (the models'
+      `nn.with_logical_constraint` calls take effect); False leaves activations to GSPMD.
   """
   name: str
   train_config: Any
@@ -67,6 +70,7 @@ class Task:
   pretrained: Callable[[], dict[str, Params]] | None = None
   trainable: Mapping[str, Callable[[Params], Any]] = dataclasses.field(default_factory=dict)
   flops_per_example: float | None = None
+  activation_constraints: bool = True
 
 
 def stage_dir(workdir: str, name: str) -> str:
@@ -185,7 +189,6 @@ def _with_pretrained(state, values, shardings):
 def make_train_step(task: Task, optimizers, seed: int):
   """(state, frozen, batch) -> (state, metrics): one update of every group, NaN-guarded."""
   train_config = task.train_config
-  skip_bad = train_config.nan_policy == "skip"
   ema_decay = float(train_config.ema_decay)
   schedule = optim.learning_rate_schedule(train_config)
 
@@ -203,14 +206,15 @@ def make_train_step(task: Task, optimizers, seed: int):
         return task.loss(group, {**params, group: group_params}, frozen, batch, group_rng, step)
 
       (loss, aux), grads = jax.value_and_grad(group_loss, has_aux=True)(params[group])
-      grad_norm = optax.global_norm(grads)
+      grad_norm = optax.tree.norm(grads)
       finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
       updates, new_opt = optimizers[group].update(grads, opt_state[group], params[group])
       new_params = optax.apply_updates(params[group], updates)
-      if skip_bad:
-        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-        new_params = jax.tree.map(keep, new_params, params[group])
-        new_opt = jax.tree.map(keep, new_opt, opt_state[group])
+      # A non-finite step leaves the group unchanged (nan_policy 'skip' continues from there,
+      # 'stop' raises on the host; one program for both).
+      keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+      new_params = jax.tree.map(keep, new_params, params[group])
+      new_opt = jax.tree.map(keep, new_opt, opt_state[group])
       params[group], opt_state[group] = new_params, new_opt
       all_finite &= finite
       prefix = "" if len(task.groups) == 1 else f"{group}/"
@@ -228,8 +232,9 @@ def make_train_step(task: Task, optimizers, seed: int):
 # ------------------------------------------------------------------------------------------------
 # The loop
 # ------------------------------------------------------------------------------------------------
-def train(config, workdir: str, task: Task) -> dict[str, Any]:
-  """Trains `task` to `train_config.num_steps`, resuming from its latest checkpoint.
+def train(config, workdir: str, task: Task, devices=None) -> dict[str, Any]:
+  """Trains `task` to `train_config.num_steps`, resuming from its latest checkpoint, on `devices`
+  (default: all).
 
   Returns {'step': final step, 'skipped_steps': count, 'preempted': False}. Skips itself (returns at
   once) when the final checkpoint exists. On SIGTERM / preemption it saves and raises SystemExit.
@@ -241,7 +246,7 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
     return {"step": num_steps, "skipped_steps": 0, "preempted": False}
 
   # ---- Mesh ------------------------------------------------------------------------------------
-  mesh = parallel.create_mesh(config)
+  mesh = parallel.create_mesh(config, devices)
   rules = parallel.logical_rules(config, task.rules_family)
   logging.info("stage %s: mesh %s over %d devices (%d processes)", task.name, dict(mesh.shape),
                mesh.size, jax.process_count())
@@ -277,9 +282,10 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
     state = checkpointer.restore(latest, target, data_iterator=data_iterator)
     logging.info("stage %s: resuming at step %d", task.name, latest)
   else:
-    with parallel.activation_rules(mesh, rules):
-      state = jax.jit(lambda rng: parallel.unbox(init_state(rng)),
-                      out_shardings=state_shardings)(jax.random.key(config.seed))
+    # No rule context here: Flax would constrain scanned parameters inside the scan body, where
+    # they lack their 'layers' axis; out_shardings place the result.
+    state = jax.jit(lambda rng: parallel.unbox(init_state(rng)),
+                    out_shardings=state_shardings)(jax.random.key(config.seed))
     if task.pretrained is not None:
       state = _with_pretrained(state, task.pretrained(), state_shardings)
   exempt = parallel.replicated_by_policy_bytes(boxed["params"], state_shardings["params"])
@@ -301,7 +307,8 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
       host_batch = task.to_model_batch(next(data_iterator))
       batch = parallel.global_batch(host_batch, mesh)
       data_wait = time.perf_counter() - wait_start
-      with parallel.activation_rules(mesh, rules):
+      with (parallel.activation_rules(mesh, rules) if task.activation_constraints
+            else contextlib.nullcontext()):
         state, step_metrics = step_fn(state, frozen, batch)
       # The previous step's NaN flag is ready by now; reading it does not stall this step.
       if previous_finite is not None and not bool(jax.device_get(previous_finite[1])):

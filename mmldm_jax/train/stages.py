@@ -155,6 +155,39 @@ def autoencoder_task(config, workdir: str) -> loop.Task:
 
 
 # ------------------------------------------------------------------------------------------------
+# generator
+# ------------------------------------------------------------------------------------------------
+def generator_task(config, workdir: str) -> loop.Task:
+  """The joint audio-video DiT on the `latents` stage's latents (autoencoder and VAE not loaded)."""
+  from mmldm_jax.models import dit as dit_lib
+  from mmldm_jax.models import flops as flops_lib
+  from mmldm_jax.train import latents as latents_lib
+  if config.dit.continuation:
+    raise ValueError("config.dit.continuation=True: the latents stage writes single clips, not the "
+                     "consecutive pairs continuation training needs; train with continuation=False")
+  model = dit_lib.build_dit(config, dtype=loop.compute_dtype(config))
+  folder = latents_lib.latents_dir(workdir)
+
+  def loss(group, params, frozen, batch, rng, step):
+    del group, frozen, step
+    return dit_lib.generator_loss(params["dit"], batch, rng, config, model=model)
+
+  def make_dataset(process_index, process_count, batch_size, seed):
+    return latents_lib.make_latent_dataset(folder, process_index=process_index,
+                                           process_count=process_count, batch_size=batch_size,
+                                           seed=seed)
+
+  return loop.Task(
+      name="generator", train_config=config.train_generator, rules_family="dit", groups=("dit",),
+      init=lambda rng: {"dit": dit_lib.init_params(model, rng)}, loss=loss,
+      make_dataset=make_dataset, to_model_batch=_select(("audio_latent", "video_latent")),
+      flops_per_example=float(flops_lib.dit_flops_per_sample(config)),
+      # The DiT's qkv (nn.DenseGeneral, kernel boxed as ('embed', None, 'heads') around a flat
+      # initialiser) cannot be traced under a mesh context; see parallel.activation_rules.
+      activation_constraints=False)
+
+
+# ------------------------------------------------------------------------------------------------
 # Entry points (main.STAGES)
 # ------------------------------------------------------------------------------------------------
 def run_vae(config, workdir: str) -> None:
@@ -163,3 +196,7 @@ def run_vae(config, workdir: str) -> None:
 
 def run_autoencoder(config, workdir: str) -> None:
   loop.train(config, workdir, autoencoder_task(config, workdir))
+
+
+def run_generator(config, workdir: str) -> None:
+  loop.train(config, workdir, generator_task(config, workdir))

@@ -1,0 +1,214 @@
+"""The `latents` stage: the frozen autoencoder's perceptual latents of every training clip, written
+once, so the generator never re-encodes (reference: the DiT reads the posterior MODES, unscaled).
+
+Layout under `<workdir>/latents/`:
+  train-process_<p>-of-<n>.audio_latent.npy   float32 [N_p, ha, wa, C]   (one shard per writing process)
+  train-process_<p>-of-<n>.video_latent.npy   float32 [N_p, hv, wv, C]
+  train-process_<p>-of-<n>.label.npy          int32 [N_p] (-1 without classes)
+  train.json                                  written last: shard names, counts, shapes (= complete)
+The .npy files are memory-mapped when read, so the set can exceed the host's RAM.
+
+Clips: every clip window of the training split in source order (no shuffle), each process encoding every
+process_count-th clip; `config.data.generator_hflip_prob` flips clips as in the reference's generator
+data (default 0). Continuation models (config.dit.continuation) need pairs of consecutive clips, which
+this format does not hold.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import grain
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from mmldm_jax import parallel
+from mmldm_jax.data import pipeline
+from mmldm_jax.train import loop
+
+FIELDS = ("audio_latent", "video_latent", "label")
+
+
+def latents_dir(workdir: str) -> str:
+  return os.path.join(workdir, "latents")
+
+
+def _index_path(folder: str, split: str) -> str:
+  return os.path.join(folder, f"{split}.json")
+
+
+def is_complete(workdir: str, split: str = "train") -> bool:
+  return os.path.exists(_index_path(latents_dir(workdir), split))
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing
+# ------------------------------------------------------------------------------------------------
+class ShardWriter:
+  """Writes one process's shard: preallocated memory-mapped .npy files, renamed into place on close."""
+
+  def __init__(self, folder: str, split: str, process_index: int, process_count: int, count: int,
+               shapes: dict[str, tuple[int, ...]]):
+    os.makedirs(folder, exist_ok=True)
+    self.name = f"{split}-process_{process_index}-of-{process_count}"
+    self.count = count
+    self._paths = {}
+    self._arrays = {}
+    for field in FIELDS:
+      dtype = np.int32 if field == "label" else np.float32
+      final = os.path.join(folder, f"{self.name}.{field}.npy")
+      tmp = final + ".tmp.npy"
+      self._paths[field] = (tmp, final)
+      self._arrays[field] = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype,
+                                                      shape=(count,) + tuple(shapes.get(field, ())))
+    self.written = 0
+
+  def write(self, arrays: dict[str, np.ndarray]) -> None:
+    rows = len(arrays["label"])
+    end = self.written + rows
+    if end > self.count:
+      raise ValueError(f"shard {self.name}: {end} rows written, {self.count} allocated")
+    for field in FIELDS:
+      self._arrays[field][self.written:end] = arrays[field]
+    self.written = end
+
+  def close(self) -> None:
+    if self.written != self.count:
+      raise ValueError(f"shard {self.name}: {self.written} of {self.count} rows written")
+    for field, array in self._arrays.items():
+      array.flush()
+      del array
+      tmp, final = self._paths[field]
+      os.replace(tmp, final)
+    self._arrays = {}
+
+
+def write_index(folder: str, split: str, shards: list[tuple[str, int]],
+                shapes: dict[str, tuple[int, ...]]) -> None:
+  """Marks the split complete: shard names with row counts, and the latent shapes."""
+  body = {"shards": [{"name": name, "count": count} for name, count in shards],
+          "count": sum(count for _, count in shards),
+          "shapes": {k: list(v) for k, v in shapes.items()}}
+  path = _index_path(folder, split)
+  with open(path + ".tmp", "w") as f:
+    json.dump(body, f, indent=1)
+  os.replace(path + ".tmp", path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading
+# ------------------------------------------------------------------------------------------------
+class LatentSource:
+  """Random access to a latent split: item i -> {'audio_latent', 'video_latent', 'label'}."""
+
+  def __init__(self, folder: str, split: str = "train"):
+    path = _index_path(folder, split)
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path} does not exist: run the `latents` stage first (after "
+                              f"`autoencoder`)")
+    with open(path) as f:
+      index = json.load(f)
+    self.folder = folder
+    self.names = [shard["name"] for shard in index["shards"]]
+    self.starts = np.cumsum([0] + [shard["count"] for shard in index["shards"]])
+    self.shapes = {k: tuple(v) for k, v in index["shapes"].items()}
+    self._arrays = None
+
+  def __len__(self) -> int:
+    return int(self.starts[-1])
+
+  def _open(self):
+    self._arrays = [{field: np.load(os.path.join(self.folder, f"{name}.{field}.npy"), mmap_mode="r")
+                     for field in FIELDS} for name in self.names]
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    if self._arrays is None:
+      self._open()
+    shard = int(np.searchsorted(self.starts, index, side="right")) - 1
+    row = index - int(self.starts[shard])
+    return {field: np.array(self._arrays[shard][field][row]) for field in FIELDS}
+
+  def __getstate__(self):  # worker processes reopen the memory maps
+    return dict(self.__dict__, _arrays=None)
+
+
+def make_latent_dataset(folder: str, *, process_index: int, process_count: int, batch_size: int,
+                        seed: int, split: str = "train") -> grain.IterDataset:
+  """Shuffled (reshuffled each epoch), repeating, per-process batches of latents; checkpointable."""
+  dataset = grain.MapDataset.source(LatentSource(folder, split)).shuffle(seed=seed).repeat()
+  dataset = dataset[process_index::process_count].batch(batch_size, drop_remainder=True)
+  return dataset.to_iter_dataset()
+
+
+# ------------------------------------------------------------------------------------------------
+# The stage
+# ------------------------------------------------------------------------------------------------
+def _local_rows(array: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, in order (replicas dropped)."""
+  shards = {}
+  for shard in array.addressable_shards:
+    shards.setdefault(shard.index[0].start or 0, np.asarray(shard.data))
+  return np.concatenate([shards[start] for start in sorted(shards)], axis=0)
+
+
+def run(config, workdir: str) -> None:
+  """Encodes the training clips with the frozen autoencoder (and VAE) into `<workdir>/latents`."""
+  from mmldm_jax.train import stages
+  folder = latents_dir(workdir)
+  if is_complete(workdir):
+    logging.info("stage latents: %s exists, skipping", _index_path(folder, "train"))
+    return
+  mesh = parallel.create_mesh(config)
+  task = stages.autoencoder_task(config, workdir)
+  system = stages.autoencoder_system(config)
+  params = loop.restore_params(config, workdir, task, mesh)["autoencoder"]
+  vae_params = stages.frozen_vae_params(config, workdir, mesh)
+  per_host = parallel.per_process_batch_size(config.train_autoencoder.batch_size, mesh,
+                                             "train_autoencoder.batch_size")
+  process, processes = jax.process_index(), jax.process_count()
+  videos = pipeline.RecordVideos(stages.data_folder(config, workdir), "train")
+  total = len(pipeline.clip_source(config, "train", videos))
+  mine = len(range(process, total, processes))
+  steps = math.ceil(math.ceil(total / processes) / per_host)  # the same on every process
+  dataset = pipeline.make_dataset(
+      config, "train", process_index=process, process_count=processes, batch_size=per_host,
+      seed=config.seed, shuffle=False, num_epochs=1, hflip_prob=config.data.generator_hflip_prob,
+      drop_remainder=False, videos=videos)
+  encode = jax.jit(lambda p, v, b: system.encode(p, v, b),
+                   out_shardings=parallel.batch_sharding(mesh))
+  from mmldm_jax.models import dit as dit_lib
+  shapes = {"audio_latent": dit_lib.latent_shapes(config)["audio"],
+            "video_latent": dit_lib.latent_shapes(config)["video"]}
+  writer = ShardWriter(folder, "train", process, processes, mine, shapes)
+  iterator = iter(dataset)
+  template = None
+  logging.info("stage latents: %d clips, %d on this process, %d steps of %d", total, mine, steps,
+               per_host)
+  for _ in range(steps):
+    host = next(iterator, None)
+    if host is not None:
+      host = {k: np.asarray(host[k]) for k in ("key_frames", "audio", "label")}
+      template = template or {k: (v.shape[1:], v.dtype) for k, v in host.items()}
+    rows = 0 if host is None else len(host["label"])
+    if template is None:
+      raise ValueError(f"process {process} got no clips to learn the batch shapes from "
+                       f"({total} clips for {processes} processes)")
+    padded = {k: np.zeros((per_host,) + shape, dtype) for k, (shape, dtype) in template.items()}
+    if rows:
+      for k in padded:
+        padded[k][:rows] = host[k]
+    audio, video = encode(params, vae_params, parallel.global_batch(
+        {"key_frames": padded["key_frames"], "audio": padded["audio"]}, mesh))
+    if rows:
+      writer.write({"audio_latent": _local_rows(audio)[:rows],
+                    "video_latent": _local_rows(video)[:rows], "label": padded["label"][:rows]})
+  writer.close()
+  multihost_utils.sync_global_devices("latents written")
+  if process == 0:
+    counts = [(f"train-process_{p}-of-{processes}", len(range(p, total, processes)))
+              for p in range(processes)]
+    write_index(folder, "train", counts, shapes)
+  logging.info("stage latents: wrote %d clips to %s", total, folder)

@@ -1,0 +1,253 @@
+"""The training loop on the tiny generator (DiT on precomputed latents): fsdp=8 parameter memory, a run
+killed with SIGKILL and resumed equals an uninterrupted run to the bit, a run saved on 8 devices
+continues on a 2x2 mesh, NaN handling, the optimiser settings and the metrics files."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import CONFIGS, REPO_ROOT
+from mmldm_jax import config_lib
+from mmldm_jax import parallel
+from mmldm_jax.models import dit as dit_lib
+from mmldm_jax.train import latents as latents_lib
+from mmldm_jax.train import loop
+from mmldm_jax.train import optim
+from mmldm_jax.train import stages
+
+NUM_STEPS = 6
+FSDP8 = (("data", 1), ("fsdp", 8), ("tensor", 1))
+
+
+def generator_config(num_steps=NUM_STEPS, mesh=FSDP8):
+  config = config_lib.load(os.path.join(CONFIGS, "demo.py:tiny"))
+  config.unlock()
+  config.mesh.shape = mesh
+  config.train_generator.update(num_steps=num_steps, checkpoint_every=2, keep_checkpoints=3,
+                                lr=1e-3, log_every=1)
+  return config
+
+
+def write_latents(workdir, config, count=40, seed=0):
+  """Latents as the `latents` stage writes them (random values: this tests the trainer)."""
+  shapes = dit_lib.latent_shapes(config)
+  shapes = {"audio_latent": shapes["audio"], "video_latent": shapes["video"]}
+  rng = np.random.default_rng(seed)
+  folder = latents_lib.latents_dir(workdir)
+  writer = latents_lib.ShardWriter(folder, "train", 0, 1, count, shapes)
+  writer.write({"audio_latent": rng.normal(size=(count,) + shapes["audio_latent"]),
+                "video_latent": rng.normal(size=(count,) + shapes["video_latent"]),
+                "label": np.zeros(count, np.int32)})
+  writer.close()
+  latents_lib.write_index(folder, "train", [("train-process_0-of-1", count)], shapes)
+
+
+def final_params(workdir, config, devices=None):
+  task = stages.generator_task(config, workdir)
+  mesh = parallel.create_mesh(config, devices)
+  return loop.restore_params(config, workdir, task, mesh)
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "generator", "logs", "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+  """An uninterrupted fsdp=8 run of NUM_STEPS steps."""
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  config = generator_config()
+  write_latents(workdir, config)
+  result = loop.train(config, workdir, stages.generator_task(config, workdir))
+  assert result["step"] == NUM_STEPS
+  return workdir, config
+
+
+def test_fsdp8_parameter_bytes_per_device(reference_run):
+  """The tiny DiT widened to 256: per-device parameter bytes at most 1/8 of the total + 5%."""
+  config = generator_config()
+  config.dit.update(hidden_size=256, num_heads=4)
+  mesh = parallel.create_mesh(config)
+  task = stages.generator_task(config, "unused")
+  init_state, _ = loop.make_state_init(task)
+  _, shardings, boxed = loop.abstract_state(init_state, task, mesh, config)
+  params = jax.jit(lambda rng: parallel.unbox(task.init(rng)),
+                   out_shardings=shardings["params"])(jax.random.key(0))
+  total, per_device = parallel.bytes_per_device(params)
+  assert per_device <= total / 8 * 1.05, (per_device, total)
+  parallel.check_sharded(params, mesh, axes=("fsdp",), tolerance=0.05)
+  # The train state of the reference run (restored) is sharded the same way.
+  workdir, ref_config = reference_run
+  restored = final_params(workdir, ref_config)
+  total, per_device = parallel.bytes_per_device(restored)
+  exempt = parallel.replicated_by_policy_bytes(
+      jax.eval_shape(stages.generator_task(ref_config, workdir).init, jax.random.key(0)),
+      jax.tree.map(lambda x: x.sharding, restored))
+  assert per_device <= (total - exempt) / 8 * 1.05 + exempt
+
+
+def test_loss_goes_down_and_logs_are_written(reference_run):
+  workdir, _ = reference_run
+  rows = read_metrics(workdir)
+  assert [row["step"] for row in rows] == list(range(1, NUM_STEPS + 1))
+  losses = [row["loss"] for row in rows]
+  assert np.mean(losses[-2:]) < np.mean(losses[:2])
+  assert {"loss_audio", "loss_video", "grad_norm", "learning_rate", "finite"} <= set(rows[0])
+  assert "steps_per_s" in rows[1] and "data_wait_fraction" in rows[1]
+  assert "mfu" not in rows[1]  # CPU: no peak FLOPs known
+  events = [n for n in os.listdir(os.path.join(workdir, "generator", "logs"))
+            if n.startswith("events.out.tfevents")]
+  assert events
+  # Finished: running again is a no-op.
+  config = generator_config()
+  result = loop.train(config, workdir, stages.generator_task(config, workdir))
+  assert result["step"] == NUM_STEPS
+  assert len(read_metrics(workdir)) == NUM_STEPS
+
+
+KILLED_RUN = textwrap.dedent("""
+    import os, sys, time
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    sys.path.insert(0, {tests!r})
+    import conftest  # the same devices and compilation cache as the test process
+    from test_train import generator_config
+    from mmldm_jax.train import loop, stages
+    workdir = sys.argv[1]
+    config = generator_config()
+    task = stages.generator_task(config, workdir)
+    to_model_batch = task.to_model_batch
+    def slow(batch):  # slow enough that the kill lands mid-run
+      time.sleep(0.25)
+      return to_model_batch(batch)
+    task.to_model_batch = slow
+    loop.train(config, workdir, task)
+""")
+
+
+def test_sigkill_and_resume_is_bit_identical(reference_run, tmp_path):
+  ref_workdir, config = reference_run
+  workdir = str(tmp_path / "killed")
+  write_latents(workdir, config)
+  script = tmp_path / "killed_run.py"
+  script.write_text(KILLED_RUN.format(tests=os.path.join(REPO_ROOT, "tests")))
+  process = subprocess.Popen([sys.executable, str(script), workdir], cwd=REPO_ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  checkpoints = loop.checkpoint_dir(workdir, "generator")
+  deadline = time.time() + 120
+  rng = np.random.default_rng()
+  wait_after = rng.uniform(0.0, 0.8)  # a random point after the first checkpoint
+  try:
+    while time.time() < deadline:
+      if os.path.isdir(os.path.join(checkpoints, "2")):
+        time.sleep(wait_after)
+        break
+      assert process.poll() is None, process.stderr.read().decode()[-3000:]
+      time.sleep(0.05)
+    else:
+      pytest.fail("the run wrote no checkpoint within 120 s")
+  finally:
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+  steps = [int(n) for n in os.listdir(checkpoints) if n.isdigit()]
+  assert 2 <= max(steps) < NUM_STEPS, steps
+
+  result = loop.train(config, workdir, stages.generator_task(config, workdir))
+  assert result["step"] == NUM_STEPS
+  resumed = final_params(workdir, config)
+  reference = final_params(ref_workdir, config)
+  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(reference)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_saved_on_8_devices_continues_on_2x2(reference_run, tmp_path):
+  ref_workdir, _ = reference_run
+  workdir = str(tmp_path / "reshard")
+  shutil.copytree(ref_workdir, workdir)
+  checkpoints = loop.checkpoint_dir(workdir, "generator")
+  shutil.rmtree(os.path.join(checkpoints, str(NUM_STEPS)))  # latest is now step 4
+  with open(os.path.join(workdir, "generator", "logs", "metrics.jsonl"), "w") as f:
+    f.write("")
+  config = generator_config(mesh=(("data", 2), ("fsdp", 2), ("tensor", 1)))
+  loop.train(config, workdir, stages.generator_task(config, workdir), devices=jax.devices()[:4])
+  continued = {row["step"]: row["loss"] for row in read_metrics(workdir)}
+  reference = {row["step"]: row["loss"] for row in read_metrics(ref_workdir)}
+  assert sorted(continued) == [5, 6]
+  for step in (5, 6):
+    np.testing.assert_allclose(continued[step], reference[step], rtol=1e-4)
+  params = final_params(workdir, config, devices=jax.devices()[:4])
+  assert all(len(x.sharding.device_set) == 4 for x in jax.tree.leaves(params))
+
+
+def test_nan_stops_naming_the_step(tmp_path):
+  workdir = str(tmp_path)
+  config = generator_config(num_steps=3)
+  config.train_generator.checkpoint_every = 0
+  write_latents(workdir, config)
+  task = stages.generator_task(config, workdir)
+  to_model_batch = task.to_model_batch
+  calls = []
+
+  def poisoned(batch):
+    calls.append(1)
+    arrays = to_model_batch(batch)
+    if len(calls) == 2:
+      arrays["video_latent"] = np.full_like(arrays["video_latent"], np.nan)
+    return arrays
+
+  task.to_model_batch = poisoned
+  with pytest.raises(FloatingPointError, match="at step 2"):
+    loop.train(config, workdir, task)
+  # 'skip' keeps the parameters of the bad step and finishes.
+  calls.clear()
+  config.train_generator.nan_policy = "skip"
+  shutil.rmtree(os.path.join(workdir, "generator"))
+  result = loop.train(config, workdir, task)
+  assert result["skipped_steps"] == 1 and result["step"] == 3
+  params = final_params(workdir, config)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_optimizer_matches_torch_adamw_defaults_and_schedule():
+  config = generator_config()
+  train = config.train_generator
+  train.update(lr=1e-3, warmup_steps=10, decay="cosine", num_steps=110, grad_clip=1.0)
+  schedule = optim.learning_rate_schedule(train)
+  assert float(schedule(0)) == 0.0
+  np.testing.assert_allclose(float(schedule(5)), 5e-4)
+  np.testing.assert_allclose(float(schedule(10)), 1e-3)
+  np.testing.assert_allclose(float(schedule(60)), 5e-4, rtol=1e-5)
+  np.testing.assert_allclose(float(schedule(110)), 0.0, atol=1e-9)
+  # One AdamW step from zero moments: p - lr * (sign(g) + wd * p), as torch.optim.AdamW.
+  train.update(warmup_steps=0, decay="constant", grad_clip=0.0)
+  tx = optim.make_optimizer(train)
+  params = {"w": np.array([1.0, -2.0], np.float32)}
+  grads = {"w": np.array([0.5, 0.25], np.float32)}
+  updates, _ = tx.update(grads, tx.init(params), params)
+  expected = -1e-3 * (np.sign(grads["w"]) + 0.01 * params["w"])
+  np.testing.assert_allclose(np.asarray(updates["w"]), expected, rtol=1e-4)
+  train.nan_policy = "ignore"
+  with pytest.raises(ValueError, match="nan_policy"):
+    optim.make_optimizer(train)
+
+
+def test_unreadable_checkpoint_is_an_error_not_a_fresh_start(reference_run, tmp_path):
+  ref_workdir, config = reference_run
+  workdir = str(tmp_path / "broken")
+  shutil.copytree(ref_workdir, workdir)
+  checkpoints = loop.checkpoint_dir(workdir, "generator")
+  shutil.rmtree(os.path.join(checkpoints, str(NUM_STEPS)))
+  for root, _, files in os.walk(os.path.join(checkpoints, "4", "state")):
+    for name in files:
+      os.remove(os.path.join(root, name))
+  with pytest.raises(RuntimeError, match="step 4"):
+    loop.train(config, workdir, stages.generator_task(config, workdir))
