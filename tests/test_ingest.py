@@ -20,6 +20,7 @@ from mmldm_jax import config_lib
 from mmldm_jax.data import ingest
 from mmldm_jax.data import pipeline
 from mmldm_jax.data import records
+from mmldm_jax.data import video
 
 CONFIG_PATH = os.path.join(CONFIGS, "aist.py:tiny")
 FLASHES = (0.55, 1.45)  # seconds after the video's first frame
@@ -379,3 +380,93 @@ def test_sources_from_a_folder_or_a_list(media_folder, tmp_path):
       "avi_mjpeg_pcm.avi", "webm_vp9_opus.webm"]
   with pytest.raises(FileNotFoundError, match="neither a folder nor a file"):
     ingest.list_media(str(tmp_path / "missing"))
+
+
+def _write_video_only(path, pts, *, codec="libx264", rotation=None, packet_pts=None):
+  """Frames 96x64 (a moving bar, frame number in the corner) at `pts` (ms). `packet_pts(i, dts)`
+  rewrites the stored times of intra-only codecs, e.g. to put them out of order."""
+  with av.open(str(path), "w") as container:
+    stream = container.add_stream(codec, rate=30)
+    stream.width, stream.height = 96, 64
+    stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+    if rotation is not None:
+      stream.set_display_rotation(rotation)
+    packets = []
+    for index, stamp in enumerate(pts):
+      frame = np.full((64, 96, 3), 30, np.uint8)
+      frame[:, (index * 5) % 96] = 200
+      frame[:8, :8] = 4 * index % 256
+      video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+      video_frame.pts, video_frame.time_base = int(stamp), Fraction(1, 1000)
+      packets += stream.encode(video_frame)
+    packets += stream.encode(None)
+    for index, packet in enumerate(packets):
+      if packet_pts is not None:
+        packet.dts = index
+        packet.pts = packet_pts(index, packet.dts)
+      container.mux(packet)
+
+
+def _decode_all_then_select(path, fps, image_size):
+  """The non-streaming path: every frame at native size -> resample -> upright -> letterbox."""
+  media = video.read_av(path)
+  order = np.argsort(media.frame_times, kind="stable")
+  picks = order[ingest.resample_frame_indices(media.frame_times[order], fps)]
+  frames = ingest.rotate_upright(media.frames[picks], media.rotation)
+  return media, np.stack([video.letterbox(frame, image_size) for frame in frames]), picks
+
+
+@pytest.fixture(scope="module")
+def unusual_timing_folder(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("timing")
+  rng = np.random.default_rng(3)
+  jittered = np.cumsum(rng.integers(15, 70, 60))
+  jittered[30:] += 300  # variable frame rate: jitter plus a 0.3 s hole
+  _write_video_only(folder / "vfr_h264.mkv", jittered)
+  _write_video_only(folder / "rotated_90.mp4", np.arange(40) * 40, rotation=90)
+  # Stored times out of decode order (a broken muxer): some frames shown 0.24 s late, frame 0 too.
+  _write_video_only(folder / "out_of_order.mkv", np.arange(50) * 40, codec="mjpeg",
+                    packet_pts=lambda index, dts: dts + (6 if index % 7 in (0, 3) else 0))
+  return folder
+
+
+@pytest.mark.parametrize("fps", [10.0, 23.0])
+def test_streaming_decode_equals_decode_all_then_select(media_folder, unusual_timing_folder, fps,
+                                                        monkeypatch):
+  second_decodes = []
+  decode_again = video._decode_again
+  monkeypatch.setattr(video, "_decode_again",
+                      lambda path, *args: (second_decodes.append(os.path.basename(path)),
+                                           decode_again(path, *args))[1])
+  paths = [os.path.join(media_folder, name) for name in VALID]
+  paths += [str(unusual_timing_folder / name) for name in sorted(os.listdir(unusual_timing_folder))]
+  for path in paths:
+    media, frames, picks = _decode_all_then_select(path, fps, 48)
+    streamed = video.read_av(path, fps=fps, image_size=48)
+    assert streamed.frames.shape == frames.shape, path
+    np.testing.assert_array_equal(streamed.frames, frames, err_msg=path)
+    np.testing.assert_array_equal(streamed.frame_times, media.frame_times[picks], err_msg=path)
+    assert streamed.decoded_frames == len(media.frames) and streamed.output_fps == fps
+    assert streamed.rotation == media.rotation and streamed.video_start == media.video_start
+    if media.audio is None:
+      assert streamed.audio is None
+    else:
+      np.testing.assert_array_equal(streamed.audio, media.audio, err_msg=path)
+      assert streamed.audio_start == media.audio_start
+  # The timing fixtures are what they claim: variable rate with duplicates, rotated, disordered.
+  vfr = video.read_av(str(unusual_timing_folder / "vfr_h264.mkv")).frame_times
+  assert np.diff(vfr).min() == 0 and np.diff(vfr).max() > 0.3
+  assert video.read_av(str(unusual_timing_folder / "rotated_90.mp4")).rotation == 90
+  assert np.diff(video.read_av(str(unusual_timing_folder / "out_of_order.mkv")).frame_times).min() < 0
+  # Only the out-of-order file needs its second decode; everything else streamed in one pass.
+  assert second_decodes == ["out_of_order.mkv"]
+
+
+def test_streaming_mode_arguments(media_folder):
+  path = os.path.join(media_folder, "mp4_h264_aac.mp4")
+  with pytest.raises(ValueError, match="both fps and image_size"):
+    video.read_av(path, fps=10.0)
+  with pytest.raises(ValueError, match="positive fps and image_size"):
+    video.read_av(path, fps=0.0, image_size=64)
+  with pytest.raises(video.MediaError, match="cannot open"):
+    video.read_av(os.path.join(media_folder, "empty.mp4"), fps=10.0, image_size=64)

@@ -5,7 +5,8 @@
 
 What happens to each file (`convert`):
   1. `video.read_av` decodes it (any container/codec PyAV's FFmpeg reads: mp4, webm, mkv, avi, mov;
-     H.264, VP9, MPEG-4, MJPEG; AAC, Opus, FLAC, PCM, ...).
+     H.264, VP9, MPEG-4, MJPEG; AAC, Opus, FLAC, PCM, ...) in its streaming mode, which does step 2
+     while decoding (memory: the output frames, not the decoded ones).
   2. Video: resampled to config.data.fps by presentation time - output frame k is the decoded frame
      whose time is nearest to k / fps after the first frame (variable frame rate works) -, turned
      upright by the rotation metadata, letterboxed to config.data.image_size.
@@ -88,39 +89,9 @@ class IngestError(ValueError):
 # One file.
 
 
-def resample_frame_indices(frame_times: np.ndarray, fps: float) -> np.ndarray:
-  """Indices of the decoded frames shown at the output times k / fps (from the first frame).
-
-  `frame_times` are presentation times in seconds (increasing). The video lasts from its first
-  frame to the end of its last one (last time + the median frame interval); output frame k exists
-  while k / fps lies inside that span, and takes the decoded frame nearest in time (the earlier one
-  on a tie).
-  """
-  times = np.asarray(frame_times, np.float64) - float(frame_times[0])
-  if times.shape[0] > 1:
-    interval = float(np.median(np.diff(times)))
-  else:
-    interval = 1.0 / fps
-  duration = times[-1] + interval
-  count = int(np.ceil(duration * fps - 1e-6))
-  targets = np.arange(count) / fps
-  after = np.clip(np.searchsorted(times, targets, side="left"), 0, times.shape[0] - 1)
-  before = np.clip(after - 1, 0, None)
-  take_before = np.abs(targets - times[before]) <= np.abs(times[after] - targets)
-  return np.where(take_before, before, after)
-
-
-def rotate_upright(frames: np.ndarray, rotation: float) -> np.ndarray:
-  """Turns [T, H, W, C] frames upright.
-
-  `rotation` is `video.read_av`'s display-matrix angle in degrees (counter-clockwise, FFmpeg's
-  convention, a multiple of 90).
-  """
-  quarter_turns = int(round(float(rotation) / 90.0))
-  if abs(float(rotation) - 90.0 * quarter_turns) > 1.0:
-    raise ValueError(f"rotation {rotation} degrees: only multiples of 90 are supported")
-  quarter_turns %= 4
-  return np.rot90(frames, k=quarter_turns, axes=(1, 2)) if quarter_turns else frames
+# Frame selection and orientation live with the decoder (video.read_av's streaming mode uses them).
+resample_frame_indices = video.resample_frame_indices
+rotate_upright = video.rotate_upright
 
 
 def align_audio(audio: np.ndarray | None, native_rate: int, offset_seconds: float, num_frames: int,
@@ -154,7 +125,8 @@ def align_audio(audio: np.ndarray | None, native_rate: int, offset_seconds: floa
 def convert(item: Item, settings: Settings) -> dict[str, Any]:
   """Decodes one media file into a record (records.py); IngestError when it cannot be used."""
   try:
-    media = video.read_av(item.path)
+    # Frames come back resampled (presentation-time order), upright and letterboxed.
+    media = video.read_av(item.path, fps=settings.fps, image_size=settings.image_size)
   except video.MediaError as e:
     raise IngestError(item.path, e.reason) from e
   if media.audio is None:
@@ -162,16 +134,13 @@ def convert(item: Item, settings: Settings) -> dict[str, Any]:
       raise IngestError(item.path, "no audio stream")
     if settings.missing_audio == "skip":
       raise IngestError(item.path, "no audio stream (skipped)", skipped=True)
-  # Presentation order (a broken muxer can emit timestamps out of order).
-  order = np.argsort(media.frame_times, kind="stable")
-  picks = order[resample_frame_indices(media.frame_times[order], settings.fps)]
-  if picks.shape[0] < settings.min_frames:
-    raise IngestError(item.path, f"shorter than one clip: {picks.shape[0]} frames at "
+  frames = media.frames
+  if frames.shape[0] < settings.min_frames:
+    raise IngestError(item.path, f"shorter than one clip: {frames.shape[0]} frames at "
                       f"{settings.fps:g} fps < {settings.min_frames}")
-  frames = rotate_upright(np.asarray(media.frames)[picks], media.rotation)
-  frames = np.stack([video.letterbox(frame, settings.image_size) for frame in frames])
-  # Both tracks are placed on the clock of the first shown frame (output frame 0 is that frame).
-  offset = 0.0 if media.audio is None else media.audio_start - float(media.frame_times[order[0]])
+  # Both tracks are placed on the clock of the first shown frame (output frame 0 is that frame,
+  # the earliest of the file).
+  offset = 0.0 if media.audio is None else media.audio_start - float(media.frame_times[0])
   audio = align_audio(media.audio, media.sample_rate, offset, frames.shape[0], settings.fps,
                       settings.sample_rate)
   return {
@@ -374,6 +343,12 @@ def _read_done(dst: str, shard: str, chunk: Sequence[Item], settings: Settings) 
   path = _done_path(dst, shard)
   with open(path) as f:
     done = json.load(f)
+  return check_done(done, path, shard, chunk, settings)
+
+
+def check_done(done: dict[str, Any], path: str, shard: str, chunk: Sequence[Item],
+               settings: Settings) -> dict[str, Any]:
+  """`done` (read from the marker `path`) when it belongs to this run, else ValueError."""
   if done.get("settings") != dataclasses.asdict(settings):
     raise ValueError(f"{path}: written with settings {done.get('settings')}, this run uses "
                      f"{dataclasses.asdict(settings)}; ingest into a fresh --dst")
@@ -390,7 +365,8 @@ def _shard_records(chunk: Sequence[Item], results: Iterator, shard: str, done: d
     item, record, reason, skipped = next(results)
     if item != expected:
       raise RuntimeError(f"{shard}: got the result of {item.path}, expected {expected.path}")
-    progress.update(1)
+    if progress is not None:
+      progress.update(1)
     if record is None:
       done["skipped" if skipped else "failures"].append({"path": item.path, "reason": reason})
       continue
@@ -428,11 +404,7 @@ def ingest(items: Sequence[Item], dst: str, settings: Settings, *, workers: int 
     results = map(_convert_or_reason, tasks)
   try:
     for shard, chunk in pending:
-      done = {"settings": dataclasses.asdict(settings), "video_ids": [it.video_id for it in chunk],
-              "entries": [], "failures": [], "skipped": []}
-      records.write_shard(os.path.join(dst, shard),
-                          _shard_records(chunk, results, shard, done, progress))
-      _write_json(_done_path(dst, shard), done)  # after the shard: marks it finished
+      write_shard(dst, shard, chunk, settings, results, progress)
   finally:
     progress.close()
     if pool is not None:
@@ -441,11 +413,37 @@ def ingest(items: Sequence[Item], dst: str, settings: Settings, *, workers: int 
   return _finish(dst, plan, settings, meta or {})
 
 
+def write_shard(dst: str, shard: str, chunk: Sequence[Item], settings: Settings,
+                results: Iterator | None = None, progress=None) -> dict[str, Any]:
+  """Writes `dst/shard` from `chunk` and then its finished-marker; returns the marker's content.
+
+  `results` yields `_convert_or_reason` results for the chunk's items in order (a worker pool's);
+  None converts them here, one after the other (what a Beam worker does).
+  """
+  if results is None:
+    results = map(_convert_or_reason, [(item, settings) for item in chunk])
+  done = {"settings": dataclasses.asdict(settings), "video_ids": [it.video_id for it in chunk],
+          "entries": [], "failures": [], "skipped": []}
+  records.write_shard(os.path.join(dst, shard),
+                      _shard_records(chunk, results, shard, done, progress))
+  _write_json(_done_path(dst, shard), done)  # after the shard: marks it finished
+  return done
+
+
 def _finish(dst: str, plan, settings: Settings, meta: dict[str, Any]) -> dict[str, Any]:
   """Index and report from every shard's marker (a resumed run reports earlier shards too)."""
+  dones = [_read_done(dst, shard, chunk, settings) for shard, chunk in plan]
+  entries, index_meta, report = assemble(dones, settings, meta)
+  records.write_index(dst, entries, index_meta)
+  _write_json(os.path.join(dst, REPORT_FILE), report)
+  return report
+
+
+def assemble(dones: Sequence[dict[str, Any]], settings: Settings, meta: dict[str, Any]
+             ) -> tuple[list[records.VideoEntry], dict[str, Any], dict[str, Any]]:
+  """(index entries, index meta, report) from the shards' markers in shard-plan order."""
   entries, failures, skipped = [], [], []
-  for shard, chunk in plan:
-    done = _read_done(dst, shard, chunk, settings)
+  for done in dones:
     entries += [records.VideoEntry(**e) for e in done["entries"]]
     failures += done["failures"]
     skipped += done["skipped"]
@@ -453,11 +451,9 @@ def _finish(dst: str, plan, settings: Settings, meta: dict[str, Any]) -> dict[st
   index_meta = dict(meta, fps=settings.fps, sample_rate=settings.sample_rate,
                     image_size=settings.image_size, min_frames=settings.min_frames,
                     missing_audio=settings.missing_audio, counts=counts)
-  records.write_index(dst, entries, index_meta)
   report = {"ingested": len(entries), "failed": len(failures), "skipped": len(skipped),
             "counts": counts, "failures": failures, "skipped_files": skipped}
-  _write_json(os.path.join(dst, REPORT_FILE), report)
-  return report
+  return entries, index_meta, report
 
 
 # -------------------------------------------------------------------------------------------------
@@ -469,6 +465,22 @@ def run_from_flags(config, *, src: str, dst: str, labels: str = "", split: str =
                    workers: int = 1, videos_per_shard: int = 32, missing_audio: str = "error",
                    min_frames: int = 0, show_progress: bool = True) -> dict[str, Any]:
   """The CLI's job as a function (also what tests and Beam's comparison call)."""
+  items, settings, meta = plan_job(
+      config, src=src, labels=labels, split=split, validation_fraction=validation_fraction,
+      heldout_fraction=heldout_fraction, videos_per_shard=videos_per_shard,
+      missing_audio=missing_audio, min_frames=min_frames)
+  return ingest(items, dst, settings, workers=workers, videos_per_shard=videos_per_shard, meta=meta,
+                show_progress=show_progress)
+
+
+def plan_job(config, *, src: str, labels: str, split: str, validation_fraction: float,
+             heldout_fraction: float, videos_per_shard: int, missing_audio: str,
+             min_frames: int, files: Sequence[tuple[str, str]] | None = None
+             ) -> tuple[list[Item], Settings, dict[str, Any]]:
+  """Checks the flags and lists the job: (items in shard order, settings, index meta).
+
+  `files` ((path, relative path) pairs) replaces listing `src` (Beam lists remote folders itself).
+  """
   if missing_audio not in ("error", "skip", "silence"):
     raise ValueError(f"--missing_audio={missing_audio}: expected error, skip or silence")
   if not 0 <= validation_fraction + heldout_fraction <= 1:
@@ -479,18 +491,17 @@ def run_from_flags(config, *, src: str, dst: str, labels: str = "", split: str =
                       sample_rate=int(config.audio.sample_rate),
                       min_frames=int(min_frames or config.data.num_frames),
                       missing_audio=missing_audio)
-  files = list_media(src)
+  files = list_media(src) if files is None else files
   if not files:
     raise ValueError(f"--src={src}: no media files ({', '.join(MEDIA_EXTENSIONS)})")
   items, class_names = make_items(files, labels=labels, split=split,
                                   validation_fraction=validation_fraction,
                                   heldout_fraction=heldout_fraction)
-  meta = {"source": os.path.abspath(src), "class_names": class_names,
+  meta = {"source": src if "://" in src else os.path.abspath(src), "class_names": class_names,
           "num_classes": len(class_names) or len({it.label for it in items if it.label >= 0}),
           "labels": labels, "split": split, "validation_fraction": validation_fraction,
           "heldout_fraction": heldout_fraction}
-  return ingest(items, dst, settings, workers=workers, videos_per_shard=videos_per_shard, meta=meta,
-                show_progress=show_progress)
+  return items, settings, meta
 
 
 def summary(report: dict[str, Any]) -> str:
@@ -523,7 +534,8 @@ def main(argv) -> int:
   return 0
 
 
-def _define_flags() -> None:
+def _define_flags(with_workers: bool = True) -> None:
+  """The CLI's flags (Beam's CLI shares them; it has no --workers: the runner decides)."""
   from absl import flags as absl_flags
   from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", None, "Experiment config, e.g. configs/aist.py.")
@@ -539,7 +551,8 @@ def _define_flags() -> None:
                            "train/val/test) or train|validation|heldout for every file.")
   absl_flags.DEFINE_float("validation_fraction", 0.05, "Share of videos in 'validation' (hash).")
   absl_flags.DEFINE_float("heldout_fraction", 0.05, "Share of videos in 'heldout' (hash).")
-  absl_flags.DEFINE_integer("workers", 1, "Decoding processes.")
+  if with_workers:
+    absl_flags.DEFINE_integer("workers", 1, "Decoding processes.")
   absl_flags.DEFINE_integer("videos_per_shard", 32, "Videos per ArrayRecord shard.")
   absl_flags.DEFINE_enum("missing_audio", "error", ["error", "skip", "silence"],
                          "A file without sound: report it as failed, skip it (counted), or ingest "

@@ -6,8 +6,12 @@ Everything here is NumPy + PIL + PyAV and runs in the data pipeline or in tools,
 - `to_float` / `to_uint8`: uint8 [0, 255] <-> float32 [-1, 1] (x / 127.5 - 1).
 - `key_frame_indices`, `sample_target_indices`: which frames of a clip feed the video encoder and which
   are the diffusion decoder's targets (reference: videoaudiodataset_wclass.py).
-- `read_av`: decode a media file completely (frames at native size, audio at native rate) with the
-  presentation times that ingestion needs to resample frames and align the audio.
+- `resample_frame_indices`, `rotate_upright`: which decoded frames are shown at a fixed output rate
+  (nearest by presentation time) and how they are turned upright.
+- `read_av`: decode a media file (audio at native rate) with the presentation times that ingestion
+  needs to align the audio. Frames either all at native size, or - the streaming mode ingestion uses,
+  memory O(output frames x output size) - only the frames shown at a given rate, upright and
+  letterboxed as they are decoded.
 - `write_mp4` (H.264 + AAC) and `write_wav` (16-bit PCM), both atomic.
 """
 from __future__ import annotations
@@ -54,6 +58,46 @@ def letterbox(frame: np.ndarray, size: int) -> np.ndarray:
   top, left = (size - new_height) // 2, (size - new_width) // 2
   canvas[top:top + new_height, left:left + new_width] = resized
   return canvas
+
+
+def resample_frame_indices(frame_times: np.ndarray, fps: float) -> np.ndarray:
+  """Indices of the decoded frames shown at the output times k / fps (from the first frame).
+
+  `frame_times` are presentation times in seconds (increasing). The video lasts from its first
+  frame to the end of its last one (last time + the median frame interval); output frame k exists
+  while k / fps lies inside that span, and takes the decoded frame nearest in time (the earlier one
+  on a tie).
+  """
+  times = np.asarray(frame_times, np.float64) - float(frame_times[0])
+  count = _output_frame_count(times, fps)
+  targets = np.arange(count) / fps
+  after = np.clip(np.searchsorted(times, targets, side="left"), 0, times.shape[0] - 1)
+  before = np.clip(after - 1, 0, None)
+  take_before = np.abs(targets - times[before]) <= np.abs(times[after] - targets)
+  return np.where(take_before, before, after)
+
+
+def _output_frame_count(relative_times: np.ndarray, fps: float) -> int:
+  """Output frames at `fps` of a video whose sorted frame times (from its first frame) are given."""
+  if relative_times.shape[0] > 1:
+    interval = float(np.median(np.diff(relative_times)))
+  else:
+    interval = 1.0 / fps
+  duration = relative_times[-1] + interval
+  return int(np.ceil(duration * fps - 1e-6))
+
+
+def rotate_upright(frames: np.ndarray, rotation: float) -> np.ndarray:
+  """Turns [T, H, W, C] frames upright.
+
+  `rotation` is `read_av`'s display-matrix angle in degrees (counter-clockwise, FFmpeg's
+  convention, a multiple of 90).
+  """
+  quarter_turns = int(round(float(rotation) / 90.0))
+  if abs(float(rotation) - 90.0 * quarter_turns) > 1.0:
+    raise ValueError(f"rotation {rotation} degrees: only multiples of 90 are supported")
+  quarter_turns %= 4
+  return np.rot90(frames, k=quarter_turns, axes=(1, 2)) if quarter_turns else frames
 
 
 def to_float(frames: np.ndarray) -> np.ndarray:
@@ -105,8 +149,14 @@ class MediaData:
   """A decoded media file. Times are seconds relative to the container's start time (the
   earliest stream start), so `frame_times[0]` and `audio_start` can be compared directly.
 
-  frames         uint8 [T, H, W, 3], decoded in stored orientation and native size (see `rotation`)
-  frame_times    float64 [T], presentation time of each frame (pts * time_base - container start)
+  frames         uint8 [T, H, W, 3]. read_av(path): every decoded frame in decode order, stored
+                 orientation and native size (see `rotation`). read_av(path, fps=, image_size=):
+                 the output frames at `output_fps`, upright and letterboxed to image_size.
+  frame_times    float64 [T], presentation time of each frame in `frames` (pts * time_base -
+                 container start); in the streaming mode the times of the decoded frames shown,
+                 so frame_times[0] is the earliest frame of the file
+  output_fps     None for all decoded frames, else the rate `frames` were resampled to
+  decoded_frames how many video frames the file decoded to (= T when output_fps is None)
   video_start    seconds, the video stream's declared start (falls back to the first frame's time)
   fps            the stream's average frame rate (frames / duration), None when it declares none
   audio          float32 [channels, N] in [-1, 1] as the decoder returns it, or None (no audio)
@@ -121,8 +171,9 @@ class MediaData:
                  to the wanted duration.
   audio_repaired_samples  samples of silence inserted into gaps plus samples dropped from overlaps
                  (0 for a clean file; ingestion may want to count or skip files where it is not)
-  rotation       degrees from the display matrix; the frames need np.rot90(frames, k=rotation // 90,
-                 axes=(1, 2)) to be upright (counter-clockwise, FFmpeg's convention)
+  rotation       degrees from the display matrix. With output_fps None the frames need
+                 rotate_upright(frames, rotation) (np.rot90 counter-clockwise, FFmpeg's
+                 convention); streaming-mode frames are already upright.
   video_codec, audio_codec   decoder names ('h264', 'aac', ...; audio_codec '' without audio)
   """
   path: str
@@ -137,10 +188,14 @@ class MediaData:
   rotation: int
   video_codec: str
   audio_codec: str
+  output_fps: float | None = None
+  decoded_frames: int = 0
 
   @property
   def duration(self) -> float:
     """Seconds from the first frame to the end of the last (using the median frame interval)."""
+    if self.output_fps:
+      return len(self.frames) / self.output_fps
     if len(self.frame_times) < 2:
       return 1.0 / self.fps if self.fps else 0.0
     interval = float(np.median(np.diff(self.frame_times)))
@@ -153,55 +208,185 @@ def _seconds(value, time_base) -> float | None:
   return float(value * time_base)
 
 
-def read_av(path: str) -> MediaData:
-  """Decodes every video frame (RGB, native size) and the first audio stream of `path`.
+def read_av(path: str, *, fps: float | None = None, image_size: int | None = None) -> MediaData:
+  """Decodes the video frames and the first audio stream of `path`.
+
+  Without `fps` / `image_size`: every frame, RGB at native size (memory T x H x W x 3 bytes: a
+  20 s 1080p60 file is 7.5 GB). With both (the streaming mode ingestion uses): only the frames
+  shown at `fps` - `resample_frame_indices` on the presentation-time-sorted frames, the earliest
+  frame is output frame 0 - turned upright and letterboxed to `image_size` as they are decoded.
+  The result is identical to decoding everything and then resampling, rotating and letterboxing,
+  and memory is about (output frames + 2 native frames) x frame size. A file whose frame times
+  are not non-decreasing in decode order (a broken muxer) is decoded twice: first for the times,
+  then for the frames they select.
 
   Raises MediaError(path, reason) for a missing or unreadable file ('cannot open: ...'), a file with
   no video stream ('no video stream'), a stream that decodes to nothing ('no frames decoded') and
-  errors in the middle of decoding ('decode error: ...'). Memory is T x H x W x 3 bytes: long or
-  high-resolution files should be cut before they get here.
+  errors in the middle of decoding ('decode error: ...').
   """
   path = str(path)
-  try:
-    container = av.open(path)
-  except (av.FFmpegError, OSError, UnicodeDecodeError) as error:
-    raise MediaError(path, f"cannot open: {error}") from error
-  with container:
+  if (fps is None) != (image_size is None):
+    raise ValueError(f"read_av {path}: give both fps and image_size (streaming) or neither, got "
+                     f"fps={fps}, image_size={image_size}")
+  if fps is not None and not (fps > 0 and image_size > 0):
+    raise ValueError(f"read_av {path}: expected positive fps and image_size, got {fps}, "
+                     f"{image_size}")
+  with _open(path) as container:
     if not container.streams.video:
       raise MediaError(path, "no video stream")
     video_stream = container.streams.video[0]
-    video_stream.thread_type = "AUTO"
     audio_stream = container.streams.audio[0] if container.streams.audio else None
     container_start = (container.start_time or 0) / av.time_base
-    frames, frame_times, rotation = [], [], 0
     audio_track = _AudioTrack(audio_stream, container_start) if audio_stream is not None else None
+    picker = _StreamingPicker(fps, image_size) if fps is not None else None
+    frames, frame_times, rotation = [], [], 0
     try:
-      for packet in container.demux([s for s in (video_stream, audio_stream) if s is not None]):
-        for frame in packet.decode():
-          if packet.stream is not video_stream:
-            audio_track.add(frame)
-            continue
-          if not frames:
-            rotation = int(frame.rotation)
+      for frame, time in _decode_video(path, container, video_stream, audio_track,
+                                       container_start):
+        if not frame_times:
+          rotation = int(frame.rotation)
+        frame_times.append(time)
+        if picker is None:
           frames.append(frame.to_ndarray(format="rgb24"))
-          frame_times.append(_frame_time(path, frame, len(frames), video_stream) - container_start)
+        else:
+          picker.add(frame, time, rotation)
       audio = audio_track.finish() if audio_track is not None else None
     except av.FFmpegError as error:
       raise MediaError(path, f"decode error: {error}") from error
-    if not frames:
+    if not frame_times:
       raise MediaError(path, "no frames decoded")
     declared_start = _seconds(video_stream.start_time, video_stream.time_base)
     video_start = (declared_start - container_start if declared_start is not None
                    else frame_times[0])
+    decoded_frames = len(frame_times)
+    if picker is None:
+      frames, frame_times = np.stack(frames), np.asarray(frame_times, np.float64)
+    else:
+      picks = picker.picks(rotation)
+      missing = picker.missing(picks)
+      if missing:
+        _decode_again(path, missing, picker, rotation, frame_times, container_start)
+      frames = np.stack([picker.images[index] for index in picks])
+      frame_times = np.asarray(frame_times, np.float64)[picks]
     return MediaData(
-        path=path, frames=np.stack(frames), frame_times=np.asarray(frame_times, np.float64),
-        video_start=float(video_start),
+        path=path, frames=frames, frame_times=frame_times, video_start=float(video_start),
         fps=float(video_stream.average_rate) if video_stream.average_rate else None,
         audio=audio, sample_rate=int(audio_stream.rate) if audio is not None else 0,
         audio_start=audio_track.start if audio is not None else 0.0,
         audio_repaired_samples=audio_track.repaired if audio is not None else 0,
         rotation=rotation, video_codec=video_stream.codec_context.name,
-        audio_codec=audio_stream.codec_context.name if audio is not None else "")
+        audio_codec=audio_stream.codec_context.name if audio is not None else "",
+        output_fps=float(fps) if fps is not None else None, decoded_frames=decoded_frames)
+
+
+def _open(path: str):
+  try:
+    return av.open(path)
+  except (av.FFmpegError, OSError, UnicodeDecodeError) as error:
+    raise MediaError(path, f"cannot open: {error}") from error
+
+
+def _decode_video(path: str, container, video_stream, audio_track, container_start: float):
+  """Yields (video frame, presentation time in s) in decode order; audio goes to `audio_track`."""
+  video_stream.thread_type = "AUTO"
+  streams = [video_stream] + ([audio_track.stream] if audio_track is not None else [])
+  count = 0
+  for packet in container.demux(streams):
+    for frame in packet.decode():
+      if packet.stream is not video_stream:
+        audio_track.add(frame)
+        continue
+      count += 1
+      yield frame, _frame_time(path, frame, count, video_stream) - container_start
+
+
+def _decode_again(path: str, wanted: set[int], picker: "_StreamingPicker", rotation: int,
+                  frame_times: list[float], container_start: float) -> None:
+  """Second pass over the video stream only: converts the frames `wanted` (decode indices)."""
+  with _open(path) as container:
+    video_stream = container.streams.video[0]
+    index = -1
+    try:
+      for index, (frame, time) in enumerate(
+          _decode_video(path, container, video_stream, None, container_start)):
+        if index >= len(frame_times) or time != frame_times[index]:
+          raise MediaError(path, f"decode error: frame {index} differs between two decodes")
+        if index in wanted:
+          picker.keep(index, frame, rotation)
+    except av.FFmpegError as error:
+      raise MediaError(path, f"decode error: {error}") from error
+  if index + 1 != len(frame_times):
+    raise MediaError(path, f"decode error: {index + 1} frames on the second decode, "
+                     f"{len(frame_times)} on the first")
+
+
+class _StreamingPicker:
+  """Keeps, while decoding, the frames `resample_frame_indices` will pick, converted to output form.
+
+  For frames arriving in non-decreasing presentation time (every sane file), frame j is the
+  nearest decoded frame for exactly the output times k / fps in (t[j-1], t[j]] (against j - 1) and,
+  for the last frame, the times after it; so the choice for each output time is made when the
+  frame after it arrives, and only the two latest decoded frames are held at native size. `picks`
+  recomputes the selection from all times with `resample_frame_indices` itself, so the kept frames
+  can only fall short (out-of-order times), never be wrong; `missing` says what a second decode must
+  add.
+  """
+
+  def __init__(self, fps: float, image_size: int):
+    self.fps = float(fps)
+    self.image_size = int(image_size)
+    self.times: list[float] = []
+    self.images: dict[int, np.ndarray] = {}
+    self.in_order = True
+    self.next_target = 0    # first output frame k whose time k / fps lies after the latest frame
+    self.previous = None    # (index, av.VideoFrame) of the frame before the latest one
+    self.latest = None      # (index, av.VideoFrame) of the latest frame
+
+  def add(self, frame, time: float, rotation: int) -> None:
+    index = len(self.times)
+    self.times.append(time)
+    if not self.in_order or (index and time < self.times[index - 1]):
+      self.in_order = False
+      self.previous = self.latest = None
+      return
+    self.previous, self.latest = self.latest, (index, frame)
+    relative = time - self.times[0]
+    previous_relative = self.times[index - 1] - self.times[0] if index else relative
+    while self.next_target / self.fps <= relative:
+      target = self.next_target / self.fps
+      self.next_target += 1
+      if index and abs(target - previous_relative) <= abs(relative - target):
+        self.keep(*self.previous, rotation)
+      else:
+        self.keep(index, frame, rotation)
+
+  def keep(self, index: int, frame, rotation: int) -> None:
+    """Stores frame `index` as an output frame: RGB, upright, letterboxed."""
+    if index not in self.images:
+      upright = rotate_upright(frame.to_ndarray(format="rgb24")[None], rotation)[0]
+      self.images[index] = letterbox(np.ascontiguousarray(upright), self.image_size)
+
+  def picks(self, rotation: int) -> np.ndarray:
+    """Decode indices of the output frames (ingestion's rule: presentation-time order, stable).
+
+    Also keeps the two held frames when picked (output times after the last frame take them).
+    """
+    times = np.asarray(self.times, np.float64)
+    order = np.argsort(times, kind="stable")
+    picks = order[resample_frame_indices(times[order], self.fps)]
+    picked = set(picks.tolist())
+    for held in (self.previous, self.latest):
+      if held is not None and held[0] in picked:
+        self.keep(*held, rotation)
+    self.previous = self.latest = None
+    return picks
+
+  def missing(self, picks: np.ndarray) -> set[int]:
+    """Picked frames not yet kept; drops kept frames that were not picked."""
+    wanted = set(picks.tolist())
+    for index in set(self.images) - wanted:
+      del self.images[index]
+    return wanted - set(self.images)
 
 
 def _frame_time(path: str, frame, count: int, stream) -> float:
@@ -222,6 +407,7 @@ class _AudioTrack:
   """
 
   def __init__(self, stream, container_start: float):
+    self.stream = stream
     self.rate = int(stream.rate)
     self.container_start = container_start
     self.resampler = av.AudioResampler(format="fltp", layout=stream.layout, rate=stream.rate)
