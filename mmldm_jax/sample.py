@@ -1,0 +1,487 @@
+"""The `sample` stage: sounding videos from the trained models, as files a person can open.
+
+  python -m mmldm_jax.main --config=configs/demo.py --workdir=runs/demo --config.stages=sample
+
+The chain, per batch (config.sample: sampler, steps, eta, guidance_audio / guidance_video, mode,
+num_clips, seed, num_samples, batch_size):
+
+  DiT sampling of the perceptual latents (z_a, z_v)               models/dit.py `sample_latents`
+  -> autoencoder diffusion decoder + VAE decoder                  models/autoencoder.py `decode`
+     = frames [B, F, H, W, 3] and the audio image [B, S, S, 3]
+  -> log-mel at the clip's raw size (audio.image_to_mel)
+  -> waveform: HiFi-GAN when config.vocoder.pretrained_path is set, else Griffin-Lim
+  -> per sample, under `<workdir>/samples/<mode>/`:
+       sample_XXXX.mp4   H.264 + AAC, the frames at data.fps with the sound
+       sample_XXXX.wav   the sound (16-bit PCM at audio.sample_rate)
+       sample_XXXX.png   the frames (up to 8, evenly spaced) in a row, a gap, the audio image
+     and index.json (the settings, the models' checkpoint steps and one entry per sample).
+
+Modes:
+  joint         audio and video together, unconditionally (the learnable context).
+  a2v / v2a     the DiT's trained-in conditioning on the clean latent of the other modality, taken
+                from clip i (mod the count) of the validation split's non-overlapping clips, encoded
+                by the autoencoder. The written sample keeps the REAL conditioning modality (a2v: the
+                real waveform with the generated frames; v2a: the real frames with the generated
+                sound), so the file shows whether the generated half follows the given half.
+  continuation  num_clips clips, each conditioned on the previous one (config.dit.continuation
+                models only); the clips are joined in time.
+
+Determinism and resume: batch b (samples b*batch_size ... ) draws everything from
+fold_in(PRNGKey(sample.seed), b), so a sample depends on (seed, batch_size, its number, the models),
+not on which batches ran before. A sample is complete when its three files exist and index.json
+lists it; a rerun skips complete batches and regenerates (identically) the rest. Changing a setting
+that changes the samples (sampler, steps, guidance, seed, batch size, models, ...) for an existing
+folder is an error; raising num_samples adds samples.
+
+Multi-host: every process runs the (jitted) computation, process 0 writes the files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from mmldm_jax import config_lib
+from mmldm_jax.data import audio as audio_lib
+from mmldm_jax.data import video as video_lib
+
+MODES = ("joint", "a2v", "v2a", "continuation")
+INDEX_FILE = "index.json"
+CONDITIONING_SPLIT = "validation"
+GRID_FRAMES = 8
+GRID_GAP = 4
+
+
+@dataclasses.dataclass
+class Models:
+  """Everything the chain runs, with plain (unboxed) parameter pytrees.
+
+  dit: a `models.dit.MMDiT`; system: a `models.autoencoder.AutoencoderSystem` (autoencoder, VAE and
+  the decoder's schedule); vocoder: (apply_fn, params) of `models.vocoder.load_vocoder`, or None for
+  Griffin-Lim. description: where the parameters came from (written to index.json and compared on
+  resume)."""
+  dit: Any
+  dit_params: Any
+  system: Any
+  autoencoder_params: Any
+  vae_params: Any
+  vocoder: tuple[Any, Any] | None
+  description: dict[str, Any]
+
+
+# ------------------------------------------------------------------------------------------------
+# Models
+# ------------------------------------------------------------------------------------------------
+def load_vocoder_if_set(config):
+  """`vocoder.load_vocoder(config)` when config.vocoder.pretrained_path is set, else None."""
+  if not config.vocoder.pretrained_path:
+    return None
+  from mmldm_jax.models import vocoder as vocoder_lib
+  return vocoder_lib.load_vocoder(config)
+
+
+def load_models(config, workdir: str) -> Models:
+  """The latest `generator`, `autoencoder` and `vae` parameters of the workdir (EMA when kept).
+
+  Raises FileNotFoundError naming the folder when a stage has no checkpoint."""
+  from mmldm_jax import parallel
+  from mmldm_jax.models import dit as dit_lib
+  from mmldm_jax.train import loop
+  from mmldm_jax.train import stages
+  mesh = parallel.create_mesh(config)
+  dtype = loop.compute_dtype(config)
+  generator = stages.generator_task(config, workdir)
+  dit_params = loop.restore_params(config, workdir, generator, mesh)["dit"]
+  autoencoder_params = loop.restore_params(
+      config, workdir, stages.autoencoder_task(config, workdir), mesh)["autoencoder"]
+  vae_params = stages.frozen_vae_params(config, workdir, mesh)
+  return Models(dit=dit_lib.build_dit(config, dtype=dtype), dit_params=dit_params,
+                system=stages.autoencoder_system(config), autoencoder_params=autoencoder_params,
+                vae_params=vae_params, vocoder=load_vocoder_if_set(config),
+                description=models_description(config, workdir))
+
+
+def models_description(config, workdir: str) -> dict[str, Any]:
+  """The newest checkpoint step of each stage the chain restores (the VAE may be pretrained)."""
+  from mmldm_jax.train import loop
+  description = {}
+  for name in ("generator", "autoencoder", "vae"):
+    found = loop._saved_steps(workdir, name)  # noqa: SLF001 - the loop's own listing of steps
+    description[f"{name}_step"] = max(found) if found else None
+  if description["vae_step"] is None:
+    description["vae_step"] = f"pretrained:{config.vae.pretrained_path}"
+  return description
+
+
+# ------------------------------------------------------------------------------------------------
+# The chain
+# ------------------------------------------------------------------------------------------------
+def check_mode(config) -> str:
+  """config.sample.mode, checked against num_clips and the DiT's continuation flag."""
+  mode, num_clips = config.sample.mode, int(config.sample.num_clips)
+  if mode not in MODES:
+    raise ValueError(f"config.sample.mode={mode!r}: expected one of {', '.join(MODES)}")
+  if num_clips < 1:
+    raise ValueError(f"config.sample.num_clips={num_clips}: expected >= 1")
+  if mode == "continuation" and not config.dit.continuation:
+    raise ValueError("config.sample.mode='continuation' needs a continuation DiT "
+                     "(config.dit.continuation=True)")
+  if mode != "continuation" and num_clips != 1:
+    raise ValueError(f"config.sample.num_clips={num_clips}: more than one clip needs "
+                     f"config.sample.mode='continuation' (got {mode!r})")
+  if config.dit.continuation and mode != "continuation":
+    raise ValueError(f"config.dit.continuation=True: the DiT samples clip by clip; set "
+                     f"config.sample.mode='continuation' (got {mode!r})")
+  return mode
+
+
+class Chain:
+  """The jitted generation chain for one config and one set of models (see the module doc).
+
+  `generate(rng, batch_size, condition=None)` returns host arrays:
+    frames       uint8 [B, num_clips * F, H, W, 3]
+    waveform     float32 [B, num_clips * clip_samples] in [-1, 1]
+    audio_image  float32 [B, S, num_clips * S, 3] in [-1, 1] (the decoded audio images, in time order)
+  `condition` (a2v / v2a): {'audio': waveform [B, N], 'frames': uint8 [B, F, H, W, 3]} of real clips.
+  """
+
+  def __init__(self, config, models: Models):
+    from mmldm_jax.diffusion import samplers, schedules
+    from mmldm_jax.models import dit as dit_lib
+    self.config = config
+    self.models = models
+    self.mode = check_mode(config)
+    self.num_clips = int(config.sample.num_clips)
+    self.clip_samples = config_lib.clip_samples(config)
+    self.mel_frames = audio_lib.num_mel_frames(self.clip_samples, config.audio)
+    model = models.dit
+    # Made here, outside jit: the samplers need a concrete schedule (under jit, jnp.asarray of the
+    # betas would be a tracer; `dit.sample_latents` builds it inside and so cannot be jitted).
+    schedule = schedules.make_schedule(config.diffusion)
+    shapes = {"audio": tuple(model.audio_shape), "video": tuple(model.video_shape)}
+
+    def latents(params, key, batch_size, audio_latent, video_latent, prev):
+      """`dit.sample_latents` (same keys, conditions and result) with the schedule closed over."""
+      cond, uncond = dit_lib.sampling_conditions(
+          batch_size, shapes, cond_audio=audio_latent if self.mode == "a2v" else None,
+          cond_video=video_latent if self.mode == "v2a" else None, prev=prev,
+          continuation=model.continuation)
+      noise_key, sample_key = jax.random.split(key)
+      x_init = samplers.initial_noise(
+          noise_key, {name: (batch_size,) + shape for name, shape in shapes.items()})
+      model_fn = lambda x, t, c: model.apply({"params": params}, x, t, c)  # noqa: E731
+      out = samplers.sample(config, model_fn, schedule, x_init, sample_key, cond=cond,
+                            uncond=uncond)
+      if self.mode == "a2v":    # the given latent, as the reference reuses the ground truth
+        out["audio"] = audio_latent
+      elif self.mode == "v2a":
+        out["video"] = video_latent
+      return out
+    self._latents = jax.jit(latents, static_argnums=2)
+    self._encode = jax.jit(models.system.encode)
+    self._waveform = jax.jit(self._image_to_waveform)
+
+  def _image_to_waveform(self, vocoder_params, audio_image):
+    """Audio images [B, S, S, 3] -> waveforms [B, clip_samples] (vocoder or Griffin-Lim)."""
+    config = self.config
+    mel = audio_lib.image_to_mel(audio_image, int(config.audio.num_mels), self.mel_frames)
+    if self.models.vocoder is None:
+      return audio_lib.griffin_lim(mel, config.audio, num_samples=self.clip_samples)
+    apply_fn, _ = self.models.vocoder
+    waveform = apply_fn(vocoder_params, jnp.swapaxes(mel, -1, -2))
+    missing = self.clip_samples - waveform.shape[-1]
+    if missing > 0:
+      waveform = jnp.pad(waveform, ((0, 0), (0, missing)))
+    return waveform[:, :self.clip_samples]
+
+  def encode_condition(self, condition: dict[str, np.ndarray]):
+    """The autoencoder's (audio, video) latents of real clips (key frames + waveform)."""
+    frames = condition["frames"]
+    keys = video_lib.key_frame_indices(frames.shape[1], tuple(self.config.data.key_frames))
+    batch = {"key_frames": jnp.asarray(video_lib.to_float(frames[:, keys])),
+             "audio": jnp.asarray(condition["audio"], jnp.float32)}
+    return self._encode(self.models.autoencoder_params, self.models.vae_params, batch)
+
+  def generate(self, rng, batch_size: int, condition: dict[str, np.ndarray] | None = None):
+    models = self.models
+    latent_rng, decode_rng = jax.random.split(rng)
+    audio_latent = video_latent = None
+    if self.mode in ("a2v", "v2a"):
+      if condition is None:
+        raise ValueError(f"mode {self.mode!r} needs the conditioning clips")
+      audio_latent, video_latent = self.encode_condition(condition)
+    prev = None
+    if self.mode == "continuation":
+      shapes = {"audio": models.dit.audio_shape, "video": models.dit.video_shape}
+      prev = {name: jnp.zeros((batch_size,) + tuple(shape)) for name, shape in shapes.items()}
+    frames, waveforms, images = [], [], []
+    for clip in range(self.num_clips):
+      latents = self._latents(models.dit_params, jax.random.fold_in(latent_rng, clip), batch_size,
+                              audio_latent, video_latent, prev)
+      prev = latents if self.mode == "continuation" else None
+      clip_frames, audio_image = models.system.decode(
+          models.autoencoder_params, models.vae_params, latents["audio"], latents["video"],
+          jax.random.fold_in(decode_rng, clip))
+      vocoder_params = None if models.vocoder is None else models.vocoder[1]
+      frames.append(to_host(clip_frames))
+      images.append(to_host(audio_image))
+      waveforms.append(to_host(self._waveform(vocoder_params, audio_image)))
+    result = {"frames": video_lib.to_uint8(np.concatenate(frames, axis=1)),
+              "waveform": np.clip(np.concatenate(waveforms, axis=1), -1.0, 1.0),
+              "audio_image": np.concatenate(images, axis=2)}
+    if self.mode == "a2v":   # keep the real sound the video was generated from
+      result["waveform"] = np.asarray(condition["audio"], np.float32)
+      result["audio_image"] = to_host(audio_lib.waveform_to_image(
+          jnp.asarray(condition["audio"]), self.config.audio))
+    elif self.mode == "v2a":  # keep the real frames the sound was generated from
+      result["frames"] = np.asarray(condition["frames"], np.uint8)
+    return result
+
+
+def to_host(array) -> np.ndarray:
+  """A (possibly multi-host, replicated) jax array as a NumPy array on this host."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+  return np.asarray(array)
+
+
+# ------------------------------------------------------------------------------------------------
+# Real clips (conditioning here; the real reference sets of the evaluate stage)
+# ------------------------------------------------------------------------------------------------
+class _LastVideo:
+  """`pipeline.Videos` that keeps the last decoded video, so clips read in order decode each video
+  once."""
+
+  def __init__(self, videos):
+    self.videos = videos
+    self.lengths = videos.lengths
+    self._last = (None, None)
+
+  def __len__(self) -> int:
+    return len(self.videos)
+
+  def read(self, index: int):
+    if self._last[0] != index:
+      self._last = (index, self.videos.read(index))
+    return self._last[1]
+
+
+class SplitClips:
+  """Clips of one split of a records folder, cut every `stride` frames (default data.num_frames:
+  non-overlapping), optionally thinned to `limit` evenly spaced clips.
+
+  Item i: the raw clip of `pipeline.ClipSource` (frames uint8 [F, H, W, 3], audio float32
+  [clip_samples], label, video_index, clip_start, valid_frames)."""
+
+  def __init__(self, config, folder: str, split: str, *, stride: int | None = None,
+               limit: int | None = None):
+    from mmldm_jax.data import pipeline
+    videos = _LastVideo(pipeline.RecordVideos(folder, split))
+    self.split = split
+    self.source = pipeline.clip_source(config, split, videos)
+    num_frames = int(config.data.num_frames)
+    stride = num_frames if stride is None else int(stride)
+    if stride < 1:
+      raise ValueError(f"SplitClips: stride={stride}, expected >= 1")
+    indices, first = [], 0
+    for length in videos.lengths:
+      windows = max(1, length - num_frames + 1)
+      indices.extend(first + start for start in range(0, windows, stride))
+      first += windows
+    if limit is not None and len(indices) > limit:
+      picks = np.unique(np.linspace(0, len(indices) - 1, int(limit)).round().astype(int))
+      indices = [indices[i] for i in picks]
+    self.indices = indices
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    return self.source[self.indices[i]]
+
+
+def data_folder(config, workdir: str) -> str:
+  from mmldm_jax.data import stage as data_stage
+  return data_stage.data_folder(config, workdir)
+
+
+# ------------------------------------------------------------------------------------------------
+# Files
+# ------------------------------------------------------------------------------------------------
+def samples_dir(workdir: str, mode: str) -> str:
+  return os.path.join(workdir, "samples", mode)
+
+
+def sample_name(number: int) -> str:
+  return f"sample_{number:04d}"
+
+
+def grid_image(frames: np.ndarray, audio_image: np.ndarray) -> np.ndarray:
+  """uint8 [H', W', 3]: up to GRID_FRAMES evenly spaced frames in a row, a gap, the audio image."""
+  picks = np.unique(np.linspace(0, len(frames) - 1, min(GRID_FRAMES, len(frames))).round())
+  strip = np.concatenate(list(frames[picks.astype(int)]), axis=1)
+  image = video_lib.to_uint8(audio_image)
+  height = max(strip.shape[0], image.shape[0])
+  canvas = np.zeros((height, strip.shape[1] + GRID_GAP + image.shape[1], 3), np.uint8)
+  canvas[:strip.shape[0], :strip.shape[1]] = strip
+  canvas[:image.shape[0], strip.shape[1] + GRID_GAP:] = image
+  return canvas
+
+
+def write_sample(folder: str, number: int, frames: np.ndarray, waveform: np.ndarray,
+                 audio_image: np.ndarray, fps: float, sample_rate: int) -> dict[str, Any]:
+  """Writes sample `number` (mp4 with sound, wav, png; each atomically) and returns its index
+  entry. frames uint8 [T, H, W, 3]; waveform float [N] in [-1, 1]; audio image [S, W, 3]."""
+  from PIL import Image
+  name = sample_name(number)
+  files = {kind: f"{name}.{kind}" for kind in ("wav", "png", "mp4")}
+  video_lib.write_wav(os.path.join(folder, files["wav"]), waveform, sample_rate)
+  png_path = os.path.join(folder, files["png"])
+  Image.fromarray(grid_image(frames, audio_image)).save(png_path + ".tmp.png")
+  os.replace(png_path + ".tmp.png", png_path)
+  video_lib.write_mp4(os.path.join(folder, files["mp4"]), frames, fps, waveform, sample_rate)
+  return {"number": number, **files, "num_frames": int(len(frames)),
+          "num_audio_samples": int(len(waveform))}
+
+
+def read_index(folder: str) -> dict[str, Any] | None:
+  """The folder's index.json, or None when there is none."""
+  path = os.path.join(folder, INDEX_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    index = json.load(f)
+  for field in ("settings", "samples", "fps", "sample_rate"):
+    if field not in index:
+      raise ValueError(f"{path}: field {field!r} is missing; expected an index written by the "
+                       f"sample stage")
+  return index
+
+
+def write_index(folder: str, index: dict[str, Any]) -> None:
+  path = os.path.join(folder, INDEX_FILE)
+  index = dict(index, samples=sorted(index["samples"], key=lambda entry: entry["number"]))
+  with open(path + ".tmp", "w") as f:
+    json.dump(index, f, indent=1)
+  os.replace(path + ".tmp", path)
+
+
+def is_complete_entry(folder: str, entry: dict[str, Any]) -> bool:
+  return all(os.path.exists(os.path.join(folder, entry[kind])) for kind in ("wav", "png", "mp4"))
+
+
+def sample_settings(config, models_description: dict[str, Any]) -> dict[str, Any]:
+  """Everything that changes what sample i is; compared when a folder is resumed."""
+  s, ae = config.sample, config.autoencoder
+  vocoder = (f"hifigan:{config.vocoder.pretrained_path}" if config.vocoder.pretrained_path
+             else f"griffin_lim:{config.audio.griffin_lim_iters}")
+  return {"sampler": s.sampler, "steps": int(s.steps), "eta": float(s.eta),
+          "guidance_audio": float(s.guidance_audio), "guidance_video": float(s.guidance_video),
+          "mode": s.mode, "num_clips": int(s.num_clips), "seed": int(s.seed),
+          "batch_size": int(s.batch_size), "decode_steps": int(ae.decode_steps),
+          "decode_guidance_audio": float(ae.decode_guidance_audio),
+          "decode_guidance_video": float(ae.decode_guidance_video), "vocoder": vocoder,
+          "models": dict(models_description)}
+
+
+def _check_settings(folder: str, index: dict[str, Any], settings: dict[str, Any]) -> None:
+  saved = json.loads(json.dumps(index["settings"]))
+  wanted = json.loads(json.dumps(settings))
+  if saved != wanted:
+    changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+    details = ", ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in changed)
+    raise ValueError(f"{os.path.join(folder, INDEX_FILE)}: the samples there were made with other "
+                     f"settings ({details}); delete {folder} or use another workdir")
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop and the stage
+# ------------------------------------------------------------------------------------------------
+def _condition_batch(clips: SplitClips, numbers: range) -> tuple[dict[str, np.ndarray], list]:
+  """Real clips numbers[i] mod len(clips), stacked, and their index entries."""
+  picked = [clips[number % len(clips)] for number in numbers]
+  entries = [{"split": clips.split, "video_index": int(clip["video_index"]),
+              "clip_start": int(clip["clip_start"]), "label": int(clip["label"])}
+             for clip in picked]
+  return ({"frames": np.stack([clip["frames"] for clip in picked]),
+           "audio": np.stack([clip["audio"] for clip in picked])}, entries)
+
+
+def write_samples(config, models: Models, folder: str, *, clips: SplitClips | None = None,
+                  progress: bool = True) -> dict[str, Any]:
+  """Generates and writes samples 0 .. config.sample.num_samples - 1 into `folder`, skipping the
+  complete ones (module doc). `clips`: the conditioning clips of a2v / v2a. Returns the index."""
+  from tqdm import tqdm
+  mode = check_mode(config)
+  settings = sample_settings(config, models.description)
+  os.makedirs(folder, exist_ok=True)
+  index = read_index(folder)
+  if index is None:
+    index = {"settings": settings, "fps": float(config.data.fps),
+             "sample_rate": int(config.audio.sample_rate),
+             "clip_frames": int(config.data.num_frames), "samples": []}
+  _check_settings(folder, index, settings)
+  index["samples"] = [entry for entry in index["samples"] if is_complete_entry(folder, entry)]
+  done = {entry["number"] for entry in index["samples"]}
+  if mode in ("a2v", "v2a") and not clips:
+    raise ValueError(f"config.sample.mode={mode!r} needs real clips to condition on "
+                     f"(the {CONDITIONING_SPLIT} split of the dataset); none given")
+  total, batch_size = int(config.sample.num_samples), int(config.sample.batch_size)
+  if total < 1 or batch_size < 1:
+    raise ValueError(f"config.sample.num_samples={total}, batch_size={batch_size}: expected >= 1")
+  batches = [b for b in range(-(-total // batch_size))
+             if any(n not in done for n in range(b * batch_size, min((b + 1) * batch_size, total)))]
+  writer = jax.process_index() == 0
+  logging.info("sample: %d of %d samples in %s are complete; %d batches of %d to run", len(done),
+               total, folder, len(batches), batch_size)
+  chain = Chain(config, models) if batches else None
+  base_key = jax.random.PRNGKey(int(config.sample.seed))
+  for b in tqdm(batches, desc=f"sample {mode}", unit="batch", disable=not (progress and writer)):
+    numbers = range(b * batch_size, (b + 1) * batch_size)   # the last batch is padded
+    condition, sources = (None, None)
+    if mode in ("a2v", "v2a"):
+      condition, sources = _condition_batch(clips, numbers)
+    result = chain.generate(jax.random.fold_in(base_key, b), batch_size, condition)
+    for slot, number in enumerate(numbers):
+      if number >= total or number in done or not writer:
+        continue
+      entry = write_sample(folder, number, result["frames"][slot], result["waveform"][slot],
+                           result["audio_image"][slot], config.data.fps, config.audio.sample_rate)
+      entry["batch"] = b
+      if sources is not None:
+        entry["conditioning"] = sources[slot]
+      index["samples"].append(entry)
+      done.add(number)
+    if writer:
+      write_index(folder, index)
+  if writer:
+    write_index(folder, index)
+  return index
+
+
+def run(config, workdir: str) -> None:
+  """The stage: restores the trained models and writes `<workdir>/samples/<mode>/` (module doc);
+  skipped when every sample exists with the same settings."""
+  mode = check_mode(config)
+  folder = samples_dir(workdir, mode)
+  index = read_index(folder)
+  if index is not None:
+    _check_settings(folder, index, sample_settings(config, models_description(config, workdir)))
+    complete = {e["number"] for e in index["samples"] if is_complete_entry(folder, e)}
+    if complete >= set(range(int(config.sample.num_samples))):
+      logging.info("sample: the %d samples in %s are complete, skipped",
+                   config.sample.num_samples, folder)
+      return
+  models = load_models(config, workdir)
+  clips = None
+  if mode in ("a2v", "v2a"):
+    clips = SplitClips(config, data_folder(config, workdir), CONDITIONING_SPLIT)
+  write_samples(config, models, folder, clips=clips)
+  logging.info("sample: wrote %s (open the .mp4 files; index.json lists them)", folder)
