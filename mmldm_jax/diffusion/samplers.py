@@ -54,6 +54,10 @@ def ddim_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
 
 
 def _alphas_cumprod64(schedule: schedules.Schedule) -> np.ndarray:
+  if isinstance(schedule.betas, jax.core.Tracer):
+    raise ValueError("the sampler needs a concrete schedule: close over it (or build it with "
+                     "make_schedule inside the jitted function) instead of passing it as a jit "
+                     "argument")
   return np.cumprod(1.0 - np.asarray(schedule.betas, dtype=np.float64))
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
@@ -58,11 +59,13 @@ def schedule_from_betas(betas: np.ndarray) -> Schedule:
   betas = np.asarray(betas, dtype=np.float64)
   alphas_cumprod = np.cumprod(1.0 - betas)
   as_jnp = lambda values: jnp.asarray(values, dtype=jnp.float32)
-  return Schedule(
-      betas=as_jnp(betas),
-      alphas_cumprod=as_jnp(alphas_cumprod),
-      sqrt_alphas_cumprod=as_jnp(np.sqrt(alphas_cumprod)),
-      sqrt_one_minus_alphas_cumprod=as_jnp(np.sqrt(1.0 - alphas_cumprod)))
+  # Concrete arrays even when built inside jax.jit, so samplers can read them at trace time.
+  with jax.ensure_compile_time_eval():
+    return Schedule(
+        betas=as_jnp(betas),
+        alphas_cumprod=as_jnp(alphas_cumprod),
+        sqrt_alphas_cumprod=as_jnp(np.sqrt(alphas_cumprod)),
+        sqrt_one_minus_alphas_cumprod=as_jnp(np.sqrt(1.0 - alphas_cumprod)))
 
 
 def make_schedule(diffusion_config) -> Schedule:

@@ -1,0 +1,592 @@
+"""The MM-LDM generator: one DiT that jointly denoises the audio and the video perceptual latents.
+
+Reference: MM-LDM `src/fm_gen/diffusion/dit_v2.py` (DiT-XL width/depth, patch 1) and, for long videos,
+`generator_vid_aud_v2_long.py` (`AR_DiT` + `Previous_Cond`). See reference-mmldm.md section 4.
+
+Tokens per sample, full self-attention over all of them:
+    [context (77, or 77 + 256 + 64 with continuation) ; EOS_a ; audio (ha*wa) ; EOS_v ; video (hv*wv)]
+  - audio / video tokens: Dense(channels -> hidden) (a patch-1 conv) + fixed 2-D sin-cos positions
+    (MAE layout) + a learnable per-token modality embedding, + the cond embedder of the clean latent of
+    that modality (A2V / V2A conditioning; zeros otherwise);
+  - context: a learnable [77, 768] embedding (or text embeddings [B, L, 768]), times a per-sample mask
+    (0 = dropped, for classifier-free guidance), through Dense(768 -> hidden).
+adaLN-Zero blocks are conditioned on the timestep only; separate FinalLayers give eps per modality.
+
+Parameters vs constants: the sin-cos tables are NOT parameters (computed in numpy when tracing); the
+PyTorch module holds them as frozen parameters (368,640 of its 678,022,304 at paper size). The learnable
+context (`context_embedding`, 77 x 768) sits in the generator wrapper in the reference and here in the
+module, so our trainable count is the reference DiT's 677,653,664 + 59,136.
+
+Conditioning dict `cond` (every entry optional, leading batch axis B):
+  context_mask [B]          1 keeps the context, 0 replaces it by zeros (the unconditional branch)
+  text         [B, L, 768]  replaces the learnable context (AudioSet text variant)
+  cond_audio   [B, ha, wa, C], cond_video [B, hv, wv, C]   clean latents for A2V / V2A (zeros = none)
+  prev_audio, prev_video    the previous clip's latents (continuation models only; zeros = none)
+
+Long-video continuation (`config.dit.continuation`): a side DiT of `prev_depth` blocks reads
+[previous latent ; current noisy latent] (channels concatenated) per modality and emits, after each of its
+blocks, a zero-initialised bias-free Dense residual that is added after the same block of the main DiT.
+The previous latents are also projected Dense(C -> 768) and appended to the context tokens (video, then
+audio, as the reference).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmldm_jax import config_lib
+
+Array = jax.Array
+Dtype = Any
+ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
+
+xavier = nn.initializers.xavier_uniform()
+zeros = nn.initializers.zeros
+
+
+def torch_conv_default(key, shape, dtype=jnp.float32):
+  """PyTorch's default Conv2d/Linear weight init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kernel [in, out])."""
+  bound = 1.0 / np.sqrt(shape[0])
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def torch_conv_bias(fan_in: int):
+  def init(key, shape, dtype=jnp.float32):
+    bound = 1.0 / np.sqrt(fan_in)
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def dense(features, names, kernel_init=xavier, bias_init=zeros, use_bias=True, dtype=jnp.float32,
+          param_dtype=jnp.float32, name=None) -> nn.Dense:
+  """nn.Dense whose kernel carries `names` (in, out) and whose bias carries (out,)."""
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+                  kernel_init=nn.with_logical_partitioning(kernel_init, names),
+                  bias_init=nn.with_logical_partitioning(bias_init, names[1:]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Fixed embeddings
+
+
+def sincos_1d(embed_dim: int, positions: np.ndarray) -> np.ndarray:
+  """[len(positions), embed_dim]: sin of position x frequency, then cos (MAE)."""
+  omega = 1.0 / 10000 ** (np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0))
+  angles = np.outer(positions.reshape(-1), omega)
+  return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+def sincos_2d(embed_dim: int, height: int, width: int) -> np.ndarray:
+  """[height*width, embed_dim] MAE 2-D table for row-major tokens: the first half of the channels
+  encodes the column (MAE's meshgrid puts w first), the second half the row."""
+  if embed_dim % 4:
+    raise ValueError(f"hidden_size={embed_dim}: the 2-D sin-cos table needs a multiple of 4")
+  rows, cols = np.meshgrid(np.arange(height, dtype=np.float64), np.arange(width, dtype=np.float64),
+                           indexing="ij")
+  return np.concatenate([sincos_1d(embed_dim // 2, cols), sincos_1d(embed_dim // 2, rows)],
+                        axis=1).astype(np.float32)
+
+
+def timestep_frequencies(t: Array, dim: int = 256, max_period: float = 10000.0) -> Array:
+  """[B, dim] DiT/GLIDE frequency embedding: cos first, then sin; t may be fractional."""
+  half = dim // 2
+  freqs = jnp.exp(-np.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def modulate(x: Array, shift: Array, scale: Array) -> Array:
+  return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def constrain(x: Array) -> Array:
+  return nn.with_logical_constraint(x, ACTIVATION_AXES)
+
+
+def plain_layer_norm(x: Array) -> Array:
+  """LayerNorm without affine parameters, eps 1e-6, statistics in float32."""
+  x32 = x.astype(jnp.float32)
+  mean = jnp.mean(x32, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+  return ((x32 - mean) * jax.lax.rsqrt(var + 1e-6)).astype(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Blocks
+
+
+class DiTBlock(nn.Module):
+  """adaLN-Zero transformer block (timm Attention with qkv bias, tanh-GELU MLP).
+
+  Used as a scan body: __call__(x, c, residuals, layer) -> (x, emitted). `residuals` [P, B, L, H] (or
+  None) are added after the block when layer < P (continuation); with `emit_residual` the block also
+  returns a zero-initialised bias-free Dense of its output (the side DiT's `zero_layers`).
+  """
+  hidden_size: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  emit_residual: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, c: Array, residuals: Array | None, layer: Array):
+    width, heads = self.hidden_size, self.num_heads
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    modulation = dense(6 * width, ("embed", "mlp"), kernel_init=zeros, name="adaLN_modulation",
+                       **kw)(nn.silu(c))
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(modulation, 6, -1)
+
+    h = modulate(plain_layer_norm(x), shift_msa, scale_msa)
+    qkv = nn.DenseGeneral(
+        (3, width), dtype=self.dtype, param_dtype=self.param_dtype, name="qkv",
+        kernel_init=nn.with_logical_partitioning(
+            xavier, ("embed", None, "heads")),  # DenseGeneral inits the flat (H, 3H) kernel
+        bias_init=nn.with_logical_partitioning(zeros, (None, "heads")))(h)
+    batch, length = x.shape[:2]
+    q, k, v = (qkv[:, :, i].reshape(batch, length, heads, width // heads) for i in range(3))
+    attended = jax.nn.dot_product_attention(q, k, v).reshape(batch, length, width)
+    attended = dense(width, ("heads", "embed"), name="proj", **kw)(attended)
+    x = constrain(x + gate_msa[:, None] * attended)
+
+    h = modulate(plain_layer_norm(x), shift_mlp, scale_mlp)
+    h = dense(int(width * self.mlp_ratio), ("embed", "mlp"), name="fc1", **kw)(h)
+    h = dense(width, ("mlp", "embed"), name="fc2", **kw)(nn.gelu(h, approximate=True))
+    x = constrain(x + gate_mlp[:, None] * h)
+
+    if residuals is not None:
+      count = residuals.shape[0]
+      extra = residuals[jnp.minimum(layer, count - 1)]
+      x = x + jnp.where(layer < count, 1.0, 0.0).astype(x.dtype) * extra.astype(x.dtype)
+    emitted = None
+    if self.emit_residual:
+      emitted = dense(width, ("embed", "mlp"), kernel_init=zeros, use_bias=False,
+                      name="zero_layer", **kw)(x)
+    return x, emitted
+
+
+def remat_policy(name: str):
+  """`jax.checkpoint_policies.<name>`, or None for 'none' (no rematerialisation)."""
+  if name == "none":
+    return None
+  policy = getattr(jax.checkpoint_policies, name, None)
+  if policy is None:
+    raise ValueError(f"config.dit.remat_policy={name!r}: expected 'none' or a "
+                     f"jax.checkpoint_policies name (e.g. 'nothing_saveable', 'dots_saveable')")
+  return policy
+
+
+class BlockStack(nn.Module):
+  """`depth` DiTBlocks, scanned (params stacked on a leading 'layers' axis) or unrolled."""
+  depth: int
+  hidden_size: int
+  num_heads: int
+  mlp_ratio: float
+  emit_residual: bool = False
+  scan_layers: bool = True
+  remat: str = "none"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, c: Array, residuals: Array | None = None):
+    block_args = dict(hidden_size=self.hidden_size, num_heads=self.num_heads,
+                      mlp_ratio=self.mlp_ratio, emit_residual=self.emit_residual,
+                      dtype=self.dtype, param_dtype=self.param_dtype)
+    policy = remat_policy(self.remat)
+    block_cls = DiTBlock
+    if self.remat != "none":
+      block_cls = nn.remat(DiTBlock, policy=policy, prevent_cse=not self.scan_layers)
+    if self.scan_layers:
+      scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=(nn.broadcast, nn.broadcast, 0), length=self.depth,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+      return scanned(**block_args, name="blocks")(x, c, residuals, jnp.arange(self.depth))
+    emitted = []
+    for layer in range(self.depth):
+      x, out = block_cls(**block_args, name=f"blocks_{layer}")(x, c, residuals, jnp.asarray(layer))
+      emitted.append(out)
+    return x, (jnp.stack(emitted) if self.emit_residual else None)
+
+
+class FinalLayer(nn.Module):
+  """adaLN shift/scale + Dense(hidden -> channels); zero-initialised."""
+  channels: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, c: Array) -> Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    shift, scale = jnp.split(
+        dense(2 * x.shape[-1], ("embed", "mlp"), kernel_init=zeros, name="adaLN_modulation",
+              **kw)(nn.silu(c)), 2, -1)
+    x = modulate(plain_layer_norm(x), shift, scale)
+    return dense(self.channels, ("embed", None), kernel_init=zeros, name="linear", **kw)(x)
+
+
+class TokenEmbedder(nn.Module):
+  """Latent grid [B, h, w, C] -> tokens [B, h*w, hidden]: patch-1 Dense + sin-cos + modality emb."""
+  hidden_size: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, latent: Array) -> Array:
+    batch, height, width, channels = latent.shape
+    tokens = dense(self.hidden_size, (None, "embed"), name="x_embedder", dtype=self.dtype,
+                   param_dtype=self.param_dtype)(latent.reshape(batch, height * width, channels))
+    modality = self.param(
+        "mod_embed", nn.with_logical_partitioning(nn.initializers.normal(0.01), (None, "embed")),
+        (height * width, self.hidden_size), self.param_dtype)
+    positions = jnp.asarray(sincos_2d(self.hidden_size, height, width), self.dtype)
+    return tokens + positions + modality.astype(self.dtype)
+
+
+class TimestepEmbedder(nn.Module):
+  """256-d frequency embedding -> Dense -> SiLU -> Dense (weights normal(0.02), biases zero)."""
+  hidden_size: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, t: Array) -> Array:
+    init = nn.initializers.normal(0.02)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = dense(self.hidden_size, (None, "embed"), kernel_init=init, name="mlp_0",
+              **kw)(timestep_frequencies(t).astype(self.dtype))
+    return dense(self.hidden_size, ("embed", "mlp"), kernel_init=init, name="mlp_2", **kw)(
+        nn.silu(h))
+
+
+# ------------------------------------------------------------------------------------------------
+# The model
+
+
+class MMDiT(nn.Module):
+  """Joint audio-video DiT (see the module docstring). Call: model(x, t, cond) -> {'audio', 'video'}."""
+  audio_shape: tuple[int, int, int]   # (h, w, C) of the audio latent
+  video_shape: tuple[int, int, int]
+  hidden_size: int = 1152
+  depth: int = 28
+  num_heads: int = 16
+  mlp_ratio: float = 4.0
+  context_tokens: int = 77
+  context_dim: int = 768
+  continuation: bool = False
+  prev_depth: int = 14
+  scan_layers: bool = True
+  remat: str = "none"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def _stack(self, depth, emit, name):
+    return BlockStack(depth=depth, hidden_size=self.hidden_size, num_heads=self.num_heads,
+                      mlp_ratio=self.mlp_ratio, emit_residual=emit, scan_layers=self.scan_layers,
+                      remat=self.remat, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+  def _sequence(self, audio_tokens, video_tokens, context_tokens, prefix):
+    """[context ; EOS_a ; audio ; EOS_v ; video] with the EOS tokens of module `prefix`."""
+    batch = audio_tokens.shape[0]
+    eos = [self.param(f"{prefix}eos_{name}", nn.with_logical_partitioning(
+        nn.initializers.normal(1.0), (None, "embed")), (1, self.hidden_size), self.param_dtype)
+           for name in ("audio", "video")]
+    eos = [jnp.broadcast_to(e.astype(self.dtype), (batch, 1, self.hidden_size)) for e in eos]
+    return constrain(jnp.concatenate(
+        [context_tokens, eos[0], audio_tokens, eos[1], video_tokens], axis=1))
+
+  @nn.compact
+  def __call__(self, x: Mapping[str, Array], t: Array, cond: Mapping[str, Array] | None = None
+               ) -> dict[str, Array]:
+    cond = dict(cond or {})
+    audio, video = x["audio"].astype(self.dtype), x["video"].astype(self.dtype)
+    batch = audio.shape[0]
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+    context = self.context(cond, batch)
+    if self.continuation:
+      context = jnp.concatenate([context, self.previous_context(cond, audio, video)], axis=1)
+    context_tokens = dense(self.hidden_size, (None, "embed"), name="c_embedder", **kw)(context)
+    t_emb = TimestepEmbedder(self.hidden_size, name="t_embedder", **kw)(t)
+
+    tokens = {}
+    for name, latent in (("audio", audio), ("video", video)):
+      clean = cond.get(f"cond_{name}")
+      clean = jnp.zeros_like(latent) if clean is None else clean.astype(self.dtype)
+      side = clean.shape[1] * clean.shape[2]
+      cond_tokens = nn.Dense(
+          self.hidden_size, name=f"cond_embedder_{name}", **kw,
+          kernel_init=nn.with_logical_partitioning(torch_conv_default, (None, "embed")),
+          bias_init=nn.with_logical_partitioning(torch_conv_bias(clean.shape[-1]), ("embed",)))(
+              clean.reshape(batch, side, clean.shape[-1]))
+      tokens[name] = TokenEmbedder(self.hidden_size, name=f"embed_{name}", **kw)(latent) + cond_tokens
+    sequence = self._sequence(tokens["audio"], tokens["video"], context_tokens, "")
+
+    residuals = None
+    if self.continuation:
+      residuals = PreviousEncoder(
+          depth=self.prev_depth, hidden_size=self.hidden_size, num_heads=self.num_heads,
+          mlp_ratio=self.mlp_ratio, scan_layers=self.scan_layers, remat=self.remat,
+          name="prev_encoder", **kw)(cond, audio, video, t, context)
+    sequence, _ = self._stack(self.depth, False, "dit")(sequence, t_emb, residuals)
+
+    num_context = context_tokens.shape[1]
+    num_audio = tokens["audio"].shape[1]
+    audio_out = sequence[:, num_context + 1:num_context + 1 + num_audio]
+    video_out = sequence[:, num_context + 2 + num_audio:]
+    out = {}
+    for name, hidden, latent in (("audio", audio_out, audio), ("video", video_out, video)):
+      eps = FinalLayer(latent.shape[-1], name=f"final_layer_{name}", **kw)(hidden, t_emb)
+      out[name] = eps.reshape(latent.shape).astype(jnp.float32)
+    return out
+
+  def context(self, cond, batch: int) -> Array:
+    """The context tokens before c_embedder, [B, L, context_dim], masked per sample."""
+    text = cond.get("text")
+    if text is None:
+      learned = self.param("context_embedding", nn.with_logical_partitioning(
+          nn.initializers.normal(0.1), (None, None)),
+          (self.context_tokens, self.context_dim), self.param_dtype)
+      context = jnp.broadcast_to(learned.astype(self.dtype), (batch,) + learned.shape)
+    else:
+      context = text.astype(self.dtype)
+    mask = cond.get("context_mask")
+    if mask is not None:
+      context = context * mask.astype(self.dtype)[:, None, None]
+    return context
+
+  def previous_context(self, cond, audio: Array, video: Array) -> Array:
+    """Previous clip latents as context tokens: Dense(C -> 768) per modality; video, then audio."""
+    parts = []
+    for name, latent in (("video", video), ("audio", audio)):
+      prev = cond.get(f"prev_{name}")
+      prev = jnp.zeros_like(latent) if prev is None else prev.astype(self.dtype)
+      flat = prev.reshape(prev.shape[0], -1, prev.shape[-1])
+      parts.append(dense(self.context_dim, (None, None), name=f"{name}_emb", dtype=self.dtype,
+                         param_dtype=self.param_dtype)(flat))
+    return jnp.concatenate(parts, axis=1)
+
+
+class PreviousEncoder(nn.Module):
+  """The continuation side DiT (`Previous_Cond`): [prev ; noisy] per modality -> per-block residuals
+  [prev_depth, B, L, H] for the first prev_depth blocks of the main DiT. Its own embedders, EOS
+  tokens, timestep MLP and c_embedder, like the reference (which also keeps unused final layers and
+  cond embedders; those are left out here)."""
+  depth: int
+  hidden_size: int
+  num_heads: int
+  mlp_ratio: float
+  scan_layers: bool = True
+  remat: str = "none"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, cond, audio: Array, video: Array, t: Array, context: Array) -> Array:
+    model = self
+    kw = dict(dtype=model.dtype, param_dtype=model.param_dtype)
+    tokens = {}
+    for name, latent in (("audio", audio), ("video", video)):
+      prev = cond.get(f"prev_{name}")
+      prev = jnp.zeros_like(latent) if prev is None else prev.astype(model.dtype)
+      tokens[name] = TokenEmbedder(model.hidden_size, name=f"embed_{name}", **kw)(
+          jnp.concatenate([prev, latent], axis=-1))
+    context_tokens = dense(model.hidden_size, (None, "embed"), name="c_embedder", **kw)(context)
+    t_emb = TimestepEmbedder(model.hidden_size, name="t_embedder", **kw)(t)
+    batch = audio.shape[0]
+    eos = [self.param(f"eos_{name}", nn.with_logical_partitioning(
+        nn.initializers.normal(1.0), (None, "embed")), (1, model.hidden_size), model.param_dtype)
+           for name in ("audio", "video")]
+    eos = [jnp.broadcast_to(e.astype(model.dtype), (batch, 1, model.hidden_size)) for e in eos]
+    sequence = constrain(jnp.concatenate(
+        [context_tokens, eos[0], tokens["audio"], eos[1], tokens["video"]], axis=1))
+    stack = BlockStack(depth=model.depth, hidden_size=model.hidden_size,
+                       num_heads=model.num_heads, mlp_ratio=model.mlp_ratio, emit_residual=True,
+                       scan_layers=model.scan_layers, remat=model.remat, name="dit", **kw)
+    _, residuals = stack(sequence, t_emb, None)
+    return residuals
+
+
+# ------------------------------------------------------------------------------------------------
+# Construction from the config
+
+
+def latent_shapes(config) -> dict[str, tuple[int, int, int]]:
+  """(h, w, C) of the generator's audio and video latents: data.image_size / vae_factor / 4 (audio)
+  and / 2 (video), channels from config.autoencoder."""
+  side = config.data.image_size // config_lib.vae_factor(config)
+  return {"audio": (side // 4, side // 4, config.autoencoder.audio_z_channels),
+          "video": (side // 2, side // 2, config.autoencoder.video_z_channels)}
+
+
+def build_dit(config, dtype: Dtype = jnp.float32, **overrides) -> MMDiT:
+  """The DiT described by `config.dit` for the latent sizes of `config`."""
+  shapes = latent_shapes(config)
+  d = config.dit
+  args = dict(audio_shape=shapes["audio"], video_shape=shapes["video"], hidden_size=d.hidden_size,
+              depth=d.depth, num_heads=d.num_heads, mlp_ratio=d.mlp_ratio,
+              context_tokens=d.context_tokens, context_dim=d.context_dim,
+              continuation=d.continuation, prev_depth=d.prev_depth, scan_layers=d.scan_layers,
+              remat=d.remat_policy, dtype=dtype)
+  args.update(overrides)
+  return MMDiT(**args)
+
+
+def dummy_inputs(model: MMDiT, batch: int = 1):
+  """Zero latents, timesteps and conditioning of the right shapes (for init / eval_shape)."""
+  x = {"audio": jnp.zeros((batch,) + tuple(model.audio_shape)),
+       "video": jnp.zeros((batch,) + tuple(model.video_shape))}
+  return x, jnp.zeros((batch,), jnp.int32), {"context_mask": jnp.ones((batch,))}
+
+
+def init_params(model: MMDiT, rng: Array):
+  """Initial parameters (boxed with their logical axis names; `nn.unbox` for plain arrays)."""
+  return model.init(rng, *dummy_inputs(model))["params"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Training loss
+
+
+def training_conditioning(rng: Array, batch: Mapping[str, Array], config) -> dict[str, Array]:
+  """The reference's random conditioning for one training batch (`get_input`), per sample:
+    - the context is dropped (mask 0) with p = config.dit.context_dropout;
+    - where it is kept, A2V (cond_audio = the clean audio latent) and V2A each with p = cond_prob,
+      drawn independently and discarded when both hit (mutually exclusive);
+    - continuation: previous video zeroed with p = 0.2 (audio-only continuation), previous audio zeroed
+      with p = 0.2 (video-only), both kept otherwise. The reference draws this once per batch; here it
+      is per sample (same expected mix, less batch-to-batch variance).
+  """
+  audio, video = batch["audio_latent"], batch["video_latent"]
+  size = audio.shape[0]
+  keys = jax.random.split(rng, 4)
+  drop_context = jax.random.uniform(keys[0], (size,)) < config.dit.context_dropout
+  use_audio = (jax.random.uniform(keys[1], (size,)) < config.dit.cond_prob) & ~drop_context
+  use_video = (jax.random.uniform(keys[2], (size,)) < config.dit.cond_prob) & ~drop_context
+  only_one = use_audio ^ use_video
+  select = lambda mask, value: jnp.where(mask[:, None, None, None], value, jnp.zeros_like(value))
+  cond = {"context_mask": (~drop_context).astype(jnp.float32),
+          "cond_audio": select(use_audio & only_one, audio),
+          "cond_video": select(use_video & only_one, video)}
+  if "text" in batch:
+    cond["text"] = batch["text"]
+  if config.dit.continuation:
+    for name in ("prev_audio_latent", "prev_video_latent"):
+      if name not in batch:
+        raise ValueError(f"config.dit.continuation=True: the batch needs '{name}' (the previous "
+                         f"clip's latent); it has {sorted(batch)}")
+    mode = jax.random.uniform(keys[3], (size,))
+    cond["prev_video"] = select(mode >= 0.2, batch["prev_video_latent"])
+    cond["prev_audio"] = select((mode < 0.2) | (mode >= 0.4), batch["prev_audio_latent"])
+  return cond
+
+
+def generator_loss(params, batch: Mapping[str, Array], rng: Array, config,
+                   model: MMDiT | None = None) -> tuple[Array, dict[str, Array]]:
+  """The generator objective: eps (or v) MSE summed over audio and video, ONE timestep per sample.
+
+  batch: 'audio_latent' [B, ha, wa, C], 'video_latent' [B, hv, wv, C], optional 'text' [B, L, 768],
+  and 'prev_audio_latent' / 'prev_video_latent' with config.dit.continuation. Jit it with
+  `functools.partial(generator_loss, config=config, model=model)`.
+  """
+  from mmldm_jax.diffusion import losses, schedules
+  model = model or build_dit(config)
+  schedule = schedules.make_schedule(config.diffusion)
+  cond_rng, loss_rng = jax.random.split(rng)
+  cond = training_conditioning(cond_rng, batch, config)
+
+  def model_fn(x_t, t):
+    return model.apply({"params": params}, x_t, t["audio"], cond)
+
+  x0 = {"audio": batch["audio_latent"], "video": batch["video_latent"]}
+  return losses.denoising_loss(model_fn, schedule, x0, loss_rng,
+                               prediction=config.diffusion.prediction, shared_timesteps=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def sampling_conditions(batch_size: int, shapes: Mapping[str, tuple[int, ...]], *,
+                        cond_audio: Array | None = None, cond_video: Array | None = None,
+                        prev: Mapping[str, Array] | None = None, text: Array | None = None,
+                        continuation: bool = False) -> tuple[dict, dict]:
+  """(cond, uncond) for guided sampling, as the reference builds them: the unconditional branch has
+  the context zeroed and (continuation) zero previous latents, but keeps the A2V/V2A latent."""
+  zeros_of = lambda name: jnp.zeros((batch_size,) + tuple(shapes[name]))
+  cond = {"context_mask": jnp.ones((batch_size,)),
+          "cond_audio": zeros_of("audio") if cond_audio is None else cond_audio,
+          "cond_video": zeros_of("video") if cond_video is None else cond_video}
+  if text is not None:
+    cond["text"] = text
+  uncond = dict(cond, context_mask=jnp.zeros((batch_size,)))
+  if continuation:
+    prev = dict(prev or {})
+    for name in ("audio", "video"):
+      cond[f"prev_{name}"] = prev.get(name, zeros_of(name))
+      uncond[f"prev_{name}"] = zeros_of(name)
+  return cond, uncond
+
+
+def sample_latents(params, config, rng: Array, batch_size: int, *, model: MMDiT | None = None,
+                   audio_latent: Array | None = None, video_latent: Array | None = None,
+                   mode: str = "joint", prev: Mapping[str, Array] | None = None,
+                   text: Array | None = None, guidance: Mapping[str, float] | None = None,
+                   fixed: Mapping[str, Array] | None = None) -> dict[str, Array]:
+  """Samples {'audio', 'video'} latents with `config.sample` (sampler, steps, eta, guidance).
+
+  mode: 'joint'; 'a2v' (trained-in conditioning on `audio_latent`; the returned audio IS the given
+  latent, as the reference reuses the ground truth) or 'v2a' (mirror). `prev` feeds a continuation
+  model; `fixed` is the samplers' replacement conditioning (zero-shot, any model).
+  """
+  from mmldm_jax.diffusion import samplers, schedules
+  model = model or build_dit(config)
+  shapes = {"audio": model.audio_shape, "video": model.video_shape}
+  if mode not in ("joint", "a2v", "v2a"):
+    raise ValueError(f"mode={mode!r}: expected 'joint', 'a2v' or 'v2a'")
+  given = {"a2v": ("audio", audio_latent), "v2a": ("video", video_latent)}.get(mode)
+  if given is not None and given[1] is None:
+    raise ValueError(f"mode={mode!r} needs {given[0]}_latent")
+  cond, uncond = sampling_conditions(
+      batch_size, shapes, cond_audio=audio_latent if mode == "a2v" else None,
+      cond_video=video_latent if mode == "v2a" else None, prev=prev, text=text,
+      continuation=model.continuation)
+  noise_rng, sample_rng = jax.random.split(rng)
+  x_init = samplers.initial_noise(
+      noise_rng, {name: (batch_size,) + tuple(shape) for name, shape in shapes.items()})
+
+  def model_fn(x, t, c):
+    return model.apply({"params": params}, x, t, c)
+
+  out = samplers.sample(config, model_fn, schedules.make_schedule(config.diffusion), x_init,
+                        sample_rng, cond=cond, uncond=uncond, guidance=guidance, fixed=fixed)
+  if given is not None:
+    out[given[0]] = given[1]
+  return out
+
+
+def sample_continuation(params, config, rng: Array, batch_size: int, num_clips: int, *,
+                        model: MMDiT | None = None, seed: Mapping[str, Array] | None = None,
+                        guidance: Mapping[str, float] | None = None) -> list[dict[str, Array]]:
+  """Autoregressive long generation with a continuation model: each clip is conditioned on the
+  previous one. Without `seed` the first clip has zero previous latents (the reference samples it
+  "unconditionally"); with seed = {'audio': real latent, 'video': zeros} (audio continuation) or the
+  mirror, every clip continues from it. Returns the `num_clips` sampled clips."""
+  model = model or build_dit(config)
+  if not model.continuation:
+    raise ValueError("sample_continuation needs config.dit.continuation=True")
+  shapes = {"audio": model.audio_shape, "video": model.video_shape}
+  prev = dict(seed) if seed is not None else {
+      name: jnp.zeros((batch_size,) + tuple(shape)) for name, shape in shapes.items()}
+  clip = jax.jit(lambda params, key, prev: sample_latents(
+      params, config, key, batch_size, model=model, prev=prev, guidance=guidance))
+  clips = []
+  for key in jax.random.split(rng, num_clips):
+    prev = clip(params, key, prev)
+    clips.append(prev)
+  return clips
