@@ -19,10 +19,10 @@ RUNTIME = [
     "numpy==2.4.6",
     "scipy==1.17.1",
     "av==18.1.0",
-    "pillow==13.0.0",
+    "pillow==12.3.0",          # apache-beam 2.77 (the `beam` extra) requires pillow<13
     "tqdm==4.70.1",
     "tensorboardX==2.6.5",
-    "protobuf==7.36.2",
+    "protobuf==6.33.6",        # apache-beam requires protobuf<7
 ]
 
 EXTRAS = {
@@ -30,6 +30,8 @@ EXTRAS = {
     "tfds": ["tensorflow-datasets==4.9.10"],
     # PyTorch checkpoint conversion (SD VAE / U-Net, HiFi-GAN). torch pinned to the CPU build.
     "convert": ["torch==2.13.0", "safetensors==0.8.0"],
+    # Ingestion on a cluster runner (Dataflow: add apache-beam[gcp]).
+    "beam": ["apache-beam==2.77.0"],
     "test": [
         "pytest==9.2.0",
         "librosa==0.11.0",
@@ -38,6 +40,7 @@ EXTRAS = {
         "diffusers==0.42.1",
         "transformers==5.24.0",
         "safetensors==0.8.0",
+        "apache-beam==2.77.0",
     ],
 }
 
