@@ -189,3 +189,25 @@ def test_discriminator_hinge_loss(config, loss_setup):
   assert float(jnp.abs(grads["conv_0"]["kernel"]).max()) > 0
   off, _ = vae_lib.discriminator_loss(disc_params, images, fakes, 0, config=config)
   assert float(off) == 0.0
+
+
+def test_perceptual_term_is_added_per_pixel(config, loss_setup):
+  """With a perceptual distance, nll gains perceptual_weight * d(x, x_rec) on every pixel (LDM's
+  broadcast). A cheap stand-in with `load_lpips_distance`'s signature, (params, a, b) -> [B], keeps the
+  test fast; the LPIPS network itself is tested in test_lpips.py."""
+  params, disc_params, images = loss_setup
+  distance_fn = lambda weight, a, b: weight * jnp.mean(jnp.square(a - b), axis=(1, 2, 3))
+  with_lpips = config_lib.load(os.path.join(CONFIGS, "aist.py:tiny"))
+  with_lpips.unlock()
+  with_lpips.vae.lpips_path = "lpips_vgg16.pth"  # only its presence matters to the loss
+  rng = jax.random.key(5)
+  _, aux = vae_lib.generator_loss(params, disc_params, images, rng, 0, config=with_lpips,
+                                  perceptual=(distance_fn, jnp.float32(2.0)))
+  _, plain = vae_lib.generator_loss(params, disc_params, images, rng, 0, config=config)
+  distance = distance_fn(2.0, images, aux["reconstructions"])
+  assert float(jnp.min(distance)) > 0
+  extra = config.vae.perceptual_weight * 32 * 32 * 3 * jnp.mean(distance)
+  np.testing.assert_allclose(aux["nll"] - plain["nll"], extra, rtol=1e-4)
+  assert float(aux["d_weight"]) != float(plain["d_weight"])  # the adaptive weight sees it too
+  with pytest.raises(ValueError, match="lpips_path"):
+    vae_lib.generator_loss(params, disc_params, images, rng, 0, config=with_lpips)

@@ -6,14 +6,14 @@ from `config.vae` (SD: ch 128, mult (1, 2, 4, 4), 2 res blocks, z 4, double_z, a
 block). Images are NHWC in [-1, 1]; latents NHWC. Parameter names follow diffusers, flattened
 (`down_blocks_0_resnets_1` for `down_blocks.0.resnets.1`).
 
-The loss is the taming/LDM `LPIPSWithDiscriminator` recipe as pure functions: `generator_loss` (L1 + KL +
-adaptive-weight PatchGAN term) and `discriminator_loss` (hinge). Limits: the LPIPS perceptual term is not
-implemented (a non-empty `config.vae.lpips_path` is rejected); the loss's learnable log-variance is held
-at its initial 0, as in LDM, whose optimiser never updates it.
+The loss is the taming/LDM `LPIPSWithDiscriminator` recipe as pure functions: `generator_loss` (L1 +
+LPIPS when `config.vae.lpips_path` is set + KL + adaptive-weight PatchGAN term) and `discriminator_loss`
+(hinge). Limit: the loss's learnable log-variance is held at its initial 0, as in LDM, whose optimiser
+never updates it.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import flax.linen as nn
@@ -277,19 +277,24 @@ def _disc_factor(step: Array, config) -> Array:
 
 def generator_loss(vae_params: Any, disc_params: Any, images: Array, rng: Array, step: Array, *,
                    config, vae: AutoencoderKL | None = None,
-                   disc: PatchDiscriminator | None = None) -> tuple[Array, dict]:
+                   disc: PatchDiscriminator | None = None,
+                   perceptual: tuple[Callable, Any] | None = None) -> tuple[Array, dict]:
   """The VAE's training loss (taming/LDM LPIPSWithDiscriminator, optimizer_idx 0); differentiate it
   with respect to `vae_params`.
 
-  loss = nll + kl_weight * kl + d_weight * disc_factor * g_loss, where nll = sum|x - x_rec| / B,
-  kl = sum KL / B, g_loss = -mean(D(x_rec)), d_weight = clip(|grad nll| / (|grad g_loss| + 1e-4),
-  0, 1e4) * disc_weight with both gradients taken on the decoder's last conv kernel, and disc_factor = 1
-  from `disc_start` on. Returns (loss, aux); aux holds the scalars to log and `reconstructions`
-  (gradient-stopped) for `discriminator_loss`.
+  loss = nll + kl_weight * kl + d_weight * disc_factor * g_loss, where
+  nll = sum over pixels of (|x - x_rec| + perceptual_weight * LPIPS(x, x_rec)) / B (LDM adds the
+  per-image LPIPS to every pixel), kl = sum KL / B, g_loss = -mean(D(x_rec)), d_weight =
+  clip(|grad nll| / (|grad g_loss| + 1e-4), 0, 1e4) * disc_weight with both gradients taken on the
+  decoder's last conv kernel, and disc_factor = 1 from `disc_start` on.
+  `perceptual`: `(distance_fn, lpips_params)` from `models.lpips.load_lpips_distance(config)`; required
+  when `config.vae.lpips_path` is set, refused otherwise. Returns (loss, aux); aux holds the scalars to
+  log and `reconstructions` (gradient-stopped) for `discriminator_loss`.
   """
-  if config.vae.lpips_path:
-    raise ValueError(f"config.vae.lpips_path={config.vae.lpips_path!r}: the LPIPS perceptual term is "
-                     "not implemented; set it to '' (L1 + KL + GAN only)")
+  if bool(config.vae.lpips_path) != (perceptual is not None):
+    raise ValueError(f"config.vae.lpips_path={config.vae.lpips_path!r} but perceptual="
+                     f"{'given' if perceptual is not None else 'None'}: pass perceptual="
+                     "mmldm_jax.models.lpips.load_lpips_distance(config) exactly when the path is set")
   vae = vae or build_vae(config)
   disc = disc or build_discriminator(config)
   params = dict(vae_params)
@@ -307,7 +312,16 @@ def generator_loss(vae_params: Any, disc_params: Any, images: Array, rng: Array,
     return vae.apply({"params": swapped}, feature_map, method=AutoencoderKL.decode_head)
 
   batch = images.shape[0]
-  nll_of = lambda recon: jnp.sum(jnp.abs(images.astype(jnp.float32) - recon.astype(jnp.float32))) / batch
+  pixels_per_image = images[0].size
+
+  def nll_of(recon):
+    l1 = jnp.sum(jnp.abs(images.astype(jnp.float32) - recon.astype(jnp.float32)))
+    if perceptual is None:
+      return l1 / batch
+    distance_fn, lpips_params = perceptual
+    lpips = jnp.sum(distance_fn(lpips_params, images, recon).astype(jnp.float32))
+    return (l1 + config.vae.perceptual_weight * pixels_per_image * lpips) / batch
+
   g_loss_of = lambda recon: -jnp.mean(disc.apply({"params": disc_params}, recon).astype(jnp.float32))
   last_kernel = nn.meta.unbox(params["decoder"]["conv_out"]["kernel"])
   reconstructions = reconstruct(features, last_kernel)
