@@ -25,6 +25,8 @@ STAGES = {
     "data": "mmldm_jax.data.stage:run",
     "vae": "mmldm_jax.train.stages:run_vae",
     "generator": "mmldm_jax.train.stages:run_generator",
+    "sample": "mmldm_jax.sample:run",
+    "evaluate": "mmldm_jax.evaluation.stage:run",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py[:tiny].",
