@@ -26,21 +26,37 @@ def tiny_config(**sample_fields):
   return config
 
 
+def filled(init, key):
+  """Parameters of the structure `init(key)` makes, filled without running it (tracing only, so no
+  big init compile): norm scales 1, biases 0, other weights normal / sqrt(fan-in)."""
+  abstract = nn.unbox(jax.eval_shape(init, key))
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+  values = []
+  for index, (path, leaf) in enumerate(leaves):
+    name = str(getattr(path[-1], "key", path[-1]))
+    if leaf.ndim <= 1 and "scale" in name:
+      values.append(np.ones(leaf.shape, np.float32))
+    elif leaf.ndim <= 1:
+      values.append(np.zeros(leaf.shape, np.float32))
+    else:
+      noise = np.random.default_rng([int(jax.random.key_data(key).sum()), index])
+      fan_in = int(np.prod(leaf.shape[:-1]))
+      values.append((noise.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(np.float32))
+  return jax.tree_util.tree_unflatten(treedef, values)
+
+
 def random_models(config, seed=0):
   """Randomly initialised DiT, autoencoder and VAE (plain parameter trees)."""
   dit_key, ae_key, vae_key = jax.random.split(jax.random.PRNGKey(seed), 3)
   dit = dit_lib.build_dit(config)
   system = autoencoder_lib.AutoencoderSystem(config)
-  size = config.data.image_size
-  # Jitted inits: one compile each (and cached on disk) instead of op-by-op dispatch.
-  vae_params = jax.jit(lambda key: system.vae.init(key, np.zeros((1, size, size, 3), np.float32))[
-      "params"])(vae_key)
-  dit_params = jax.jit(lambda key: dit_lib.init_params(dit, key))(dit_key)
-  ae_params = jax.jit(lambda key: system.init(key)["autoencoder"])(ae_key)
+  image = np.zeros((1, config.data.image_size, config.data.image_size, 3), np.float32)
   return sample.Models(
-      dit=dit, dit_params=nn.unbox(dit_params), system=system,
-      autoencoder_params=nn.unbox(ae_params), vae_params=nn.unbox(vae_params), vocoder=None,
-      description={"init": f"random:{seed}"})
+      dit=dit, dit_params=filled(lambda key: dit_lib.init_params(dit, key), dit_key),
+      system=system,
+      autoencoder_params=filled(lambda key: system.init(key)["autoencoder"], ae_key),
+      vae_params=filled(lambda key: system.vae.init(key, image)["params"], vae_key),
+      vocoder=None, description={"init": f"random:{seed}"})
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +150,46 @@ def test_a2v_generates_video_for_real_sound(models, tmp_path):
   np.testing.assert_allclose(written, clips[0]["audio"], atol=1.0 / 32767)
   media = video.read_av(os.path.join(folder, entry["mp4"]))
   assert media.frames.shape[0] == config.data.num_frames
+
+
+def save_checkpoint(config, workdir, task, params, step):
+  """A checkpoint in the training loop's format (opt state zeros) holding the given parameters."""
+  from mmldm_jax import checkpoint as checkpoint_lib
+  from mmldm_jax import parallel
+  from mmldm_jax.train import loop
+  init_state, _ = loop.make_state_init(task)
+  abstract = parallel.unbox(jax.eval_shape(init_state, jax.random.key(0)))
+  state = jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), abstract)
+  for group, values in params.items():
+    state["params"][group] = jax.tree.map(np.asarray, values)
+  checkpointer = checkpoint_lib.Checkpointer(loop.checkpoint_dir(workdir, task.name), save_every=0,
+                                             keep=1, async_save=False)
+  checkpointer.save(step, state, force=True)
+  checkpointer.close()
+
+
+def test_stage_restores_checkpoints_and_matches_the_chain(config, models, joint_folder, tmp_path):
+  """`run` restores the generator / autoencoder / vae checkpoints of a workdir and writes the same
+  samples the chain writes from those parameters directly."""
+  from mmldm_jax.train import stages
+  workdir = str(tmp_path)
+  synthetic.write_dataset(config, os.path.join(workdir, "data"), progress=False)
+  save_checkpoint(config, workdir, stages.generator_task(config, workdir),
+                  {"dit": models.dit_params}, 4)
+  save_checkpoint(config, workdir, stages.autoencoder_task(config, workdir),
+                  {"autoencoder": models.autoencoder_params}, 4)
+  save_checkpoint(config, workdir, stages.vae_task(config, workdir), {"vae": models.vae_params}, 4)
+  sample.run(config, workdir)
+  folder = sample.samples_dir(workdir, "joint")
+  index = sample.read_index(folder)
+  assert index["settings"]["models"] == {"generator_step": 4, "autoencoder_step": 4,
+                                         "vae_step": 4}
+  for number in range(2):
+    name = sample.sample_name(number) + ".wav"
+    with open(os.path.join(folder, name), "rb") as ours, \
+         open(os.path.join(joint_folder, name), "rb") as direct:
+      written, expected = (np.frombuffer(f.read()[44:], "<i2").astype(int) for f in (ours, direct))
+    assert np.max(np.abs(written - expected)) <= 1   # same parameters, sharded placement
+  mtime = os.path.getmtime(os.path.join(folder, "sample_0000.mp4"))
+  sample.run(config, workdir)                        # complete: skipped
+  assert os.path.getmtime(os.path.join(folder, "sample_0000.mp4")) == mtime
