@@ -1,6 +1,7 @@
 """The generation chain end to end on tiny randomly initialised models: playable mp4 files with sound of
 the clip's duration, wav and png beside them, index.json; resume skips complete samples and
 regenerates missing ones bit-identically; a changed setting is refused; A2V keeps the real sound."""
+import dataclasses
 import os
 
 import flax.linen as nn
@@ -11,6 +12,7 @@ from PIL import Image
 
 from mmldm_jax import config_lib
 from mmldm_jax import sample
+from mmldm_jax.data import audio
 from mmldm_jax.data import synthetic
 from mmldm_jax.data import video
 from mmldm_jax.models import autoencoder as autoencoder_lib
@@ -193,3 +195,48 @@ def test_stage_restores_checkpoints_and_matches_the_chain(config, models, joint_
   mtime = os.path.getmtime(os.path.join(folder, "sample_0000.mp4"))
   sample.run(config, workdir)                        # complete: skipped
   assert os.path.getmtime(os.path.join(folder, "sample_0000.mp4")) == mtime
+
+
+def test_continuation_joins_clips_in_time(models, tmp_path):
+  config = tiny_config(mode="continuation", num_clips=2)
+  config.dit.continuation = True
+  dit = dit_lib.build_dit(config)
+  continuing = sample.Models(
+      dit=dit, dit_params=filled(lambda key: dit_lib.init_params(dit, key), jax.random.PRNGKey(3)),
+      system=models.system, autoencoder_params=models.autoencoder_params,
+      vae_params=models.vae_params, vocoder=None, description={"init": "random:3"})
+  folder = str(tmp_path / "continuation")
+  index = sample.write_samples(config, continuing, folder, progress=False)
+  entry = index["samples"][0]
+  clip_samples = config_lib.clip_samples(config)
+  assert entry["num_frames"] == 2 * config.data.num_frames
+  assert entry["num_audio_samples"] == 2 * clip_samples
+  media = video.read_av(os.path.join(folder, entry["mp4"]))
+  assert media.duration == pytest.approx(2 * config.data.num_frames / config.data.fps, abs=1e-6)
+  assert 2 * clip_samples <= media.audio.shape[1] <= 2 * clip_samples + 1024
+  with Image.open(os.path.join(folder, entry["png"])) as png:
+    size = config.data.image_size
+    assert png.size == (8 * size + sample.GRID_GAP + 2 * config.audio.image_size, size)
+
+
+def test_vocoder_turns_the_audio_image_into_the_clip_waveform(models):
+  """With config.vocoder set, the chain's audio goes through HiFi-GAN (a random one here, shaped
+  for the demo's 64-mel, hop-128 audio)."""
+  from mmldm_jax.models import vocoder as vocoder_lib
+  config = tiny_config()
+  config.vocoder.update(upsample_rates=(8, 4, 2, 2), upsample_kernel_sizes=(16, 8, 4, 4),
+                        num_mels=64, sample_rate=16000)
+  vocoder_lib.check_mel_matches(config)
+  generator = vocoder_lib.generator_from_config(config)
+  params = nn.unbox(vocoder_lib.init_params(config, jax.random.PRNGKey(4)))
+  apply_fn = jax.jit(lambda p, mel: generator.apply({"params": p}, mel))
+  chain = sample.Chain(config, dataclasses.replace(models, vocoder=(apply_fn, params)))
+  waveform = np.asarray(audio.waveform_to_image(
+      np.sin(np.arange(config_lib.clip_samples(config)) * 0.3)[None], config.audio))
+  result = np.asarray(chain._waveform(params, waveform))
+  mel = audio.image_to_mel(waveform, 64, chain.mel_frames)
+  expected = np.asarray(apply_fn(params, np.swapaxes(np.asarray(mel), -1, -2)))
+  assert result.shape == (1, config_lib.clip_samples(config))
+  assert expected.shape[-1] >= result.shape[-1]
+  np.testing.assert_allclose(result, expected[:, :result.shape[1]], atol=1e-5)
+  assert np.std(result) > 0
