@@ -23,8 +23,9 @@ sound from the lossless wav) and real clips of the dataset, and writes:
                   validation and the held-out clips (what two real sets give).
   memorisation    nearest-neighbour check (MM-Diffusion issue #24): per generated clip, the smallest
                   distance of its joint feature vector (both sets, each centred and scaled with the
-                  training clips' statistics, `standardiser`) to the TRAINING clips and to the HELD-OUT clips. A model that
-                  copies its training set has distances to train far below those to held-out.
+                  training clips' statistics, `standardiser`) to the TRAINING clips and to the
+                  HELD-OUT clips. A model that copies its training set has distances to train far
+                  below those to held-out.
                   The training set is larger than the held-out one, so even an honest sample sits
                   somewhat closer to it: read `ratio_train_to_heldout` (median over samples)
                   against `validation_reference`, the same numbers for real validation clips, which
@@ -255,7 +256,8 @@ def evaluate(config, samples_folder: str, data_folder: str) -> dict[str, Any]:
                      "heldout": len(heldout[FEATURE_SETS[0]]),
                      "train": len(scaled["train"])},
       "features": features,
-      "memorisation": dict(copied, features="video_colour_motion + audio_logmel_stats, standardised per set",
+      "memorisation": dict(copied,
+                           features="video_colour_motion + audio_logmel_stats, standardised per set",
                            validation_reference={k: v for k, v in reference.items()
                                                  if not k.startswith("per_sample")}),
       "notes": "Feature distances use the simple weight-free features named above; they are not "
