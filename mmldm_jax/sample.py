@@ -152,7 +152,6 @@ class Chain:
   """
 
   def __init__(self, config, models: Models):
-    from mmldm_jax.diffusion import samplers, schedules
     from mmldm_jax.models import dit as dit_lib
     self.config = config
     self.models = models
@@ -161,28 +160,12 @@ class Chain:
     self.clip_samples = config_lib.clip_samples(config)
     self.mel_frames = audio_lib.num_mel_frames(self.clip_samples, config.audio)
     model = models.dit
-    # Made here, outside jit: the samplers need a concrete schedule (under jit, jnp.asarray of the
-    # betas would be a tracer; `dit.sample_latents` builds it inside and so cannot be jitted).
-    schedule = schedules.make_schedule(config.diffusion)
-    shapes = {"audio": tuple(model.audio_shape), "video": tuple(model.video_shape)}
+    dit_mode = "joint" if self.mode == "continuation" else self.mode  # continuation: via `prev`
 
     def latents(params, key, batch_size, audio_latent, video_latent, prev):
-      """`dit.sample_latents` (same keys, conditions and result) with the schedule closed over."""
-      cond, uncond = dit_lib.sampling_conditions(
-          batch_size, shapes, cond_audio=audio_latent if self.mode == "a2v" else None,
-          cond_video=video_latent if self.mode == "v2a" else None, prev=prev,
-          continuation=model.continuation)
-      noise_key, sample_key = jax.random.split(key)
-      x_init = samplers.initial_noise(
-          noise_key, {name: (batch_size,) + shape for name, shape in shapes.items()})
-      model_fn = lambda x, t, c: model.apply({"params": params}, x, t, c)  # noqa: E731
-      out = samplers.sample(config, model_fn, schedule, x_init, sample_key, cond=cond,
-                            uncond=uncond)
-      if self.mode == "a2v":    # the given latent, as the reference reuses the ground truth
-        out["audio"] = audio_latent
-      elif self.mode == "v2a":
-        out["video"] = video_latent
-      return out
+      return dit_lib.sample_latents(params, config, key, batch_size, model=model, mode=dit_mode,
+                                    audio_latent=audio_latent, video_latent=video_latent,
+                                    prev=prev)
     self._latents = jax.jit(latents, static_argnums=2)
     self._encode = jax.jit(models.system.encode)
     self._waveform = jax.jit(self._image_to_waveform)
