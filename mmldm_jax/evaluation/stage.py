@@ -19,14 +19,13 @@ sound from the lossless wav) and real clips of the dataset, and writes:
                                          frame-to-frame differences, their mean and their std in time
                     audio_logmel_stats   per clip: mean and std in time of every log-mel bin
                                          (config.audio), mean and std of the spectral flux
+                  both standardised with the training clips' statistics (`standardiser`), and
                   with `real_floor_frechet` / `real_floor_kernel`: the same distances between the
                   validation and the held-out clips (what two real sets give).
   memorisation    nearest-neighbour check (MM-Diffusion issue #24): per generated clip, the smallest
-                  distance of its joint feature vector (both sets, each centred and scaled with the
-                  training clips' statistics, `standardiser`) to the TRAINING clips and to the
-                  HELD-OUT clips. A model that copies its training set has distances to train far
-                  below those to held-out.
-                  The training set is larger than the held-out one, so even an honest sample sits
+                  distance of its joint feature vector (both standardised sets) to the TRAINING
+                  clips and to the HELD-OUT clips. A model that copies its training set has
+                  distances to train far below those to held-out. The training set is larger than the held-out one, so even an honest sample sits
                   somewhat closer to it: read `ratio_train_to_heldout` (median over samples)
                   against `validation_reference`, the same numbers for real validation clips, which
                   the model never saw. `ratio_relative_to_reference` = the two ratios' quotient:
@@ -196,18 +195,21 @@ def memorisation(queries: np.ndarray, train: np.ndarray, heldout: np.ndarray) ->
 
 
 def standardiser(train: dict[str, np.ndarray]):
-  """features dict -> joint vectors [n, d]: each feature set minus the training clips' mean, divided
-  by the root-mean-square of its per-dimension standard deviations (one scale per set, so both
-  modalities weigh alike and dimensions that barely vary in training, e.g. empty histogram bins,
-  are not blown up)."""
+  """A function: features dict -> the same dict with each set minus the training clips' mean and
+  divided by the root-mean-square of its per-dimension standard deviations. One scale per set, so
+  the cubic kernel sees O(1) values, both modalities weigh alike in the joint vector, and
+  dimensions that barely vary in training (e.g. empty histogram bins) are not blown up."""
   centres = {name: train[name].mean(axis=0) for name in FEATURE_SETS}
   scales = {name: max(float(np.sqrt(np.mean(train[name].var(axis=0)))), 1e-12)
             for name in FEATURE_SETS}
 
-  def joint(features: dict[str, np.ndarray]) -> np.ndarray:
-    return np.concatenate([(features[name] - centres[name]) / scales[name]
-                           for name in FEATURE_SETS], axis=1)
-  return joint
+  def standardise(features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {name: (features[name] - centres[name]) / scales[name] for name in FEATURE_SETS}
+  return standardise
+
+
+def _joint(features: dict[str, np.ndarray]) -> np.ndarray:
+  return np.concatenate([features[name] for name in FEATURE_SETS], axis=1)
 
 
 def evaluate(config, samples_folder: str, data_folder: str) -> dict[str, Any]:
@@ -234,6 +236,9 @@ def evaluate(config, samples_folder: str, data_folder: str) -> dict[str, Any]:
   train, _ = real_split(config, data_folder, "train", max(1, num_frames // 4), TRAIN_LIMIT,
                         with_sync=False)
 
+  standardise = standardiser(train)
+  train, validation, heldout, generated = (standardise(values) for values in
+                                           (train, validation, heldout, generated))
   features = {}
   for name in FEATURE_SETS:
     real = np.concatenate([validation[name], heldout[name]])
@@ -242,9 +247,9 @@ def evaluate(config, samples_folder: str, data_folder: str) -> dict[str, Any]:
                           num_real=len(real), real_floor_frechet=floor["frechet"],
                           real_floor_kernel=floor["kernel"])
 
-  joint = standardiser(train)
-  scaled = {name: joint(values) for name, values in (("train", train), ("heldout", heldout),
-                                 ("validation", validation), ("generated", generated))}
+  scaled = {name: _joint(values) for name, values in (("train", train), ("heldout", heldout),
+                                                      ("validation", validation),
+                                                      ("generated", generated))}
   reference = memorisation(scaled["validation"], scaled["train"], scaled["heldout"])
   copied = memorisation(scaled["generated"], scaled["train"], scaled["heldout"])
   copied["ratio_relative_to_reference"] = (copied["ratio_train_to_heldout"] /
