@@ -269,6 +269,27 @@ def per_process_batch_size(global_batch_size: int, mesh: Mesh, field: str) -> in
 # ------------------------------------------------------------------------------------------------
 # Multi-host start-up
 # ------------------------------------------------------------------------------------------------
+_barrier_count = 0
+
+
+def compile_in_step(jitted, *args, name: str):
+  """Compiles `jitted` for `args` (ahead of time) and, with several processes, waits until every
+  process has compiled it before returning the executable.
+
+  Why: the first collective of an executable sets up its communicator (gloo on CPU) with a fixed
+  30 s deadline; a process that finishes compiling much earlier than another would time out there.
+  The wait uses the coordination service (no collectives), with a generous timeout.
+  """
+  global _barrier_count
+  compiled = jitted.lower(*args).compile()
+  if jax.process_count() > 1:
+    from jax._src import distributed  # the coordination-service client (no public barrier API)
+    _barrier_count += 1
+    distributed.global_state.client.wait_at_barrier(
+        f"mmldm_compiled_{name}_{_barrier_count}", 60 * 60 * 1000)
+  return compiled
+
+
 def detect_cluster() -> str | None:
   """Names the multi-process environment this process runs in, or None for a single process.
 

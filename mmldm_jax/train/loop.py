@@ -300,6 +300,7 @@ def train(config, workdir: str, task: Task, devices=None) -> dict[str, Any]:
       flops_per_example=task.flops_per_example)
   watcher = checkpoint_lib.PreemptionWatcher()
   previous_finite = None
+  compiled_step = None
   skipped = 0
   try:
     for step in range(start + 1, num_steps + 1):
@@ -309,7 +310,10 @@ def train(config, workdir: str, task: Task, devices=None) -> dict[str, Any]:
       data_wait = time.perf_counter() - wait_start
       with (parallel.activation_rules(mesh, rules) if task.activation_constraints
             else contextlib.nullcontext()):
-        state, step_metrics = step_fn(state, frozen, batch)
+        if compiled_step is None:
+          compiled_step = parallel.compile_in_step(step_fn, state, frozen, batch,
+                                                   name=f"{task.name}_step")
+        state, step_metrics = compiled_step(state, frozen, batch)
       # The previous step's NaN flag is ready by now; reading it does not stall this step.
       if previous_finite is not None and not bool(jax.device_get(previous_finite[1])):
         skipped += 1

@@ -4,10 +4,12 @@
   autoencoder  the multi-modal autoencoder + its 3-frame discriminator, VAE frozen
   generator    the joint audio-video DiT on precomputed latents (`latents` stage, train/latents.py)
 
-Stage order and inputs: `data` writes `<workdir>/data` (or `config.data.data_dir` holds ingested records);
-`vae` starts from `config.vae.pretrained_path` (SD VAE weights) or random; `autoencoder` freezes the
-`vae` stage's final parameters (or, without that stage in the workdir, the pretrained SD VAE);
-`latents` encodes the training clips with the frozen autoencoder; `generator` trains on those.
+Stage order and inputs: `data` writes `<workdir>/data` (or `config.data.data_dir` holds ingested
+records); `vae` starts from `config.vae.pretrained_path` (SD VAE weights) or random; `autoencoder`
+freezes the `vae` stage's final parameters (or, without that stage in the workdir, the pretrained SD
+VAE); `latents` encodes the training clips with the frozen autoencoder; `generator` trains on those.
+A stage whose input is missing runs the stage that makes it: the training stages run `data` for the
+synthetic source, `generator` runs `latents`.
 Each stage is skipped when its final checkpoint exists and resumes from its latest one otherwise.
 """
 from __future__ import annotations
@@ -30,12 +32,19 @@ _AUTOENCODER_FIELDS = ("key_frames", "target_frames", "target_indices", "audio",
 
 
 def data_folder(config, workdir: str) -> str:
-  """Where the training records are: config.data.data_dir, else `<workdir>/data` (the data stage)."""
-  folder = config.data.data_dir or os.path.join(workdir, "data")
+  """The training records' folder (config.data.data_dir, else `<workdir>/data`). With the synthetic
+  source and no dataset yet, runs the `data` stage first (single process), so the training stages
+  also work without 'data' in config.stages."""
+  from mmldm_jax.data import stage as data_stage
+  folder = data_stage.data_folder(config, workdir)
   if not os.path.exists(os.path.join(folder, "index.json")):
-    raise FileNotFoundError(
-        f"no dataset index at {os.path.join(folder, 'index.json')}: run the `data` stage first "
-        f"(config.stages starting with 'data') or set config.data.data_dir to ingested records")
+    if config.data.source == "synthetic" and jax.process_count() == 1:
+      logging.info("no dataset in %s yet: running the data stage first", folder)
+      data_stage.run(config, workdir)
+    else:
+      raise FileNotFoundError(
+          f"no dataset index at {os.path.join(folder, 'index.json')}: run the `data` stage first "
+          f"(config.stages starting with 'data') or set config.data.data_dir to ingested records")
   return folder
 
 
@@ -199,4 +208,10 @@ def run_autoencoder(config, workdir: str) -> None:
 
 
 def run_generator(config, workdir: str) -> None:
+  """Trains the DiT; writes the latents first (the `latents` stage) when they are missing."""
+  from mmldm_jax.train import latents as latents_lib
+  if not latents_lib.is_complete(workdir):
+    logging.info("generator: no latents in %s yet, running the latents stage first",
+                 latents_lib.latents_dir(workdir))
+    latents_lib.run(config, workdir)
   loop.train(config, workdir, generator_task(config, workdir))
