@@ -43,7 +43,8 @@ def test_discriminator_shapes_and_logical_axes(config, disc_and_params):
   # One attention kind per configured resolution: spatio-temporal at ds 4, temporal at ds 2.
   names = set(nn.unbox(params))
   assert {"attn_1_0", "attn_2_0"} <= names and "attn_0_0" not in names
-  assert "SpatioTemporal" not in str(params["attn_1_0"])  # a plain parameter tree, not a module
+  # Spatio-temporal attention at ds 4 normalises [B, T, H, W, C] per clip; temporal per pixel.
+  assert params["attn_1_0"]["SelfAttention_0"]["qkv"]["kernel"].value.shape == (8, 24)
   triples = jax.random.normal(jax.random.PRNGKey(1), (3, 3, size, size, 3))
   logits = jax.jit(disc.apply)({"params": nn.unbox(params)}, triples)
   assert logits.shape == (3,) and logits.dtype == jnp.float32

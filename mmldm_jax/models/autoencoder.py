@@ -83,7 +83,8 @@ PAPER_DISCRIMINATOR_PARAMETER_COUNT = 5_376_545
 
 class MultiModalAutoencoder(nn.Module):
   """All trainable parts except the discriminator. Methods (use `apply(..., method=...)`):
-  `encode`, `condition`, `denoise`; `__call__` runs the three in a row (training forward, init)."""
+  `encode`, `semantics`, `heads`, `condition`, `denoise`; `__call__` runs them in a row (the
+  training forward, also used by init)."""
   config: Any          # a FrozenConfigDict of the whole experiment config
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
