@@ -3,13 +3,17 @@
 Run:
   python -m mmldm_jax.main --config=configs/demo.py --workdir=runs/demo
 
-Cost: a few minutes on 2 CPU cores, a few hundred MB of disk. The synthetic clips (coloured objects
-bouncing over a class-dependent background; every wall hit is a tone whose pitch is the object's colour)
-are generated from a seed, so nothing is downloaded. Frames are 64x64 at 10 fps, audio 16 kHz; every
+Cost: on 2 CPU cores mostly XLA compile time (the autoencoder step compiles for minutes); a few
+hundred MB of disk. The synthetic clips (coloured objects bouncing over a class-dependent
+background; every wall hit is a tone whose pitch is the object's colour) are generated from a seed,
+so nothing is downloaded. Frames are 64x64 at 10 fps, audio 16 kHz; every
 network is the `tiny` size of the paper configs.
 
 `--config.stages` picks stages (comma-separated, run in order). The default runs every stage this
 version implements; `data` writes the shards plus `preview.mp4` and `preview.png` into the workdir.
+Each training stage writes TensorBoard files to `<workdir>/<stage>/logs`
+(`tensorboard --logdir <workdir>`); a stage whose input is missing runs the stage that makes it
+(training stages run `data`, `generator` runs `latents`).
 """
 from mmldm_jax import config_lib
 
@@ -19,7 +23,7 @@ def get_config(arg=None):
   config = config_lib.base_config()
   config_lib.apply_tiny(config)
   config.name = "demo"
-  config.stages = "data"
+  config.stages = "data,vae,autoencoder,latents,generator"
   config.data.source = "synthetic"
   config.data.fps = 10.0
   config.data.num_frames = 16
@@ -30,4 +34,9 @@ def get_config(arg=None):
                       win_length=512, num_mels=64, fmin=0.0, fmax=8000.0)
   if preset.get("tiny"):
     config.synthetic.update(num_train_videos=8, num_validation_videos=2, num_heldout_videos=2)
+  else:
+    # Sized for a CPU, where compiling dominates (the autoencoder's step compiles for minutes).
+    config.train_vae.update(num_steps=20, checkpoint_every=10, log_every=5)
+    config.train_autoencoder.update(num_steps=20, checkpoint_every=10, log_every=5)
+    config.train_generator.update(num_steps=200, checkpoint_every=100, log_every=20, lr=1e-4)
   return config

@@ -24,6 +24,8 @@ from mmldm_jax import parallel
 STAGES = {
     "data": "mmldm_jax.data.stage:run",
     "vae": "mmldm_jax.train.stages:run_vae",
+    "autoencoder": "mmldm_jax.train.stages:run_autoencoder",
+    "latents": "mmldm_jax.train.latents:run",
     "generator": "mmldm_jax.train.stages:run_generator",
     "sample": "mmldm_jax.sample:run",
     "evaluate": "mmldm_jax.evaluation.stage:run",

@@ -50,9 +50,8 @@ def data_folder(config, workdir: str) -> str:
 
 def clip_dataset_factory(config, workdir: str, *, hflip_prob: float | None = None):
   """(process_index, process_count, per_host_batch, seed) -> the shuffled, repeating clip dataset."""
-  folder = data_folder(config, workdir)
-
   def make(process_index, process_count, batch_size, seed):
+    folder = data_folder(config, workdir)  # here, not earlier: restoring a task reads no data
     return pipeline.make_dataset(
         config, "train", process_index=process_index, process_count=process_count,
         batch_size=batch_size, seed=seed, hflip_prob=hflip_prob,
