@@ -145,11 +145,11 @@ class MetricsWriter:
       self._tb.add_image(name, image, step, dataformats="HWC")
 
   def audio(self, step: int, clips: Mapping[str, np.ndarray], sample_rate: int) -> None:
-    """Float waveforms in [-1, 1], each [N] (one clip)."""
+    """Float waveforms in [-1, 1], each [N] (one mono clip)."""
     if not self.is_writer:
       return
     for name, waveform in clips.items():
-      self._tb.add_audio(name, np.clip(np.asarray(waveform, np.float32), -1, 1)[None], step,
+      self._tb.add_audio(name, np.clip(np.asarray(waveform, np.float32), -1, 1)[:, None], step,
                          sample_rate=sample_rate)
 
   def close(self) -> None:

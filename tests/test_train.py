@@ -251,3 +251,22 @@ def test_unreadable_checkpoint_is_an_error_not_a_fresh_start(reference_run, tmp_
       os.remove(os.path.join(root, name))
   with pytest.raises(RuntimeError, match="step 4"):
     loop.train(config, workdir, stages.generator_task(config, workdir))
+
+
+def test_metrics_writer_images_audio_and_peak_flops(tmp_path):
+  from mmldm_jax import metrics
+  assert metrics.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+  assert metrics.peak_flops("TPU v5 lite") == 197e12
+  assert metrics.peak_flops("cpu") is None
+  writer = metrics.MetricsWriter(str(tmp_path), total_steps=2, global_batch_size=4, log_every=1,
+                                 flops_per_example=1e9)
+  writer.step(1, {"loss": np.float32(2.0)}, data_wait_s=0.0)
+  writer.step(2, {"loss": np.float32(1.0)}, data_wait_s=0.0)
+  writer.images(2, {"frames": np.zeros((2, 8, 8, 3), np.uint8)})
+  writer.audio(2, {"sound": np.zeros(1600, np.float32)}, sample_rate=16000)
+  writer.close()
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert [r["step"] for r in rows] == [1, 2] and rows[1]["loss"] == 1.0
+  event_file = [n for n in os.listdir(tmp_path) if n.startswith("events.out.tfevents")][0]
+  payload = open(tmp_path / event_file, "rb").read()
+  assert b"frames" in payload and b"sound" in payload and b"loss" in payload
