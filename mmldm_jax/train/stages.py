@@ -209,7 +209,8 @@ def run_autoencoder(config, workdir: str) -> None:
 def run_generator(config, workdir: str) -> None:
   """Trains the DiT; writes the latents first (the `latents` stage) when they are missing."""
   from mmldm_jax.train import latents as latents_lib
-  if not latents_lib.is_complete(workdir):
+  finished = loop.is_complete(workdir, "generator", config.train_generator.num_steps)
+  if not finished and not latents_lib.is_complete(workdir):
     logging.info("generator: no latents in %s yet, running the latents stage first",
                  latents_lib.latents_dir(workdir))
     latents_lib.run(config, workdir)
