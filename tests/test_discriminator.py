@@ -144,3 +144,13 @@ def test_contrastive_head_temperatures_and_classifier(config):
   assert logits.shape == (3, config.data.num_classes)
   loss, _ = semantic.classification_loss(logits, jnp.array([0, 1, 2]))
   assert np.isfinite(float(loss))
+
+
+def test_info_nce_clamps_the_temperatures():
+  """A temperature pushed to or below zero by the optimiser acts as 0.01 (no sign flip)."""
+  embedding = jnp.eye(3)
+  loss, accuracy = semantic.info_nce(embedding, embedding, -0.5, 0.0)
+  reference, _ = semantic.info_nce(embedding, embedding, semantic.MIN_TEMPERATURE,
+                                   semantic.MIN_TEMPERATURE)
+  assert float(accuracy) == 1.0 and np.isfinite(float(loss))
+  np.testing.assert_allclose(float(loss), float(reference), rtol=1e-6)

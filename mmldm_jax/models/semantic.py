@@ -28,6 +28,7 @@ import optax
 from mmldm_jax.models.perceptual import ConvNd, Norm, ResBlock, SpatialAttention, dense
 
 Dtype = jnp.dtype
+MIN_TEMPERATURE = 0.01
 
 
 class Projector(nn.Module):
@@ -125,9 +126,15 @@ def info_nce(video_embedding, audio_embedding, temperature_v2a, temperature_a2v)
   gathers, so no explicit collective is needed. Inside `shard_map`/`pmap` you would have to
   all-gather first.
 
+  The temperatures are clamped at `MIN_TEMPERATURE` (0.01, CLIP's bound) before use. The reference
+  divides by the raw parameters; under Adam a temperature falls by about lr per step while the pairs
+  are ranked right, so it would cross zero (after ~700 steps at lr 1e-4) and flip every logit.
+
   Returns (loss, accuracy), where accuracy is the fraction of audio items whose most similar video
   is their own clip.
   """
+  temperature_v2a = jnp.maximum(temperature_v2a, MIN_TEMPERATURE)
+  temperature_a2v = jnp.maximum(temperature_a2v, MIN_TEMPERATURE)
   targets = jnp.arange(video_embedding.shape[0])
   similarity = video_embedding @ audio_embedding.T                  # [video, audio]
   logits_v2a = similarity / temperature_v2a
