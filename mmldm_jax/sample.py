@@ -11,9 +11,9 @@ num_clips, seed, num_samples, batch_size):
   -> log-mel at the clip's raw size (audio.image_to_mel)
   -> waveform: HiFi-GAN when config.vocoder.pretrained_path is set, else Griffin-Lim
   -> per sample, under `<workdir>/samples/<mode>/`:
-       sample_XXXX.mp4   H.264 + AAC, the frames at data.fps with the sound
-       sample_XXXX.wav   the sound (16-bit PCM at audio.sample_rate)
-       sample_XXXX.png   the frames (up to 8, evenly spaced) in a row, a gap, the audio image
+       sample_0000.mp4   H.264 + AAC, the frames at data.fps with the sound
+       sample_0000.wav   the sound (16-bit PCM at audio.sample_rate)
+       sample_0000.png   the frames (up to 8, evenly spaced) in a row, a gap, the audio image
      and index.json (the settings, the models' checkpoint steps and one entry per sample).
 
 Modes:
