@@ -83,7 +83,7 @@ def test_every_parameter_has_logical_axis_names(tiny_model):
   assert leaves and all(isinstance(leaf, nn.LogicallyPartitioned) for leaf in leaves)
   specs = nn.get_partition_spec(boxed)
   assert tuple(specs["dit"]["blocks"]["fc1"]["kernel"]) == ("layers", "embed", "mlp")
-  assert tuple(specs["dit"]["blocks"]["qkv"]["kernel"]) == ("layers", "embed", None, "heads")
+  assert tuple(specs["dit"]["blocks"]["qkv"]["kernel"]) == ("layers", "embed", "heads")
 
 
 def test_dit_initialisation(tiny_model, tiny_params):

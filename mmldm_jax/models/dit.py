@@ -143,13 +143,11 @@ class DiTBlock(nn.Module):
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(modulation, 6, -1)
 
     h = modulate(plain_layer_norm(x), shift_msa, scale_msa)
-    qkv = nn.DenseGeneral(
-        (3, width), dtype=self.dtype, param_dtype=self.param_dtype, name="qkv",
-        kernel_init=nn.with_logical_partitioning(
-            xavier, ("embed", None, "heads")),  # DenseGeneral inits the flat (H, 3H) kernel
-        bias_init=nn.with_logical_partitioning(zeros, (None, "heads")))(h)
+    # One fused (H, 3H) projection, laid out [q | k | v] like timm's qkv Linear (same Xavier fan).
+    qkv = dense(3 * width, ("embed", "heads"), name="qkv", **kw)(h)
     batch, length = x.shape[:2]
-    q, k, v = (qkv[:, :, i].reshape(batch, length, heads, width // heads) for i in range(3))
+    qkv = qkv.reshape(batch, length, 3, heads, width // heads)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     attended = jax.nn.dot_product_attention(q, k, v).reshape(batch, length, width)
     attended = dense(width, ("heads", "embed"), name="proj", **kw)(attended)
     x = constrain(x + gate_msa[:, None] * attended)

@@ -167,19 +167,30 @@ def restore_params(config, workdir: str, task: Task, mesh, *, use_ema: bool = Tr
 
 
 def _with_pretrained(state, values, shardings):
-  """The fresh state with the given groups' parameter values (and EMA) placed on its shardings."""
+  """The fresh state with pretrained values (and EMA) placed on its shardings.
+
+  `values` maps a group to the submodules it replaces, by their top-level names in that group
+  ({'vae': whole VAE params} or {'autoencoder': {'unet': U-Net params}}); the rest keeps its init.
+  """
   state = dict(state, params=dict(state["params"]))
+  if "ema" in state:
+    state["ema"] = dict(state["ema"])
   for group, group_values in values.items():
     def place(value, current, sharding):
       if tuple(np.shape(value)) != tuple(current.shape):
         raise ValueError(f"pretrained {group} parameter of shape {np.shape(value)}, model expects "
                          f"{current.shape}")
       return jax.device_put(np.asarray(value, current.dtype), sharding)
-    placed = jax.tree.map(place, parallel.unbox(group_values), state["params"][group],
-                          shardings["params"][group])
-    state["params"][group] = placed
+    group_params = dict(state["params"][group])
+    for name, submodule_values in parallel.unbox(group_values).items():
+      if name not in group_params:
+        raise ValueError(f"pretrained {group}/{name}: the model has no such submodule "
+                         f"(it has {', '.join(sorted(group_params))})")
+      group_params[name] = jax.tree.map(place, submodule_values, group_params[name],
+                                        shardings["params"][group][name])
+    state["params"][group] = group_params
     if "ema" in state:
-      state["ema"] = dict(state["ema"], **{group: jax.tree.map(jnp.copy, placed)})
+      state["ema"][group] = jax.tree.map(jnp.copy, group_params)
   return state
 
 

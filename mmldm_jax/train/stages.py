@@ -90,12 +90,17 @@ def vae_task(config, workdir: str) -> loop.Task:
     audio_image = audio_lib.waveform_to_image(batch["audio"], config.audio)
     return jnp.concatenate([frames, audio_image.astype(frames.dtype)], axis=0)
 
+  perceptual = None
+  if config.vae.lpips_path:
+    from mmldm_jax.models import lpips as lpips_lib
+    perceptual = lpips_lib.load_lpips_distance(config)
+
   def loss(group, params, frozen, batch, rng, step):
     del frozen
     images = images_of(batch)
     if group == "vae":
       value, aux = vae_lib.generator_loss(params["vae"], params["discriminator"], images, rng, step,
-                                          config=config, vae=vae, disc=disc)
+                                          config=config, vae=vae, disc=disc, perceptual=perceptual)
       aux.pop("reconstructions")
       return value, aux
     # As the reference's second optimiser: a fresh reconstruction by the just-updated VAE.
@@ -113,10 +118,17 @@ def vae_task(config, workdir: str) -> loop.Task:
 
 
 def _pretrained_vae(config):
+  """SD VAE params from config.vae.pretrained_path (converted msgpack or a torch/safetensors file)."""
   from mmldm_jax.convert import vae as convert_vae
-  params, report = convert_vae.convert_vae_file(config.vae.pretrained_path, config)
-  logging.info("vae: weights from %s (%s)", config.vae.pretrained_path, report)
-  return params
+  logging.info("vae: weights from %s", config.vae.pretrained_path)
+  return convert_vae.load_vae_params(config.vae.pretrained_path, config)
+
+
+def _pretrained_unet(config):
+  """SD-1.5 U-Net params for the autoencoder's diffusion decoder (the reference initialises it so)."""
+  from mmldm_jax.convert import unet as convert_unet
+  logging.info("autoencoder: U-Net weights from %s", config.unet.pretrained_path)
+  return {"unet": convert_unet.load_unet_params(config.unet.pretrained_path, config)}
 
 
 def frozen_vae_params(config, workdir: str, mesh):
@@ -159,6 +171,8 @@ def autoencoder_task(config, workdir: str) -> loop.Task:
       groups=("autoencoder", "discriminator"), init=system.init, loss=loss,
       make_dataset=clip_dataset_factory(config, workdir),
       to_model_batch=_select(fields),
+      pretrained=(lambda: {"autoencoder": _pretrained_unet(config)})
+      if config.unet.pretrained_path else None,
       frozen=lambda mesh: frozen_vae_params(config, workdir, mesh))
 
 
@@ -189,10 +203,7 @@ def generator_task(config, workdir: str) -> loop.Task:
       name="generator", train_config=config.train_generator, rules_family="dit", groups=("dit",),
       init=lambda rng: {"dit": dit_lib.init_params(model, rng)}, loss=loss,
       make_dataset=make_dataset, to_model_batch=_select(("audio_latent", "video_latent")),
-      flops_per_example=float(flops_lib.dit_flops_per_sample(config)),
-      # The DiT's qkv (nn.DenseGeneral, kernel boxed as ('embed', None, 'heads') around a flat
-      # initialiser) cannot be traced under a mesh context; see parallel.activation_rules.
-      activation_constraints=False)
+      flops_per_example=float(flops_lib.dit_flops_per_sample(config)))
 
 
 # ------------------------------------------------------------------------------------------------
