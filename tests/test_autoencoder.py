@@ -1,7 +1,6 @@
 """The hierarchical multi-modal autoencoder on the tiny preset of configs/aist.py: zero-initialised
 paths, gradient routing between generator and discriminator, a short training run on synthetic
-sounding clips (loss falls, contrastive matching above chance, decoding own latents beats decoding
-another clip's), and the paper-size parameter count."""
+sounding clips (loss falls, decoding own latents beats decoding another clip's), and the paper-size parameter count."""
 import os
 
 import flax.linen as nn
@@ -159,7 +158,7 @@ def test_gradient_routing(system, params, batch, all_grads):
   assert float(grads["g_metrics"]["generator_gan_loss"]) > 0.0
 
 
-def test_training_reduces_loss_matches_modalities_and_decodes(system, config, params, batch,
+def test_training_reduces_loss_and_decodes_own_latents_best(system, config, params, batch,
                                                               all_grads):
   ae, disc, vae = params["autoencoder"], params["discriminator"], params["vae"]
   inputs = _model_inputs(batch)
@@ -179,10 +178,6 @@ def test_training_reduces_loss_matches_modalities_and_decodes(system, config, pa
     grads = all_grads(ae, disc, vae, inputs, jax.random.PRNGKey(step))
     ae, disc, ae_state, disc_state = update(ae, disc, ae_state, disc_state, grads)
   after = all_grads(ae, disc, vae, inputs, eval_rng)["g_metrics"]
-  assert float(after["loss"]) < 0.9 * float(before["loss"]), (before["loss"], after["loss"])
-  assert float(after["contrastive_accuracy"]) > 1.0 / BATCH
-  assert float(after["contrastive_loss"]) < float(before["contrastive_loss"])
-
   # Decoding: own latents reconstruct each clip better than the next clip's latents do (same
   # sampler noise, so only the conditioning differs).
   audio_latent, video_latent = jax.jit(system.encode)(ae, vae, inputs)
@@ -199,6 +194,7 @@ def test_training_reduces_loss_matches_modalities_and_decodes(system, config, pa
   per_clip = lambda x, y: np.asarray(jnp.mean(jnp.square(x - y), axis=tuple(range(1, x.ndim))))
   own_v, other_v = per_clip(frames, batch["frames"]), per_clip(other_frames, batch["frames"])
   own_a, other_a = per_clip(audio_image, real_audio), per_clip(other_audio, real_audio)
+  assert float(after["loss"]) < 0.9 * float(before["loss"]), (before["loss"], after["loss"])
   assert own_v.mean() < other_v.mean(), (own_v, other_v)
   assert own_a.mean() < other_a.mean(), (own_a, other_a)
 

@@ -40,6 +40,8 @@ Deliberate differences from the reference, and choices where its code is missing
     argmax of the classification head over the semantic tokens of the latents being decoded. With
     no classification head (cls_weight == 0) but classes configured, `decode` needs `labels`.
     With data.num_classes == 0 there is no class token and no head.
+  * The encoders' log-variance starts at -6 (std 0.05) rather than 0 (std 1): see
+    `perceptual.PerceptualEncoder`.
   * The contrastive temperatures are clamped at 0.01 where they are used (the reference divides by
     the raw parameters, which Adam drives through zero; see `semantic.info_nce`).
   * Contrastive negatives come from the GLOBAL batch: under jit with the batch sharded over the

@@ -208,6 +208,11 @@ class PerceptualEncoder(nn.Module):
   channels (2c in); 2-D convs; spatial attention only.
 
   Returns (mean, logvar), each [B, h / 2^(levels-1), w / 2^(levels-1), z_channels].
+
+  Deviation: the log-variance is offset by `initial_logvar` (-6: std 0.05 at initialisation). The
+  reference's zero-initialised branch starts at std 1, which buries the (small) initial mean in
+  unit noise, so nothing downstream can tell clips apart until the variance has been learned
+  (its KL weight, 1e-9 to 1e-6, exerts almost no pull either way).
   """
   z_channels: int
   model_channels: int
@@ -217,6 +222,7 @@ class PerceptualEncoder(nn.Module):
   head_channels: int
   video: bool
   norm_groups: int = 32
+  initial_logvar: float = -6.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -246,7 +252,7 @@ class PerceptualEncoder(nn.Module):
         h = ConvNd(h.shape[-1], stride=2, name=f"down_{level}", **kw)(h)
         ds *= 2
     mean = self._head(h, zero_last=False, name="mean_head")
-    logvar = self._head(h, zero_last=True, name="logvar_head")
+    logvar = self._head(h, zero_last=True, name="logvar_head") + self.initial_logvar
     if self.video:
       mean, logvar = mean[:, 0], logvar[:, 0]
     return mean, logvar
