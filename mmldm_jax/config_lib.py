@@ -363,6 +363,13 @@ def validate(config: ConfigDict) -> None:
     fail("data.fps", config.data.fps, "a positive frame rate")
   if config.data.source not in ("records", "synthetic"):
     fail("data.source", config.data.source, "'records' or 'synthetic'")
+  if config.data.source == "synthetic":
+    synthetic_frames = int(round(config.synthetic.video_seconds * config.data.fps))
+    if synthetic_frames < config.data.num_frames:
+      fail("synthetic.video_seconds", config.synthetic.video_seconds,
+           f"videos of at least one clip: data.num_frames={config.data.num_frames} frames at "
+           f"data.fps={config.data.fps} is {config.data.num_frames / config.data.fps:g} s, these "
+           f"videos have {synthetic_frames} frames")
   if config.audio.win_length > config.audio.n_fft:
     fail("audio.win_length", config.audio.win_length, f"<= audio.n_fft={config.audio.n_fft}")
   if config.audio.fmax > config.audio.filterbank_sample_rate / 2:

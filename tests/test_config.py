@@ -43,9 +43,11 @@ def test_locked_config_rejects_unknown_field():
     ("data.image_size", 60, "config.data.image_size=60"),
     ("data.key_frames", (0, 5, 10, 20), "config.data.key_frames"),
     ("stages", "data,bogus", "unknown: bogus"),
+    ("synthetic.video_seconds", 1.0, "config.synthetic.video_seconds=1.0: expected videos of at "
+     "least one clip"),
 ])
 def test_validate_names_field(field, value, message):
-  config = config_lib.load(os.path.join(CONFIGS, "aist.py:tiny"))
+  config = config_lib.load(os.path.join(CONFIGS, "demo.py"))
   section, _, key = field.rpartition(".")
   with config.unlocked():
     (config[section] if section else config)[key] = value
