@@ -118,7 +118,7 @@ class ContrastiveHead(nn.Module):
 def info_nce(video_embedding, audio_embedding, temperature_v2a, temperature_a2v):
   """Symmetric InfoNCE over the batch: row i of each modality is the positive of row i of the
   other; every other row is a negative. The logits are divided directly by the learnable
-  temperatures (no clamping, as in the reference).
+  temperatures, as in the reference, after the clamp described below.
 
   The reference all-gathers the embeddings across GPUs so the negatives come from the GLOBAL
   batch. Here the function sees whatever array it is given: under `jax.jit` with the batch sharded
