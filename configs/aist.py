@@ -2,7 +2,7 @@
 
 Run (paper scale, a TPU pod or a GPU cluster; the reference trained each stage on 8 GPUs for days):
   python -m mmldm_jax.data.ingest --src=/data/AIST++_crop --dst=/data/aist_rec --config=configs/aist.py
-  python -m mmldm_jax.main --config=configs/aist.py --workdir=gs://bucket/aist \
+  python -m mmldm_jax.main --config=configs/aist.py --workdir=/mnt/bucket/aist \
       --config.data.data_dir=/data/aist_rec
 
 Tests use `configs/aist.py:tiny` (a 64x64, few-channel version of every network; seconds per step on

@@ -3,7 +3,7 @@
 Run (paper scale; the reference used 4 nodes x 8 GPUs for the autoencoder, 2 x 8 for the DiT):
   python -m mmldm_jax.data.ingest --src=/data/audioset --dst=/data/audioset_rec \
       --config=configs/audioset.py --workers=32
-  python -m mmldm_jax.main --config=configs/audioset.py --workdir=gs://bucket/audioset \
+  python -m mmldm_jax.main --config=configs/audioset.py --workdir=/mnt/bucket/audioset \
       --config.data.data_dir=/data/audioset_rec
 
 Tests use `configs/audioset.py:tiny`. Clips: 16 frames at 4 fps (4.0 s), 256x256 letterboxed;

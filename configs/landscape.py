@@ -3,7 +3,7 @@
 Run (paper scale, a TPU pod or a GPU cluster):
   python -m mmldm_jax.data.ingest --src=/data/landscape --dst=/data/landscape_rec \
       --config=configs/landscape.py
-  python -m mmldm_jax.main --config=configs/landscape.py --workdir=gs://bucket/landscape \
+  python -m mmldm_jax.main --config=configs/landscape.py --workdir=/mnt/bucket/landscape \
       --config.data.data_dir=/data/landscape_rec
 
 Tests use `configs/landscape.py:tiny`. Clips: 16 frames at 10 fps (1.6 s), 256x256 letterboxed;

@@ -27,8 +27,8 @@
 #
 # Example (a 2-host v4-16, paper-size AIST++ run writing to a bucket):
 #   launch/tpu_vm.sh create --type=v4-16 && launch/tpu_vm.sh setup
-#   launch/tpu_vm.sh run -- --config=configs/aist.py --workdir=gs://bucket/aist \
-#       --config.data.data_dir=gs://bucket/aist_rec
+#   launch/tpu_vm.sh run -- --config=configs/aist.py --workdir=/mnt/bucket/aist \
+#       --config.data.data_dir=/mnt/bucket/aist_rec
 #   launch/tpu_vm.sh logs; launch/tpu_vm.sh delete
 # JAX finds the other workers by itself on a TPU VM (config.distributed='auto'); every worker runs the
 # identical command and reads its own slice of the data.

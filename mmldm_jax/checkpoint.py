@@ -43,7 +43,8 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True):
-    self.directory = os.fspath(directory)
+    # Orbax refuses relative paths; a user's `--workdir=runs/demo` is relative to where they ran.
+    self.directory = os.path.abspath(os.fspath(directory))
     self.save_every = int(save_every)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max(1, int(keep)), create=True, enable_async_checkpointing=async_save,

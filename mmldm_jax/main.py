@@ -64,6 +64,10 @@ def main(argv) -> None:
   workdir = _WORKDIR.value or config.workdir
   if not workdir:
     raise app.UsageError("--workdir is required (or set config.workdir)")
+  if "://" in workdir:
+    raise app.UsageError(f"--workdir={workdir}: expected a local or mounted folder (stages write "
+                         "files with the local filesystem; mount a bucket, e.g. with gcsfuse)")
+  workdir = os.path.abspath(workdir)
   stages = resolve_stages(config)
   parallel.maybe_initialize_distributed(config)  # before anything touches the devices
   os.makedirs(workdir, exist_ok=True)
