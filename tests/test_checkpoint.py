@@ -80,3 +80,16 @@ def test_preemption_watcher_catches_sigterm():
     assert watcher.reached(2)
   finally:
     watcher.close()
+
+
+def test_relative_directory_saves_where_the_user_ran(tmp_path, monkeypatch):
+  # `--workdir=runs/demo` in the README: Orbax itself refuses relative paths.
+  mesh = Mesh(np.array(jax.devices()).reshape(1, 8, 1), ("data", "fsdp", "tensor"))
+  monkeypatch.chdir(tmp_path)
+  checkpointer = checkpoint_lib.Checkpointer(os.path.join("runs", "ckpt"), save_every=1, keep=1,
+                                             async_save=False)
+  assert checkpointer.save(1, _state(mesh))
+  checkpointer.close()
+  assert checkpointer.directory == str(tmp_path / "runs" / "ckpt")
+  assert checkpoint_lib.Checkpointer(str(tmp_path / "runs" / "ckpt"), save_every=1,
+                                     keep=1).latest_step() == 1
