@@ -17,6 +17,7 @@ from conftest import CONFIGS
 jax.config.update("jax_default_matmul_precision", "highest")
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
+from test_vae import randomise  # noqa: E402  (after the importorskip; one re-randomiser for parity)
 
 SD15_UNET_PARAMS = 859_520_964
 SIZE = 16  # latent size for the tiny parity runs (multiple of 2^3)
@@ -36,20 +37,6 @@ def torch_unet(unet_config, device=None, **extra):
         layers_per_block=unet_config.num_res_blocks, attention_head_dim=unet_config.num_heads,
         cross_attention_dim=unet_config.context_dim, norm_num_groups=unet_config.norm_groups,
         **extra).eval()
-
-
-def randomise(module, seed=0):
-  generator = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in module.named_parameters():
-      noise = torch.randn(p.shape, generator=generator)
-      if p.ndim > 1:
-        p.copy_(noise / np.sqrt(p[0].numel()))
-      elif name.endswith("weight"):
-        p.copy_(1.0 + 0.1 * noise)
-      else:
-        p.copy_(0.1 * noise)
-  return module
 
 
 @pytest.fixture(scope="module")
