@@ -196,6 +196,22 @@ class AutoencoderKL(nn.Module):
     return self.decode(z), posterior
 
 
+def measured_scale_factor(vae: AutoencoderKL, params, images: Array) -> float:
+  """LDM's `scale_by_std`: 1 / std of the raw latents (posterior modes) of `images`.
+
+  SD's 0.18215 is this number for SD's VAE. A VAE trained from scratch has latents of another scale
+  (a freshly initialised one: std ~0.2), and with the SD factor every later stage would see
+  near-constant latents; measure its factor on a batch of real images and set
+  config.vae.scale_factor to it.
+  """
+  latents = vae.apply({"params": params}, images, method="encode").mode()
+  std = float(jnp.std(latents.astype(jnp.float32)))
+  if not std > 0:
+    raise ValueError(f"the VAE's latents of {images.shape[0]} images have std {std}; cannot "
+                     f"measure a scale factor from them")
+  return 1.0 / std
+
+
 def build_vae(config, dtype: Dtype = jnp.float32) -> AutoencoderKL:
   """The VAE sized by `config.vae`."""
   v = config.vae
