@@ -79,6 +79,19 @@ def test_encoder_and_decoder_match_diffusers(config, converted):
   assert decoded.shape == (2, 32, 32, 3)
 
 
+def test_measured_scale_factor_gives_unit_variance_latents(config, converted):
+  _, params = converted
+  model = vae_lib.build_vae(config)
+  images = np.random.default_rng(2).uniform(-1, 1, (3, 32, 32, 3)).astype(np.float32)
+  factor = vae_lib.measured_scale_factor(model, params, images)
+  scaled = model.clone(scale_factor=factor).apply({"params": params}, images,
+                                                  method="encode_scaled")
+  np.testing.assert_allclose(float(jnp.std(scaled)), 1.0, rtol=1e-4)
+  blank = jax.tree_util.tree_map(jnp.zeros_like, params)   # every latent 0: nothing to measure
+  with pytest.raises(ValueError, match="std 0.0"):
+    vae_lib.measured_scale_factor(model, blank, images)
+
+
 def test_full_size_parameter_count_equals_pytorch():
   reference = torch_vae(config_lib.base_config().vae, device="meta")
   assert sum(p.numel() for p in reference.parameters()) == SD_VAE_PARAMS
