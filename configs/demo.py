@@ -31,6 +31,9 @@ def get_config(arg=None):
   config.data.num_frames = 16
   config.data.num_classes = config.synthetic.num_classes
   config.data.generator_hflip_prob = 0.0
+  # No SD weights offline: the VAE trains from scratch, encoder included, and measures its own
+  # latent scale factor for the later stages.
+  config.vae.update(freeze_encoder=False, measure_scale_factor=True)
   # 16 kHz audio: a 1.6 s clip is 25600 samples -> 200 mel frames of 128 samples.
   config.audio.update(sample_rate=16000, filterbank_sample_rate=16000, n_fft=512, hop_length=128,
                       win_length=512, num_mels=64, fmin=0.0, fmax=8000.0)

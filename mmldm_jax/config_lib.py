@@ -20,9 +20,13 @@ Sections (each a `ConfigDict`):
 from __future__ import annotations
 
 import ast
+import json
+import math
+import os
 from typing import Any
 
 import ml_collections
+from absl import logging
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -109,7 +113,11 @@ def vae_config() -> ConfigDict:
       embed_dim=4,
       double_z=True,
       norm_groups=32,
-      scale_factor=0.18215,
+      scale_factor=0.18215,         # latents are z * scale_factor in every later stage (SD's)
+      # True: the `vae` stage measures 1 / std of its latents when it finishes (LDM's scale_by_std)
+      # into <workdir>/vae/scale_factor.json, and later stages use that instead of scale_factor.
+      # For a VAE trained from scratch, whose latents are far from SD's scale.
+      measure_scale_factor=False,
       pretrained_path="",           # SD VAE weights (diffusers or CompVis format); '' = random init
       # Stage-0 loss (reference: LPIPSWithDiscriminator, encoder frozen).
       kl_weight=1e-6,
@@ -388,6 +396,29 @@ def validate(config: ConfigDict) -> None:
   if unknown:
     fail("stages", config.stages, f"a comma-separated subset of {', '.join(ALL_STAGES)}; "
          f"unknown: {', '.join(unknown)}")
+
+
+SCALE_FACTOR_FILE = os.path.join("vae", "scale_factor.json")
+
+
+def use_measured_scale_factor(config: ConfigDict, workdir: str) -> None:
+  """With config.vae.measure_scale_factor, sets config.vae.scale_factor to the factor the `vae`
+  stage measured; fails naming the file when that stage has not written it."""
+  if not config.vae.measure_scale_factor:
+    return
+  path = os.path.join(workdir, SCALE_FACTOR_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"config.vae.measure_scale_factor=True but {path} does not exist: run the `vae` stage "
+        f"first (it writes the file when it finishes), or set --config.vae.scale_factor and "
+        f"--config.vae.measure_scale_factor=False")
+  with open(path) as f:
+    factor = json.load(f).get("scale_factor")
+  if not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 0:
+    raise ValueError(f"{path}: field 'scale_factor' is {factor!r}; expected a positive number")
+  if factor != config.vae.scale_factor:
+    logging.info("vae.scale_factor: %.6g measured by the vae stage (%s)", factor, path)
+  config.vae.scale_factor = float(factor)
 
 
 def stage_list(config: ConfigDict) -> list[str]:

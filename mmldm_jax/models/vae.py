@@ -204,8 +204,8 @@ def measured_scale_factor(vae: AutoencoderKL, params, images: Array) -> float:
   near-constant latents; measure its factor on a batch of real images and set
   config.vae.scale_factor to it.
   """
-  latents = vae.apply({"params": params}, images, method="encode").mode()
-  std = float(jnp.std(latents.astype(jnp.float32)))
+  encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode").mode())
+  std = float(jnp.std(encode(params, images).astype(jnp.float32)))
   if not std > 0:
     raise ValueError(f"the VAE's latents of {images.shape[0]} images have std {std}; cannot "
                      f"measure a scale factor from them")

@@ -14,6 +14,7 @@ Each stage is skipped when its final checkpoint exists and resumes from its late
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 
 from mmldm_jax.data import audio as audio_lib
 from mmldm_jax.data import pipeline
@@ -84,12 +86,7 @@ def vae_task(config, workdir: str) -> loop.Task:
     return {"vae": vae.init(vae_rng, image)["params"],
             "discriminator": disc.init(disc_rng, image)["params"]}
 
-  def images_of(batch):
-    frames = batch["target_frames"]
-    frames = frames.reshape((-1,) + frames.shape[2:])
-    audio_image = audio_lib.waveform_to_image(batch["audio"], config.audio)
-    return jnp.concatenate([frames, audio_image.astype(frames.dtype)], axis=0)
-
+  images_of = lambda batch: _vae_images(config, batch)
   perceptual = None
   if config.vae.lpips_path:
     from mmldm_jax.models import lpips as lpips_lib
@@ -115,6 +112,59 @@ def vae_task(config, workdir: str) -> loop.Task:
       to_model_batch=_select(("target_frames", "audio")),
       pretrained=(lambda: {"vae": _pretrained_vae(config)}) if config.vae.pretrained_path else None,
       trainable={"vae": lambda params: vae_lib.trainable_mask(params, config)})
+
+
+def _vae_images(config, batch):
+  """What the VAE stage trains on: a batch's target frames and audio images, [N, H, W, 3]."""
+  frames = batch["target_frames"]
+  frames = frames.reshape((-1,) + frames.shape[2:])
+  audio_image = audio_lib.waveform_to_image(batch["audio"], config.audio)
+  return jnp.concatenate([frames, audio_image.astype(frames.dtype)], axis=0)
+
+
+def _host_copy(array):
+  """The whole value of a (possibly multi-host sharded) array, as numpy on this host."""
+  if getattr(array, "is_fully_addressable", True):
+    return np.asarray(array)
+  return multihost_utils.process_allgather(array)
+
+
+def write_measured_scale_factor(config, workdir: str, max_images: int = 16) -> float:
+  """Measures the finished VAE's scale factor (1 / std of the latents, LDM's scale_by_std) on the
+  first training batch of every process, at most `max_images` images each, and writes it to
+  `<workdir>/vae/scale_factor.json` (process 0). Returns the factor; reads it back when the file
+  exists."""
+  from mmldm_jax import config_lib
+  from mmldm_jax import parallel
+  from mmldm_jax.models import vae as vae_lib
+  path = os.path.join(workdir, config_lib.SCALE_FACTOR_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      return float(json.load(f)["scale_factor"])
+  task = vae_task(config, workdir)
+  mesh = parallel.create_mesh(config)
+  params = jax.tree_util.tree_map(_host_copy, loop.restore_params(config, workdir, task, mesh)["vae"])
+  processes = jax.process_count()
+  per_host = max(1, int(config.train_vae.batch_size) // processes)
+  dataset = clip_dataset_factory(config, workdir)(jax.process_index(), processes, per_host,
+                                                  int(config.seed))
+  batch = next(iter(dataset))
+  images = np.asarray(_vae_images(config, {k: np.asarray(batch[k]) for k in
+                                           ("target_frames", "audio")}))[:max_images]
+  factor = vae_lib.measured_scale_factor(vae_lib.build_vae(config), params, images)
+  # Every process measured its own images: pool the variances so all agree on one factor.
+  variances = multihost_utils.process_allgather(np.float64(1.0 / factor ** 2))
+  factor = float(1.0 / np.sqrt(np.mean(variances)))
+  if jax.process_index() == 0:
+    temporary = path + ".tmp"
+    with open(temporary, "w") as f:
+      json.dump({"scale_factor": factor, "images_per_process": int(len(images)),
+                 "processes": processes}, f, indent=2)
+    os.replace(temporary, path)
+  multihost_utils.sync_global_devices("vae scale factor written")
+  logging.info("vae: measured scale factor %.6g (latent std %.4g) -> %s", factor, 1.0 / factor,
+               path)
+  return factor
 
 
 def _pretrained_vae(config):
@@ -210,7 +260,15 @@ def generator_task(config, workdir: str) -> loop.Task:
 # Entry points (main.STAGES)
 # ------------------------------------------------------------------------------------------------
 def run_vae(config, workdir: str) -> None:
+  if config.vae.freeze_encoder and not config.vae.pretrained_path:
+    raise ValueError(
+        "config.vae.freeze_encoder=True with config.vae.pretrained_path='' would freeze a randomly "
+        "initialised encoder: give SD VAE weights (--config.vae.pretrained_path=...) or train the "
+        "VAE from scratch with --config.vae.freeze_encoder=False "
+        "--config.vae.measure_scale_factor=True")
   loop.train(config, workdir, vae_task(config, workdir))
+  if config.vae.measure_scale_factor:
+    write_measured_scale_factor(config, workdir)
 
 
 def run_autoencoder(config, workdir: str) -> None:
