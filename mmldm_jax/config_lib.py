@@ -61,6 +61,8 @@ def data_config() -> ConfigDict:
       num_frames=16,             # frames per clip
       fps=10.0,                  # frames per second the clip is sampled at
       image_size=256,            # frames are letterboxed to image_size x image_size
+      max_video_seconds=600.0,   # ingestion rejects a file whose frame times span longer (a
+                                 # timestamp jump would otherwise fill memory with held frames)
       key_frames=(0, 5, 10, 15),  # encoder input frames (reference: [0,5,10,15])
       num_target_frames=2,       # decoder targets per clip, drawn with replacement and sorted
       hflip_prob=0.5,            # horizontal flip probability (autoencoder training)

@@ -470,3 +470,24 @@ def test_streaming_mode_arguments(media_folder):
     video.read_av(path, fps=0.0, image_size=64)
   with pytest.raises(video.MediaError, match="cannot open"):
     video.read_av(os.path.join(media_folder, "empty.mp4"), fps=10.0, image_size=64)
+
+
+def test_a_timestamp_jump_is_a_bad_file_not_hours_of_held_frames(tmp_path):
+  # 40 frames stored 1/30 s apart, but frame 20 is stamped ~9 hours late (a broken muxer):
+  # resampled, the file would become hundreds of thousands of copies of frame 19.
+  path = tmp_path / "jump.mkv"
+  _write_video_only(path, np.arange(40) * 40, codec="mjpeg",
+                    packet_pts=lambda index, dts: dts + (10 ** 6 if index == 20 else 0))
+  assert np.ptp(video.read_av(str(path)).frame_times) > 3600
+  with pytest.raises(video.MediaError, match=r"frame times span \d+\.\d s, more than the 600 s"):
+    video.read_av(str(path), fps=10.0, image_size=48, max_seconds=600.0)
+  settings = ingest.Settings(fps=10.0, image_size=48, sample_rate=16000, min_frames=8,
+                             missing_audio="silence", max_seconds=600.0)
+  with pytest.raises(ingest.IngestError, match="data.max_video_seconds"):
+    ingest.convert(ingest.Item(str(path), "jump", -1, "train"), settings)
+  # The same frames without the jump are fine.
+  _write_video_only(tmp_path / "steady.mkv", np.arange(40) * 40, codec="mjpeg",
+                    packet_pts=lambda index, dts: dts)
+  record = ingest.convert(ingest.Item(str(tmp_path / "steady.mkv"), "steady", -1, "train"),
+                          settings)
+  assert record["frames"].shape[0] == 14   # 40 frames at 30 fps: 1.33 s

@@ -64,6 +64,7 @@ class Settings:
   sample_rate: int
   min_frames: int
   missing_audio: str = "error"  # 'error', 'skip' or 'silence'
+  max_seconds: float | None = None  # longest frame-time span accepted (config.data.max_video_seconds)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +127,8 @@ def convert(item: Item, settings: Settings) -> dict[str, Any]:
   """Decodes one media file into a record (records.py); IngestError when it cannot be used."""
   try:
     # Frames come back resampled (presentation-time order), upright and letterboxed.
-    media = video.read_av(item.path, fps=settings.fps, image_size=settings.image_size)
+    media = video.read_av(item.path, fps=settings.fps, image_size=settings.image_size,
+                          max_seconds=settings.max_seconds)
   except video.MediaError as e:
     raise IngestError(item.path, e.reason) from e
   if media.audio is None:
@@ -490,7 +492,8 @@ def plan_job(config, *, src: str, labels: str, split: str, validation_fraction: 
   settings = Settings(fps=float(config.data.fps), image_size=int(config.data.image_size),
                       sample_rate=int(config.audio.sample_rate),
                       min_frames=int(min_frames or config.data.num_frames),
-                      missing_audio=missing_audio)
+                      missing_audio=missing_audio,
+                      max_seconds=float(config.data.max_video_seconds))
   files = list_media(src) if files is None else files
   if not files:
     raise ValueError(f"--src={src}: no media files ({', '.join(MEDIA_EXTENSIONS)})")

@@ -208,7 +208,8 @@ def _seconds(value, time_base) -> float | None:
   return float(value * time_base)
 
 
-def read_av(path: str, *, fps: float | None = None, image_size: int | None = None) -> MediaData:
+def read_av(path: str, *, fps: float | None = None, image_size: int | None = None,
+            max_seconds: float | None = None) -> MediaData:
   """Decodes the video frames and the first audio stream of `path`.
 
   Without `fps` / `image_size`: every frame, RGB at native size (memory T x H x W x 3 bytes: a
@@ -222,7 +223,8 @@ def read_av(path: str, *, fps: float | None = None, image_size: int | None = Non
 
   Raises MediaError(path, reason) for a missing or unreadable file ('cannot open: ...'), a file with
   no video stream ('no video stream'), a stream that decodes to nothing ('no frames decoded') and
-  errors in the middle of decoding ('decode error: ...').
+  errors in the middle of decoding ('decode error: ...'), and, with `max_seconds`, for frame times
+  spanning longer than that (a timestamp jump would make the resampled video that long).
   """
   path = str(path)
   if (fps is None) != (image_size is None):
@@ -255,6 +257,11 @@ def read_av(path: str, *, fps: float | None = None, image_size: int | None = Non
       raise MediaError(path, f"decode error: {error}") from error
     if not frame_times:
       raise MediaError(path, "no frames decoded")
+    span = max(frame_times) - min(frame_times)
+    if max_seconds is not None and span > max_seconds:
+      raise MediaError(path, f"frame times span {span:.1f} s, more than the {max_seconds:g} s "
+                       f"allowed (data.max_video_seconds): a timestamp jump, or a longer video "
+                       f"than expected")
     declared_start = _seconds(video_stream.start_time, video_stream.time_base)
     video_start = (declared_start - container_start if declared_start is not None
                    else frame_times[0])
