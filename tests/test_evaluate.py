@@ -81,6 +81,10 @@ def test_sync_of_real_clips_is_high(train_copy_metrics):
   assert real["pitch_agreement"] >= 0.9
   # Real clips through H.264 + the wav writer keep their sync.
   assert generated["f1"] >= 0.8
+  # Pictures with another clip's sound: the chance level, far below.
+  mismatched = train_copy_metrics["sync"]["real_mismatched"]
+  assert mismatched["true_positives"] + mismatched["false_negatives"] >= 6
+  assert mismatched["f1"] < 0.6 * real["f1"], (mismatched, real)
 
 
 def test_memorisation_flags_training_copies(config, workdir, train_copy_metrics):

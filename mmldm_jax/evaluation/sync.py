@@ -313,6 +313,7 @@ class ClipDetections:
   audio_times: np.ndarray      # frames
   audio_pitches: np.ndarray    # Hz
   pairs: list[tuple[int, int]]
+  num_frames: int              # length of the clip's picture
 
 
 def score_detections(video_times: np.ndarray, video_colours: np.ndarray, audio_times: np.ndarray,
@@ -346,7 +347,8 @@ def score_clip(frames: np.ndarray, waveform: np.ndarray, fps: float, sample_rate
   audio_times = onset_seconds * fps
   score, pairs = score_detections(video_times, video_colours, audio_times, pitches,
                                   np.asarray(frames).shape[0], palette_pitch_hz, tolerance_frames)
-  return score, ClipDetections(video_times, video_colours, audio_times, pitches, pairs)
+  return score, ClipDetections(video_times, video_colours, audio_times, pitches, pairs,
+                               np.asarray(frames).shape[0])
 
 
 def aggregate(scores: Iterable[SyncScore]) -> SyncScore:
