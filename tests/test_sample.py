@@ -197,6 +197,31 @@ def test_stage_restores_checkpoints_and_matches_the_chain(config, models, joint_
   assert os.path.getmtime(os.path.join(folder, "sample_0000.mp4")) == mtime
 
 
+def test_latents_stage_writes_every_clip_window_with_its_place(config, models, tmp_path):
+  """The `latents` stage encodes every training clip window in source order, with the video and
+  first frame that continuation training pairs clips by."""
+  from mmldm_jax.data import pipeline
+  from mmldm_jax.train import latents as latents_lib
+  from mmldm_jax.train import stages
+  workdir = str(tmp_path)
+  synthetic.write_dataset(config, os.path.join(workdir, "data"), progress=False)
+  save_checkpoint(config, workdir, stages.autoencoder_task(config, workdir),
+                  {"autoencoder": models.autoencoder_params}, 4)
+  save_checkpoint(config, workdir, stages.vae_task(config, workdir), {"vae": models.vae_params}, 4)
+  latents_lib.run(config, workdir)
+  clips = pipeline.clip_source(config, "train", pipeline.RecordVideos(
+      os.path.join(workdir, "data"), "train"))
+  source = latents_lib.LatentSource(latents_lib.latents_dir(workdir))
+  assert len(source) == len(clips)
+  for row in (0, 1, len(clips) // 2, len(clips) - 1):
+    item = source[row]
+    assert (int(item["video_index"]), int(item["clip_start"])) == clips.locate(row)
+    assert np.all(np.isfinite(item["video_latent"])) and np.abs(item["video_latent"]).max() > 0
+  pairs = latents_lib.ContinuationPairs(source, config.data.num_frames)
+  per_video = [length - config.data.num_frames + 1 for length in clips.videos.lengths]
+  assert len(pairs) == sum(max(0, count - config.data.num_frames) for count in per_video) > 0
+
+
 def test_continuation_joins_clips_in_time(models, tmp_path):
   config = tiny_config(mode="continuation", num_clips=2)
   config.dit.continuation = True

@@ -36,16 +36,19 @@ def generator_config(num_steps=NUM_STEPS, mesh=FSDP8):
   return config
 
 
-def write_latents(workdir, config, count=40, seed=0):
-  """Latents as the `latents` stage writes them (random values: this tests the trainer)."""
+def write_latents(workdir, config, count=40, seed=0, clips_per_video=20):
+  """Latents as the `latents` stage writes them (random values: this tests the trainer): the
+  stride-1 clip windows of count / clips_per_video videos, in source order."""
   shapes = dit_lib.latent_shapes(config)
   shapes = {"audio_latent": shapes["audio"], "video_latent": shapes["video"]}
   rng = np.random.default_rng(seed)
   folder = latents_lib.latents_dir(workdir)
   writer = latents_lib.ShardWriter(folder, "train", 0, 1, count, shapes)
+  rows = np.arange(count, dtype=np.int32)
   writer.write({"audio_latent": rng.normal(size=(count,) + shapes["audio_latent"]),
                 "video_latent": rng.normal(size=(count,) + shapes["video_latent"]),
-                "label": np.zeros(count, np.int32)})
+                "label": np.zeros(count, np.int32), "video_index": rows // clips_per_video,
+                "clip_start": rows % clips_per_video})
   writer.close()
   latents_lib.write_index(folder, "train", [("train-process_0-of-1", count)], shapes)
 
@@ -270,3 +273,33 @@ def test_metrics_writer_images_audio_and_peak_flops(tmp_path):
   event_file = [n for n in os.listdir(tmp_path) if n.startswith("events.out.tfevents")][0]
   payload = open(tmp_path / event_file, "rb").read()
   assert b"frames" in payload and b"sound" in payload and b"loss" in payload
+
+
+def test_continuation_trains_on_consecutive_clip_pairs(tmp_path):
+  config = generator_config(num_steps=2)
+  config.dit.continuation = True
+  workdir = str(tmp_path)
+  write_latents(workdir, config)               # 2 videos x 20 windows of 16 frames
+  folder = latents_lib.latents_dir(workdir)
+  source = latents_lib.LatentSource(folder)
+  pairs = latents_lib.ContinuationPairs(source, config.data.num_frames)
+  assert len(pairs) == 2 * (20 - 16)           # windows starting at frames 16..19 of each video
+  for index in range(len(pairs)):
+    item = pairs[index]
+    prev = source[pairs.pairs[index][1]]
+    assert prev["video_index"] == item["video_index"]
+    assert prev["clip_start"] == item["clip_start"] - config.data.num_frames
+    np.testing.assert_array_equal(item["prev_video_latent"], prev["video_latent"])
+    np.testing.assert_array_equal(item["prev_audio_latent"], prev["audio_latent"])
+  result = loop.train(config, workdir, stages.generator_task(config, workdir))
+  assert result["step"] == 2
+  losses = [row["loss"] for row in read_metrics(workdir) if "loss" in row]
+  assert losses and all(np.isfinite(losses))
+  # Independent flips would break the pairs; videos shorter than two clips give none.
+  config.data.generator_hflip_prob = 0.5
+  with pytest.raises(ValueError, match="generator_hflip_prob"):
+    stages.generator_task(config, workdir)
+  short = str(tmp_path / "short")
+  write_latents(short, config, count=8, clips_per_video=4)
+  with pytest.raises(ValueError, match="no clip has a previous clip"):
+    latents_lib.ContinuationPairs(latents_lib.LatentSource(latents_lib.latents_dir(short)), 16)

@@ -5,13 +5,16 @@ Layout under `<workdir>/latents/`:
   train-process_<p>-of-<n>.audio_latent.npy   float32 [N_p, ha, wa, C]   (one shard per writing process)
   train-process_<p>-of-<n>.video_latent.npy   float32 [N_p, hv, wv, C]
   train-process_<p>-of-<n>.label.npy          int32 [N_p] (-1 without classes)
+  train-process_<p>-of-<n>.video_index.npy    int32 [N_p] the clip's video in the split
+  train-process_<p>-of-<n>.clip_start.npy     int32 [N_p] the clip's first frame in that video
   train.json                                  written last: shard names, counts, shapes (= complete)
 The .npy files are memory-mapped when read, so the set can exceed the host's RAM.
 
 Clips: every clip window of the training split in source order (no shuffle), each process encoding every
 process_count-th clip; `config.data.generator_hflip_prob` flips clips as in the reference's generator
-data (default 0). Continuation models (config.dit.continuation) need pairs of consecutive clips, which
-this format does not hold.
+data (default 0). Continuation models (config.dit.continuation) train on pairs of consecutive clips:
+`ContinuationPairs` pairs every clip with the clip that ends where it starts (same video, first frame
+clip_start - num_frames), which the stride-1 windows always contain.
 """
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ from mmldm_jax import parallel
 from mmldm_jax.data import pipeline
 from mmldm_jax.train import loop
 
-FIELDS = ("audio_latent", "video_latent", "label")
+FIELDS = ("audio_latent", "video_latent", "label", "video_index", "clip_start")
+INT_FIELDS = ("label", "video_index", "clip_start")
 
 
 def latents_dir(workdir: str) -> str:
@@ -58,7 +62,7 @@ class ShardWriter:
     self._paths = {}
     self._arrays = {}
     for field in FIELDS:
-      dtype = np.int32 if field == "label" else np.float32
+      dtype = np.int32 if field in INT_FIELDS else np.float32
       final = os.path.join(folder, f"{self.name}.{field}.npy")
       tmp = final + ".tmp.npy"
       self._paths[field] = (tmp, final)
@@ -67,6 +71,9 @@ class ShardWriter:
     self.written = 0
 
   def write(self, arrays: dict[str, np.ndarray]) -> None:
+    missing = [field for field in FIELDS if field not in arrays]
+    if missing:
+      raise ValueError(f"shard {self.name}: rows without the fields {missing}; expected {FIELDS}")
     rows = len(arrays["label"])
     end = self.written + rows
     if end > self.count:
@@ -135,10 +142,44 @@ class LatentSource:
     return dict(self.__dict__, _arrays=None)
 
 
+class ContinuationPairs:
+  """Random access to (previous clip, clip) pairs of a latent split, for continuation training.
+
+  Item i -> the fields of a clip plus 'prev_audio_latent' / 'prev_video_latent' of the clip of the
+  same video that ends where it starts (first frame clip_start - num_frames). Clips without one
+  (the first num_frames windows of every video) are left out."""
+
+  def __init__(self, source: LatentSource, num_frames: int):
+    self.source = source
+    video_index, clip_start = (np.concatenate(
+        [np.load(os.path.join(source.folder, f"{name}.{field}.npy")) for name in source.names])
+        for field in ("video_index", "clip_start"))
+    row_of = {(int(v), int(c)): row for row, (v, c) in enumerate(zip(video_index, clip_start))}
+    self.pairs = [(row, row_of[(int(v), int(c) - num_frames)])
+                  for row, (v, c) in enumerate(zip(video_index, clip_start))
+                  if (int(v), int(c) - num_frames) in row_of]
+    if not self.pairs:
+      raise ValueError(f"{source.folder}: no clip has a previous clip {num_frames} frames earlier; "
+                       f"continuation training needs videos of at least {2 * num_frames} frames")
+
+  def __len__(self) -> int:
+    return len(self.pairs)
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    row, prev_row = self.pairs[index]
+    item, prev = self.source[row], self.source[prev_row]
+    return dict(item, prev_audio_latent=prev["audio_latent"], prev_video_latent=prev["video_latent"])
+
+
 def make_latent_dataset(folder: str, *, process_index: int, process_count: int, batch_size: int,
-                        seed: int, split: str = "train") -> grain.IterDataset:
-  """Shuffled (reshuffled each epoch), repeating, per-process batches of latents; checkpointable."""
-  dataset = grain.MapDataset.source(LatentSource(folder, split)).shuffle(seed=seed).repeat()
+                        seed: int, split: str = "train",
+                        continuation_frames: int | None = None) -> grain.IterDataset:
+  """Shuffled (reshuffled each epoch), repeating, per-process batches of latents; checkpointable.
+  With `continuation_frames` (the clip length), batches of `ContinuationPairs`."""
+  source = LatentSource(folder, split)
+  if continuation_frames is not None:
+    source = ContinuationPairs(source, continuation_frames)
+  dataset = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
   dataset = dataset[process_index::process_count].batch(batch_size, drop_remainder=True)
   return dataset.to_iter_dataset()
 
@@ -190,7 +231,8 @@ def run(config, workdir: str) -> None:
   for _ in range(steps):
     host = next(iterator, None)
     if host is not None:
-      host = {k: np.asarray(host[k]) for k in ("key_frames", "audio", "label")}
+      host = {k: np.asarray(host[k]) for k in ("key_frames", "audio", "label", "video_index",
+                                                 "clip_start")}
       template = template or {k: (v.shape[1:], v.dtype) for k, v in host.items()}
     rows = 0 if host is None else len(host["label"])
     if template is None:
@@ -204,7 +246,8 @@ def run(config, workdir: str) -> None:
         {"key_frames": padded["key_frames"], "audio": padded["audio"]}, mesh))
     if rows:
       writer.write({"audio_latent": _local_rows(audio)[:rows],
-                    "video_latent": _local_rows(video)[:rows], "label": padded["label"][:rows]})
+                    "video_latent": _local_rows(video)[:rows],
+                    **{field: padded[field][:rows] for field in INT_FIELDS}})
   writer.close()
   multihost_utils.sync_global_devices("latents written")
   if process == 0:

@@ -234,9 +234,11 @@ def generator_task(config, workdir: str) -> loop.Task:
   from mmldm_jax.models import dit as dit_lib
   from mmldm_jax.models import flops as flops_lib
   from mmldm_jax.train import latents as latents_lib
-  if config.dit.continuation:
-    raise ValueError("config.dit.continuation=True: the latents stage writes single clips, not the "
-                     "consecutive pairs continuation training needs; train with continuation=False")
+  continuation = bool(config.dit.continuation)
+  if continuation and config.data.generator_hflip_prob > 0:
+    raise ValueError(f"config.dit.continuation=True with config.data.generator_hflip_prob="
+                     f"{config.data.generator_hflip_prob}: clips are flipped independently, so a "
+                     f"clip and its previous clip would disagree; set generator_hflip_prob=0")
   model = dit_lib.build_dit(config, dtype=loop.compute_dtype(config))
   folder = latents_lib.latents_dir(workdir)
 
@@ -245,14 +247,16 @@ def generator_task(config, workdir: str) -> loop.Task:
     return dit_lib.generator_loss(params["dit"], batch, rng, config, model=model)
 
   def make_dataset(process_index, process_count, batch_size, seed):
-    return latents_lib.make_latent_dataset(folder, process_index=process_index,
-                                           process_count=process_count, batch_size=batch_size,
-                                           seed=seed)
+    return latents_lib.make_latent_dataset(
+        folder, process_index=process_index, process_count=process_count, batch_size=batch_size,
+        seed=seed, continuation_frames=int(config.data.num_frames) if continuation else None)
 
   return loop.Task(
       name="generator", train_config=config.train_generator, rules_family="dit", groups=("dit",),
       init=lambda rng: {"dit": dit_lib.init_params(model, rng)}, loss=loss,
-      make_dataset=make_dataset, to_model_batch=_select(("audio_latent", "video_latent")),
+      make_dataset=make_dataset, to_model_batch=_select(
+          ("audio_latent", "video_latent") +
+          (("prev_audio_latent", "prev_video_latent") if continuation else ())),
       flops_per_example=float(flops_lib.dit_flops_per_sample(config)))
 
 
