@@ -143,7 +143,8 @@ def write_measured_scale_factor(config, workdir: str, max_images: int = 16) -> f
       return float(json.load(f)["scale_factor"])
   task = vae_task(config, workdir)
   mesh = parallel.create_mesh(config)
-  params = jax.tree_util.tree_map(_host_copy, loop.restore_params(config, workdir, task, mesh)["vae"])
+  params = loop.restore_params(config, workdir, task, mesh)["vae"]
+  params = jax.tree_util.tree_map(_host_copy, params)
   processes = jax.process_count()
   per_host = max(1, int(config.train_vae.batch_size) // processes)
   dataset = clip_dataset_factory(config, workdir)(jax.process_index(), processes, per_host,
