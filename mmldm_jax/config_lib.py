@@ -117,7 +117,7 @@ def vae_config() -> ConfigDict:
       norm_groups=32,
       scale_factor=0.18215,         # latents are z * scale_factor in every later stage (SD's)
       # True: the `vae` stage measures 1 / std of its latents when it finishes (LDM's scale_by_std)
-      # into <workdir>/vae/scale_factor.json, and later stages use that instead of scale_factor.
+      # into <workdir>/vae/scale_factor.json, and the stages that use the VAE read it from there.
       # For a VAE trained from scratch, whose latents are far from SD's scale.
       measure_scale_factor=False,
       pretrained_path="",           # SD VAE weights (diffusers or CompVis format); '' = random init
@@ -405,7 +405,8 @@ SCALE_FACTOR_FILE = os.path.join("vae", "scale_factor.json")
 
 def use_measured_scale_factor(config: ConfigDict, workdir: str) -> None:
   """With config.vae.measure_scale_factor, sets config.vae.scale_factor to the factor the `vae`
-  stage measured; fails naming the file when that stage has not written it."""
+  stage measured; fails naming the file when that stage has not written it. The stages that build
+  the VAE (autoencoder, latents, sample) call it first."""
   if not config.vae.measure_scale_factor:
     return
   path = os.path.join(workdir, SCALE_FACTOR_FILE)

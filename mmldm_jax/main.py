@@ -72,8 +72,6 @@ def main(argv) -> None:
   parallel.maybe_initialize_distributed(config)  # before anything touches the devices
   os.makedirs(workdir, exist_ok=True)
   for name in stages:
-    if name not in ("data", "vae"):
-      config_lib.use_measured_scale_factor(config, workdir)
     run_stage(name, config, workdir)
   logging.info("done: %s in %s", ", ".join(stages), workdir)
 

@@ -452,6 +452,7 @@ def write_samples(config, models: Models, folder: str, *, clips: SplitClips | No
 def run(config, workdir: str) -> None:
   """The stage: restores the trained models and writes `<workdir>/samples/<mode>/` (module doc);
   skipped when every sample exists with the same settings."""
+  config_lib.use_measured_scale_factor(config, workdir)
   mode = check_mode(config)
   folder = samples_dir(workdir, mode)
   index = read_index(folder)

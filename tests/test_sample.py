@@ -21,6 +21,7 @@ from mmldm_jax.models import dit as dit_lib
 
 def tiny_config(**sample_fields):
   config = config_lib.load("configs/demo.py:tiny")
+  config.vae.measure_scale_factor = False   # random models here, no vae stage to measure one
   config.sample.update(dict(num_samples=2, batch_size=2, steps=2, guidance_audio=2.0,
                             guidance_video=2.0), **sample_fields)
   config.autoencoder.decode_steps = 2

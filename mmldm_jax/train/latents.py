@@ -28,6 +28,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from mmldm_jax import config_lib
 from mmldm_jax import parallel
 from mmldm_jax.data import pipeline
 from mmldm_jax.train import loop
@@ -202,6 +203,7 @@ def run(config, workdir: str) -> None:
   if is_complete(workdir):
     logging.info("stage latents: %s exists, skipping", _index_path(folder, "train"))
     return
+  config_lib.use_measured_scale_factor(config, workdir)
   mesh = parallel.create_mesh(config)
   task = stages.autoencoder_task(config, workdir)
   system = stages.autoencoder_system(config)

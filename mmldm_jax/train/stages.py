@@ -25,6 +25,7 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
+from mmldm_jax import config_lib
 from mmldm_jax.data import audio as audio_lib
 from mmldm_jax.data import pipeline
 from mmldm_jax.train import loop
@@ -134,7 +135,6 @@ def write_measured_scale_factor(config, workdir: str, max_images: int = 16) -> f
   first training batch of every process, at most `max_images` images each, and writes it to
   `<workdir>/vae/scale_factor.json` (process 0). Returns the factor; reads it back when the file
   exists."""
-  from mmldm_jax import config_lib
   from mmldm_jax import parallel
   from mmldm_jax.models import vae as vae_lib
   path = os.path.join(workdir, config_lib.SCALE_FACTOR_FILE)
@@ -277,6 +277,7 @@ def run_vae(config, workdir: str) -> None:
 
 
 def run_autoencoder(config, workdir: str) -> None:
+  config_lib.use_measured_scale_factor(config, workdir)
   loop.train(config, workdir, autoencoder_task(config, workdir))
 
 
