@@ -155,11 +155,13 @@ class ContinuationPairs:
     video_index, clip_start = (np.concatenate(
         [np.load(os.path.join(source.folder, f"{name}.{field}.npy")) for name in source.names])
         for field in ("video_index", "clip_start"))
-    row_of = {(int(v), int(c)): row for row, (v, c) in enumerate(zip(video_index, clip_start))}
-    self.pairs = [(row, row_of[(int(v), int(c) - num_frames)])
-                  for row, (v, c) in enumerate(zip(video_index, clip_start))
-                  if (int(v), int(c) - num_frames) in row_of]
-    if not self.pairs:
+    # One sortable key per clip, (video, first frame); a clip's previous clip has key - num_frames.
+    keys = video_index.astype(np.int64) * (int(clip_start.max()) + 1) + clip_start
+    order = np.argsort(keys, kind="stable")
+    position = np.minimum(np.searchsorted(keys[order], keys - num_frames), len(keys) - 1)
+    found = (clip_start >= num_frames) & (keys[order][position] == keys - num_frames)
+    self.pairs = np.stack([np.flatnonzero(found), order[position[found]]], axis=1)
+    if not len(self.pairs):
       raise ValueError(f"{source.folder}: no clip has a previous clip {num_frames} frames earlier; "
                        f"continuation training needs videos of at least {2 * num_frames} frames")
 
@@ -167,7 +169,7 @@ class ContinuationPairs:
     return len(self.pairs)
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    row, prev_row = self.pairs[index]
+    row, prev_row = (int(value) for value in self.pairs[index])
     item, prev = self.source[row], self.source[prev_row]
     return dict(item, prev_audio_latent=prev["audio_latent"], prev_video_latent=prev["video_latent"])
 
