@@ -37,6 +37,19 @@ from mmldm_jax.train import loop, stages  # noqa: E402
 MACHINE = "2-core x86_64 CPU (shared), 24 GiB"
 
 
+def _median_step_seconds(compiled, state, frozen, batch, steps: int):
+  """One warm-up step, then the median wall time of `steps` steps; returns (state, seconds)."""
+  state, out = compiled(state, frozen, batch)
+  jax.block_until_ready(out)
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    state, out = compiled(state, frozen, batch)
+    jax.block_until_ready(out)
+    times.append(time.perf_counter() - start)
+  return state, float(np.median(times))
+
+
 def measure(num_devices: int, steps: int) -> dict:
   config = config_lib.load(os.path.join(REPO, "configs", "demo.py:tiny"))
   config.unlock()
@@ -62,16 +75,8 @@ def measure(num_devices: int, steps: int) -> dict:
   start = time.perf_counter()
   compiled = step_fn.lower(state, None, batch).compile()
   compile_s = time.perf_counter() - start
-  state, metrics = compiled(state, None, batch)
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    state, metrics = compiled(state, None, batch)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
+  state, step_s = _median_step_seconds(compiled, state, None, batch, steps)
   total, per_device = parallel.bytes_per_device(state["params"])
-  step_s = float(np.median(times))
   return dict(devices=num_devices, compile_s=compile_s, step_s=step_s,
               examples_per_s=batch_size / step_s, param_bytes=total,
               param_bytes_per_device=per_device)
@@ -128,15 +133,7 @@ def measure_stage(config, stage: str, steps: int) -> dict:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   flops = float(cost.get("flops", 0.0)) if cost else 0.0
-  state, out = compiled(state, frozen, batch)
-  jax.block_until_ready(out)
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    state, out = compiled(state, frozen, batch)
-    jax.block_until_ready(out)
-    times.append(time.perf_counter() - start)
-  step_s = float(np.median(times))
+  state, step_s = _median_step_seconds(compiled, state, frozen, batch, steps)
   peak = metrics.peak_flops(jax.devices()[0].device_kind)
   # cost_analysis counts one device's share of the partitioned program.
   mfu = flops / step_s / peak if (peak and flops) else None
