@@ -403,6 +403,21 @@ def validate(config: ConfigDict) -> None:
 SCALE_FACTOR_FILE = os.path.join("vae", "scale_factor.json")
 
 
+def read_scale_factor(path: str) -> float:
+  """The factor in a `vae` stage's scale_factor.json; a clear error for a damaged file."""
+  try:
+    with open(path) as f:
+      body = json.load(f)
+  except json.JSONDecodeError as error:
+    raise ValueError(f"{path}: not valid JSON ({error}); delete it and rerun the `vae` stage, "
+                     f"which measures the factor again") from error
+  factor = body.get("scale_factor") if isinstance(body, dict) else None
+  if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) \
+      or factor <= 0:
+    raise ValueError(f"{path}: field 'scale_factor' is {factor!r}; expected a positive number")
+  return float(factor)
+
+
 def use_measured_scale_factor(config: ConfigDict, workdir: str) -> None:
   """With config.vae.measure_scale_factor, sets config.vae.scale_factor to the factor the `vae`
   stage measured; fails naming the file when that stage has not written it. The stages that build
@@ -415,10 +430,7 @@ def use_measured_scale_factor(config: ConfigDict, workdir: str) -> None:
         f"config.vae.measure_scale_factor=True but {path} does not exist: run the `vae` stage "
         f"first (it writes the file when it finishes), or set --config.vae.scale_factor and "
         f"--config.vae.measure_scale_factor=False")
-  with open(path) as f:
-    factor = json.load(f).get("scale_factor")
-  if not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 0:
-    raise ValueError(f"{path}: field 'scale_factor' is {factor!r}; expected a positive number")
+  factor = read_scale_factor(path)
   if factor != config.vae.scale_factor:
     logging.info("vae.scale_factor: %.6g measured by the vae stage (%s)", factor, path)
   config.vae.scale_factor = float(factor)

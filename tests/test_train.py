@@ -303,3 +303,7 @@ def test_continuation_trains_on_consecutive_clip_pairs(tmp_path):
   write_latents(short, config, count=8, clips_per_video=4)
   with pytest.raises(ValueError, match="no clip has a previous clip"):
     latents_lib.ContinuationPairs(latents_lib.LatentSource(latents_lib.latents_dir(short)), 16)
+  # Latents of the previous format (no video_index / clip_start files) are named, not half-read.
+  os.remove(os.path.join(latents_lib.latents_dir(short), "train-process_0-of-1.clip_start.npy"))
+  with pytest.raises(FileNotFoundError, match=r"clip_start.npy is missing .* rerun the `latents`"):
+    latents_lib.LatentSource(latents_lib.latents_dir(short))

@@ -66,3 +66,6 @@ def test_from_scratch_vae_measures_the_scale_factor_later_stages_use(tmp_path):
   path.write_text(json.dumps({"scale_factor": -1.0}))
   with pytest.raises(ValueError, match="field 'scale_factor' is -1.0"):
     config_lib.use_measured_scale_factor(config.copy_and_resolve_references(), workdir)
+  path.write_text('{"scale_factor": 5.2')           # cut short
+  with pytest.raises(ValueError, match="scale_factor.json: not valid JSON"):
+    config_lib.use_measured_scale_factor(config.copy_and_resolve_references(), workdir)

@@ -124,6 +124,13 @@ class LatentSource:
     self.starts = np.cumsum([0] + [shard["count"] for shard in index["shards"]])
     self.shapes = {k: tuple(v) for k, v in index["shapes"].items()}
     self._arrays = None
+    for name in self.names:
+      for field in FIELDS:
+        if not os.path.exists(os.path.join(folder, f"{name}.{field}.npy")):
+          raise FileNotFoundError(
+              f"{os.path.join(folder, f'{name}.{field}.npy')} is missing (latents written by an "
+              f"older version lack the {', '.join(INT_FIELDS[1:])} fields): delete {folder} and "
+              f"rerun the `latents` stage")
 
   def __len__(self) -> int:
     return int(self.starts[-1])

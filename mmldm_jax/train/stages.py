@@ -139,8 +139,7 @@ def write_measured_scale_factor(config, workdir: str, max_images: int = 16) -> f
   from mmldm_jax.models import vae as vae_lib
   path = os.path.join(workdir, config_lib.SCALE_FACTOR_FILE)
   if os.path.exists(path):
-    with open(path) as f:
-      return float(json.load(f)["scale_factor"])
+    return config_lib.read_scale_factor(path)
   task = vae_task(config, workdir)
   mesh = parallel.create_mesh(config)
   params = loop.restore_params(config, workdir, task, mesh)["vae"]
