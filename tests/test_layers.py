@@ -79,3 +79,22 @@ def test_timestep_embedding_matches_diffusers():
     got = layers.timestep_embedding(steps, dim, flip_sin_to_cos=flip, freq_shift=shift)
     # float32 angles up to ~1000 rad: exp() rounding differs by ~1 ulp, i.e. ~1e-4 after sin/cos.
     np.testing.assert_allclose(got, ref, atol=2e-4)
+
+
+@pytest.mark.parametrize("strides, padding", [((1, 1, 1), ((1, 1), (1, 1), (1, 1))),
+                                              ((2, 2, 2), ((0, 1), (1, 0), (2, 2)))])
+def test_3d_convolution_as_2d_convolutions_equals_xla(strides, padding):
+  """On CPU a 3-D convolution is a sum of 2-D ones over the temporal taps: the same value and
+  gradients as XLA's 3-D convolution, up to float32 summation order (27 products per output
+  channel and input channel here, so a few ulps of the largest term)."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 5, 7, 6, 3)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 3, 4)), jnp.float32)
+  ours = lambda x, k: layers.convolution(x, k, strides, padding)
+  xla = lambda x, k: layers._native_convolution(x, k, strides, padding)  # noqa: SLF001
+  np.testing.assert_allclose(ours(x, kernel), xla(x, kernel), rtol=0, atol=1e-5 * 27)
+  loss = lambda conv: lambda x, k: jnp.sum(jnp.sin(conv(x, k)))
+  for got, want in zip(jax.grad(loss(ours), (0, 1))(x, kernel),
+                       jax.grad(loss(xla), (0, 1))(x, kernel)):
+    scale = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * scale * 27)

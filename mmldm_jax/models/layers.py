@@ -108,6 +108,47 @@ class LayerNorm(nn.Module):
 # Linear layers
 
 
+def _native_convolution(x: Array, kernel: Array, strides: tuple[int, ...],
+                        padding: tuple[tuple[int, int], ...]) -> Array:
+  rank = kernel.ndim - 2
+  spatial = "DHW"[-rank:]
+  return jax.lax.conv_general_dilated(
+      x, kernel, window_strides=strides, padding=padding,
+      dimension_numbers=("N" + spatial + "C", spatial + "IO", "N" + spatial + "C"))
+
+
+def convolution(x: Array, kernel: Array, strides: tuple[int, ...],
+                padding: tuple[tuple[int, int], ...]) -> Array:
+  """Channels-last N-D convolution `[N, *spatial, C] x [*k, C, O] -> [N, *out, O]`.
+
+  On CPU a 3-D convolution runs as 2-D convolutions of time-shifted frames summed over the temporal
+  taps: XLA:CPU's 3-D convolution (Eigen's volume patches) took about 30% of the demo autoencoder's
+  step time, and the step went from 3.7 s to 2.6 s without it. Same products, another summation
+  order. Elsewhere it is XLA's convolution.
+  """
+  if kernel.ndim == 5 and jax.default_backend() == "cpu":
+    return _convolution_3d_as_2d(x, kernel, strides, padding)
+  return _native_convolution(x, kernel, strides, padding)
+
+
+def _convolution_3d_as_2d(x: Array, kernel: Array, strides: tuple[int, ...],
+                          padding: tuple[tuple[int, int], ...]) -> Array:
+  """A 3-D convolution as the sum over the temporal taps of 2-D convolutions of time-shifted
+  frames (time folded into the batch)."""
+  taps = kernel.shape[0]
+  padded = jax.lax.pad(x, jnp.zeros((), x.dtype),
+                       [(0, 0, 0), (padding[0][0], padding[0][1], 0)] + [(0, 0, 0)] * 3)
+  frames_out = (padded.shape[1] - taps) // strides[0] + 1
+  total = None
+  for tap in range(taps):
+    frames = jax.lax.slice_in_dim(padded, tap, tap + (frames_out - 1) * strides[0] + 1,
+                                  strides[0], axis=1)
+    y = convolution(frames.reshape((-1,) + frames.shape[2:]), kernel[tap], strides[1:],
+                    padding[1:])
+    total = y if total is None else total + y
+  return total.reshape((x.shape[0], frames_out) + total.shape[1:])
+
+
 class Conv(nn.Module):
   """N-D convolution, channels last, kernel `(*kernel_size, in, out)` (torch `(out, in, *k)` transposed).
 
@@ -147,11 +188,8 @@ class Conv(nn.Module):
       padding = [(self.padding, self.padding)] * rank
     else:
       padding = [tuple(p) for p in self.padding]
-    spatial = "DHW"[-rank:] if rank <= 3 else None
-    dimension_numbers = ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
-    y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), kernel.astype(self.dtype), window_strides=strides, padding=padding,
-        dimension_numbers=dimension_numbers)
+    y = convolution(x.astype(self.dtype), kernel.astype(self.dtype), strides,
+                    tuple(tuple(p) for p in padding))
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
                         (self.features,), self.param_dtype)
