@@ -61,7 +61,7 @@ def measure(num_devices: int, steps: int) -> dict:
   init_state, optimizers = loop.make_state_init(task)
   _, shardings, _ = loop.abstract_state(init_state, task, mesh, config)
   state = jax.jit(lambda rng: parallel.unbox(init_state(rng)),
-                  out_shardings=shardings)(jax.random.key(0))
+                  out_shardings=shardings)(loop.init_key(0))
   shapes = dit_lib.latent_shapes(config)
   rng = np.random.default_rng(0)
   batch = parallel.global_batch({
@@ -106,7 +106,7 @@ def measure_stage(config, stage: str, steps: int) -> dict:
   init_state, optimizers = loop.make_state_init(task)
   _, shardings, _ = loop.abstract_state(init_state, task, mesh, config)
   state = jax.jit(lambda rng: parallel.unbox(init_state(rng)),
-                  out_shardings=shardings)(jax.random.key(0))
+                  out_shardings=shardings)(loop.init_key(0))
   rng = np.random.default_rng(0)
   if stage == "generator":
     shapes = dit_lib.latent_shapes(config)
