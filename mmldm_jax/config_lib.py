@@ -289,6 +289,10 @@ def base_config() -> ConfigDict:
   config.workdir = ""
   config.precision = "auto"         # 'auto' = bf16 activations on accelerators, fp32 on CPU
   config.distributed = "auto"       # 'auto' (detect Cloud TPU / SLURM), 'on' or 'off'
+  # Persistent XLA compilation cache: a rerun, a resumed run and a later stage that jits the same
+  # function load the compiled program instead of compiling it again. 'auto' = $XDG_CACHE_HOME (or
+  # ~/.cache)/mmldm_jax/xla, a path = that folder, '' = off.
+  config.compilation_cache_dir = "auto"
   config.data = data_config()
   config.audio = audio_config()
   config.synthetic = synthetic_config()
@@ -398,6 +402,32 @@ def validate(config: ConfigDict) -> None:
   if unknown:
     fail("stages", config.stages, f"a comma-separated subset of {', '.join(ALL_STAGES)}; "
          f"unknown: {', '.join(unknown)}")
+
+
+def compilation_cache_folder(config: ConfigDict) -> str | None:
+  """The folder `config.compilation_cache_dir` names ('auto' = the user's cache folder), or None
+  when the cache is off ('')."""
+  setting = str(config.compilation_cache_dir)
+  if not setting:
+    return None
+  if setting == "auto":
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "mmldm_jax", "xla")
+  return os.path.abspath(os.path.expanduser(setting))
+
+
+def enable_compilation_cache(config: ConfigDict) -> str | None:
+  """Turns on JAX's persistent compilation cache in `compilation_cache_folder(config)` for every
+  program, however quick its compile (the many small ones add up on a CPU). Returns the folder."""
+  import jax
+  folder = compilation_cache_folder(config)
+  if folder is None:
+    return None
+  os.makedirs(folder, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", folder)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return folder
 
 
 SCALE_FACTOR_FILE = os.path.join("vae", "scale_factor.json")

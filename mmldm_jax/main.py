@@ -70,6 +70,8 @@ def main(argv) -> None:
   workdir = os.path.abspath(workdir)
   stages = resolve_stages(config)
   parallel.maybe_initialize_distributed(config)  # before anything touches the devices
+  cache = config_lib.enable_compilation_cache(config)
+  logging.info("XLA compilation cache: %s", cache or "off (config.compilation_cache_dir='')")
   os.makedirs(workdir, exist_ok=True)
   for name in stages:
     run_stage(name, config, workdir)
