@@ -72,6 +72,12 @@ def test_metrics_json_has_the_scores(train_copy_metrics):
       assert np.isfinite(scores[key]), (name, key)
     assert scores["frechet"] >= -1e-6 and scores["real_floor_frechet"] > 0
     assert scores["num_generated"] == 4 and scores["num_real"] == 12
+    # The scale: noise clips lie far beyond both the real-vs-real floor and these real copies.
+    assert scores["noise_ceiling_frechet"] > 3 * max(scores["real_floor_frechet"],
+                                                     scores["frechet"]), (name, scores)
+    assert scores["noise_ceiling_kernel"] > 3 * max(scores["real_floor_kernel"],
+                                                    scores["kernel"]), (name, scores)
+    assert scores["num_noise"] == stage.NOISE_CLIPS
   assert not {"fvd", "kvd", "fad", "FVD", "FAD"} & all_keys(metrics)
 
 
@@ -85,6 +91,16 @@ def test_sync_of_real_clips_is_high(train_copy_metrics):
   mismatched = train_copy_metrics["sync"]["real_mismatched"]
   assert mismatched["true_positives"] + mismatched["false_negatives"] >= 6
   assert mismatched["f1"] < 0.6 * real["f1"], (mismatched, real)
+  # The "generated" copies re-paired (picture i with sound i + 1) drop to that chance level.
+  shuffled = train_copy_metrics["sync"]["generated_shuffled"]
+  assert shuffled["f1"] < 0.6 * generated["f1"], (shuffled, generated)
+  # Uniform random frames with white noise: no objects, no tones, nothing to match.
+  noise = train_copy_metrics["sync"]["noise"]
+  assert noise["f1"] <= 0.1, noise
+  rates = train_copy_metrics["sync"]["event_rates"]
+  assert rates["noise"]["video_per_second"] < 0.2 and rates["noise"]["audio_per_second"] < 0.2
+  for side in ("video_per_second", "audio_per_second"):   # copies: the real rates
+    assert rates["generated"][side] == pytest.approx(rates["real"][side], rel=0.5), rates
 
 
 def test_memorisation_flags_training_copies(config, workdir, train_copy_metrics):

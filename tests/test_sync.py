@@ -138,3 +138,32 @@ def test_score_clip_any_frame_size():
   clip = synthetic.generate_video(7, 1, config, seconds=2.0)
   score, detections = sync.score_clip(clip["frames"], clip["audio"], FPS, clip["sample_rate"])
   assert score.f1 >= 0.9 and score.false_positives == 0, (score, detections)
+
+
+def test_noise_scores_nothing_and_shuffled_pairs_score_chance(videos, video_events):
+  """The metric cannot be fooled by noise: uniform random frames (their palette-coloured pixels
+  are scattered, not objects), blurred colour noise (an untrained decoder's look) and white noise
+  (no tone) give no events, so F1 <= 0.1; the true clips with their sounds shuffled among them
+  score at the chance level of unrelated sound (test_swapped_audio_scores_low), far below the
+  true pairs."""
+  from scipy import ndimage
+  rng = np.random.default_rng(0)
+  scores = []
+  for _ in range(16):
+    uniform = rng.integers(0, 256, (CLIP_FRAMES, 64, 64, 3), dtype=np.uint8)
+    blurred = np.clip(128 + 600 * ndimage.gaussian_filter(
+        rng.normal(size=(CLIP_FRAMES, 64, 64, 3)), (0, 3, 3, 0)), 0, 255).astype(np.uint8)
+    white = rng.normal(0.0, 0.1, int(CLIP_FRAMES / FPS * 16000))
+    for frames in (uniform, blurred):
+      score, detections = sync.score_clip(frames, white, FPS, 16000)
+      assert len(detections.video_times) == 0 and len(detections.audio_times) <= 1
+      scores.append(score)
+  assert sync.aggregate(scores).f1 <= 0.1
+  # Real pictures with white noise for sound: no onsets, so no matches.
+  noisy_sound = _score(video_events[:16], [rng.normal(0.0, 0.1, int(CLIP_FRAMES / FPS * 16000))
+                                           for _ in range(16)])
+  assert noisy_sound.true_positives == 0, noisy_sound.as_dict()
+  true = _score(video_events, [sound(v, SHIFT) for v in videos])
+  shuffled = _score(video_events, [sound(videos[j], SHIFT)
+                                   for j in np.random.default_rng(1).permutation(NUM_CLIPS)])
+  assert shuffled.f1 <= 0.3 and shuffled.f1 < 0.35 * true.f1, (shuffled.as_dict(), true.as_dict())

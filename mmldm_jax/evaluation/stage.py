@@ -9,7 +9,12 @@ sound from the lossless wav) and real clips of the dataset, and writes:
                   the sound, within one frame; precision / recall / F1 and pitch-colour agreement)
                   on the generated samples, on real validation + held-out clips (its ceiling)
                   and on those real clips with each picture paired with the next clip's sound
-                  (`real_mismatched`: its chance level, what ignoring the other modality gets).
+                  (`real_mismatched`: its chance level, what ignoring the other modality gets);
+                  the generated set re-paired the same way (`generated_shuffled`: a model whose
+                  sound follows its picture scores well above it); NOISE_CLIPS clips of uniform
+                  random frames and white noise (`noise`, ~0: the metric finds no objects and no
+                  tones in them); and the events per second found in the picture and the sound of
+                  each set (`event_rates`), so that a score cannot come from a flood of events.
                   Only for the synthetic dataset (config.data.source == 'synthetic'), where it means
                   something.
   features        Frechet distance and kernel distance (unbiased polynomial MMD, raw) between the
@@ -23,7 +28,9 @@ sound from the lossless wav) and real clips of the dataset, and writes:
                                          (config.audio), mean and std of the spectral flux
                   both standardised with the training clips' statistics (`standardiser`), and
                   with `real_floor_frechet` / `real_floor_kernel`: the same distances between the
-                  validation and the held-out clips (what two real sets give).
+                  validation and the held-out clips (what two real sets give), and
+                  `noise_ceiling_frechet` / `noise_ceiling_kernel`: the distances of NOISE_CLIPS
+                  noise clips from the real clips (what noise gets), so each number sits on a scale.
   memorisation    nearest-neighbour check (MM-Diffusion issue #24): per generated clip, the smallest
                   distance of its joint feature vector (both standardised sets) to the TRAINING
                   clips and to the HELD-OUT clips. A model that copies its training set has
@@ -57,6 +64,7 @@ from mmldm_jax.evaluation import sync
 
 METRICS_FILE = "metrics.json"
 REAL_LIMIT = 2048
+NOISE_CLIPS = 32
 TRAIN_LIMIT = 4096
 _MOTION_EDGES = np.array([0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.35, 0.6, 1.0001])
 _COLOUR_LEVELS = 4
@@ -160,6 +168,25 @@ def real_split(config, folder: str, split: str, stride: int, limit: int, *, with
   return {name: np.stack(values) for name, values in features.items()}, scores
 
 
+def noise_clips(config, count: int, seed: int = 0) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+  """`count` clips of uniform random uint8 frames and white noise (std 0.1), the config's shape."""
+  from mmldm_jax import config_lib
+  rng = np.random.default_rng(seed)
+  size, frames = int(config.data.image_size), int(config.data.num_frames)
+  for _ in range(count):
+    yield (rng.integers(0, 256, (frames, size, size, 3), dtype=np.uint8),
+           rng.normal(0.0, 0.1, config_lib.clip_samples(config)).astype(np.float32))
+
+
+def event_rates(scored: list, fps: float) -> dict[str, float]:
+  """Bounces found in the pictures and onsets found in the sounds, per second of clip."""
+  seconds = sum(detections.num_frames for _, detections in scored) / fps
+  if not seconds:
+    return {"video_per_second": 0.0, "audio_per_second": 0.0}
+  return {"video_per_second": sum(len(d.video_times) for _, d in scored) / seconds,
+          "audio_per_second": sum(len(d.audio_times) for _, d in scored) / seconds}
+
+
 def mismatched_sync(scored: list) -> sync.SyncScore:
   """The sync metric's chance level: each real clip's picture against the NEXT clip's sound (the
   detections of `score_clip`, re-paired). What a model that ignores the other modality scores."""
@@ -240,8 +267,17 @@ def evaluate(config, samples_folder: str, data_folder: str) -> dict[str, Any]:
         generated[name].append(value)
     if with_sync:
       generated_scores.append(sync.score_clip(item["frames"], item["waveform"], config.data.fps,
-                                              config.audio.sample_rate)[0])
+                                              config.audio.sample_rate))
   generated = {name: np.stack(values) for name, values in generated.items()}
+  noise = {name: [] for name in FEATURE_SETS}
+  noise_scores = []
+  for frames, waveform in noise_clips(config, NOISE_CLIPS):
+    for name, value in clip_features(frames, waveform, config).items():
+      noise[name].append(value)
+    if with_sync:
+      noise_scores.append(sync.score_clip(frames, waveform, config.data.fps,
+                                          config.audio.sample_rate))
+  noise = {name: np.stack(values) for name, values in noise.items()}
 
   real_stride = max(1, num_frames // 2)
   validation, validation_scores = real_split(config, data_folder, "validation", real_stride,
@@ -252,15 +288,18 @@ def evaluate(config, samples_folder: str, data_folder: str) -> dict[str, Any]:
                         with_sync=False)
 
   standardise = standardiser(train)
-  train, validation, heldout, generated = (standardise(values) for values in
-                                           (train, validation, heldout, generated))
+  train, validation, heldout, generated, noise = (standardise(values) for values in
+                                                  (train, validation, heldout, generated, noise))
   features = {}
   for name in FEATURE_SETS:
     real = np.concatenate([validation[name], heldout[name]])
     floor = distances(validation[name], heldout[name])
+    ceiling = distances(noise[name], real)
     features[name] = dict(distances(generated[name], real), num_generated=len(generated[name]),
                           num_real=len(real), real_floor_frechet=floor["frechet"],
-                          real_floor_kernel=floor["kernel"])
+                          real_floor_kernel=floor["kernel"],
+                          noise_ceiling_frechet=ceiling["frechet"],
+                          noise_ceiling_kernel=ceiling["kernel"], num_noise=len(noise[name]))
 
   scaled = {name: _joint(values) for name, values in (("train", train), ("heldout", heldout),
                                                       ("validation", validation),
@@ -285,10 +324,17 @@ def evaluate(config, samples_folder: str, data_folder: str) -> dict[str, Any]:
   }
   if with_sync:
     real_scored = validation_scores + heldout_scores
-    metrics["sync"] = {"generated": sync.aggregate(generated_scores).as_dict(),
-                       "real": sync.aggregate(score for score, _ in real_scored).as_dict(),
-                       "real_mismatched": mismatched_sync(real_scored).as_dict(),
-                       "tolerance_frames": 1.0}
+    fps = float(config.data.fps)
+    metrics["sync"] = {
+        "generated": sync.aggregate(score for score, _ in generated_scores).as_dict(),
+        "generated_shuffled": mismatched_sync(generated_scores).as_dict(),
+        "real": sync.aggregate(score for score, _ in real_scored).as_dict(),
+        "real_mismatched": mismatched_sync(real_scored).as_dict(),
+        "noise": sync.aggregate(score for score, _ in noise_scores).as_dict(),
+        "event_rates": {"generated": event_rates(generated_scores, fps),
+                        "real": event_rates(real_scored, fps),
+                        "noise": event_rates(noise_scores, fps)},
+        "tolerance_frames": 1.0}
   return metrics
 
 
@@ -313,5 +359,7 @@ def run(config, workdir: str) -> None:
   summary = {name: round(values["frechet"], 4) for name, values in metrics["features"].items()
              if values["frechet"] is not None}
   logging.info("evaluate: wrote %s (Frechet distances %s%s)", path, summary,
-               f", sync F1 {metrics['sync']['generated']['f1']:.3f} (real "
-               f"{metrics['sync']['real']['f1']:.3f})" if "sync" in metrics else "")
+               f", sync F1 {metrics['sync']['generated']['f1']:.3f} (shuffled pairs "
+               f"{metrics['sync']['generated_shuffled']['f1']:.3f}, real "
+               f"{metrics['sync']['real']['f1']:.3f}, noise {metrics['sync']['noise']['f1']:.3f})"
+               if "sync" in metrics else "")
