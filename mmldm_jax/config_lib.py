@@ -34,8 +34,11 @@ ConfigDict = ml_collections.ConfigDict
 ALL_STAGES = ("data", "vae", "autoencoder", "latents", "generator", "sample", "evaluate")
 
 
-def parse_preset(arg: str | None) -> dict[str, Any]:
-  """Parses the text after the colon: `tiny`, `tiny,steps=10` -> {'tiny': True, 'steps': 10}."""
+def parse_preset(arg: str | None, known: tuple[str, ...] = ("tiny",)) -> dict[str, Any]:
+  """Parses the text after the colon: `tiny`, `tiny,steps=10` -> {'tiny': True, 'steps': 10}.
+
+  A key not in `known` (the presets the config file reads) is refused, naming the known ones: a
+  typo such as `aist.py:tny` would otherwise load the paper-size models without a word."""
   result: dict[str, Any] = {}
   if not arg:
     return result
@@ -51,6 +54,10 @@ def parse_preset(arg: str | None) -> dict[str, Any]:
         result[key.strip()] = value.strip()
     else:
       result[item] = True
+  unknown = sorted(set(result) - set(known))
+  if unknown:
+    raise ValueError(f"config preset {', '.join(map(repr, unknown))} is not known: expected a "
+                     f"comma-separated subset of {', '.join(known)} (as in configs/aist.py:tiny)")
   return result
 
 

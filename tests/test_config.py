@@ -62,3 +62,9 @@ def test_main_rejects_unknown_field_on_command_line(tmp_path):
       capture_output=True, text=True, timeout=300)
   assert result.returncode != 0
   assert "imagesize" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["aist", "landscape", "audioset", "demo"])
+def test_unknown_preset_is_refused_naming_the_known_ones(name):
+  with pytest.raises(ValueError, match="'tny' is not known.*tiny"):
+    config_lib.load(os.path.join(CONFIGS, f"{name}.py:tny"))
