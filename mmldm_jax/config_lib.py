@@ -32,6 +32,8 @@ ConfigDict = ml_collections.ConfigDict
 
 # Stages `main` knows, in the order they run.
 ALL_STAGES = ("data", "vae", "autoencoder", "latents", "generator", "sample", "evaluate")
+# What `config.sample.mode` may be (sample.py documents each).
+SAMPLE_MODES = ("joint", "a2v", "v2a", "continuation")
 
 
 def parse_preset(arg: str | None, known: tuple[str, ...] = ("tiny",)) -> dict[str, Any]:
@@ -405,6 +407,45 @@ def validate(config: ConfigDict) -> None:
     fail("diffusion.prediction", config.diffusion.prediction, "'eps' or 'v'")
   if config.sample.sampler not in ("ddim", "dpm_solver++"):
     fail("sample.sampler", config.sample.sampler, "'ddim' or 'dpm_solver++'")
+  def one_of(field: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+      fail(field, value, "one of " + ", ".join(map(repr, allowed)))
+
+  def at_least(field: str, value: Any, low: float) -> None:
+    if not value >= low:
+      fail(field, value, f">= {low}")
+
+  one_of("precision", config.precision, ("auto", "float32", "bfloat16"))
+  one_of("distributed", config.distributed, ("auto", "on", "off"))
+  for stage in ("train_vae", "train_autoencoder", "train_generator"):
+    section = config[stage]
+    one_of(f"{stage}.decay", section.decay, ("constant", "cosine"))
+    one_of(f"{stage}.nan_policy", section.nan_policy, ("stop", "skip"))
+    for field in ("num_steps", "batch_size", "log_every"):
+      at_least(f"{stage}.{field}", section[field], 1)
+    at_least(f"{stage}.warmup_steps", section.warmup_steps, 0)
+  one_of("sample.mode", config.sample.mode, SAMPLE_MODES)
+  for field in ("num_clips", "steps", "num_samples", "batch_size"):
+    at_least(f"sample.{field}", config.sample[field], 1)
+  if not 0.0 <= config.sample.eta <= 1.0:
+    fail("sample.eta", config.sample.eta, "a DDIM eta in [0, 1]")
+  import jax  # the remat policy names are jax's
+  if config.dit.remat_policy != "none" and not hasattr(jax.checkpoint_policies,
+                                                       config.dit.remat_policy):
+    fail("dit.remat_policy", config.dit.remat_policy,
+         "'none' or a jax.checkpoint_policies name (e.g. 'nothing_saveable', 'dots_saveable')")
+  if config.audio.image_size != config.data.image_size:
+    fail("audio.image_size", config.audio.image_size,
+         f"data.image_size={config.data.image_size} (the audio image and the frames share the VAE "
+         f"batch and the discriminator's 3-frame stack)")
+  if config.unet.context_dim != config.autoencoder.semantic_dim:
+    fail("unet.context_dim", config.unet.context_dim,
+         f"autoencoder.semantic_dim={config.autoencoder.semantic_dim} (the decoder cross-attends "
+         f"to semantic tokens)")
+  if config.dit.continuation and config.data.generator_hflip_prob > 0:
+    fail("data.generator_hflip_prob", config.data.generator_hflip_prob,
+         "0 with dit.continuation=True (clips flipped independently would disagree with the "
+         "clips they continue)")
   unknown = [s for s in stage_list(config) if s not in ALL_STAGES]
   if unknown:
     fail("stages", config.stages, f"a comma-separated subset of {', '.join(ALL_STAGES)}; "

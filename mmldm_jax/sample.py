@@ -51,7 +51,7 @@ from mmldm_jax import config_lib
 from mmldm_jax.data import audio as audio_lib
 from mmldm_jax.data import video as video_lib
 
-MODES = ("joint", "a2v", "v2a", "continuation")
+MODES = config_lib.SAMPLE_MODES
 INDEX_FILE = "index.json"
 CONDITIONING_SPLIT = "validation"
 GRID_FRAMES = 8

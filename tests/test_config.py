@@ -45,6 +45,14 @@ def test_locked_config_rejects_unknown_field():
     ("stages", "data,bogus", "unknown: bogus"),
     ("synthetic.video_seconds", 1.0, "config.synthetic.video_seconds=1.0: expected videos of at "
      "least one clip"),
+    ("sample.mode", "jiont", "config.sample.mode='jiont': expected one of 'joint', 'a2v'"),
+    ("sample.steps", 0, "config.sample.steps=0: expected >= 1"),
+    ("precision", "bf16", "config.precision='bf16': expected one of 'auto', 'float32'"),
+    ("train_generator.nan_policy", "skp", "config.train_generator.nan_policy='skp'"),
+    ("train_vae.decay", "linear", "config.train_vae.decay='linear'"),
+    ("dit.remat_policy", "everything", "config.dit.remat_policy='everything'"),
+    ("audio.image_size", 32, "config.audio.image_size=32: expected data.image_size=64"),
+    ("unet.context_dim", 16, "config.unet.context_dim=16: expected autoencoder.semantic_dim=32"),
 ])
 def test_validate_names_field(field, value, message):
   config = config_lib.load(os.path.join(CONFIGS, "demo.py"))
@@ -68,3 +76,15 @@ def test_main_rejects_unknown_field_on_command_line(tmp_path):
 def test_unknown_preset_is_refused_naming_the_known_ones(name):
   with pytest.raises(ValueError, match="'tny' is not known.*tiny"):
     config_lib.load(os.path.join(CONFIGS, f"{name}.py:tny"))
+
+
+def test_main_refuses_a_bad_value_before_any_stage_runs(tmp_path):
+  """A typo in a late stage's setting fails at once, before the data stage writes anything."""
+  workdir = tmp_path / "run"
+  result = subprocess.run(
+      [sys.executable, "-m", "mmldm_jax.main", f"--config={CONFIGS}/demo.py",
+       f"--workdir={workdir}", "--config.sample.mode=jiont"],
+      capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert "config.sample.mode='jiont'" in result.stderr
+  assert not workdir.exists()
