@@ -43,7 +43,7 @@ def get_config(arg=None):
     config.synthetic.update(num_train_videos=8, num_validation_videos=2, num_heldout_videos=2)
   else:
     # Sized for a CPU, where compiling dominates (the autoencoder's step compiles for minutes).
-    config.train_vae.update(num_steps=20, checkpoint_every=10, log_every=5)
+    config.train_vae.update(num_steps=20, checkpoint_every=10, log_every=5, eval_every=10)
     config.train_autoencoder.update(num_steps=20, checkpoint_every=10, log_every=5)
     config.train_generator.update(num_steps=200, checkpoint_every=100, log_every=20, lr=1e-4)
   return config

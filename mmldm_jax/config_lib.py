@@ -267,6 +267,9 @@ def train_config(*, lr: float, batch_size: int, num_steps: int) -> ConfigDict:
       checkpoint_every=1000,
       keep_checkpoints=3,
       sample_every=0,               # 0 = no periodic samples
+      # Quality signals on fixed validation clips every this many steps (and at the last step),
+      # to metrics.jsonl and TensorBoard; 0 = off. This version computes them for the vae stage.
+      eval_every=1000,
       nan_policy="stop",            # 'stop' or 'skip'
   ))
 
@@ -423,6 +426,7 @@ def validate(config: ConfigDict) -> None:
     one_of(f"{stage}.nan_policy", section.nan_policy, ("stop", "skip"))
     for field in ("num_steps", "batch_size", "log_every"):
       at_least(f"{stage}.{field}", section[field], 1)
+    at_least(f"{stage}.eval_every", section.eval_every, 0)
     at_least(f"{stage}.warmup_steps", section.warmup_steps, 0)
   one_of("sample.mode", config.sample.mode, SAMPLE_MODES)
   for field in ("num_clips", "steps", "num_samples", "batch_size"):

@@ -46,6 +46,21 @@ def peak_flops(device_kind: str) -> float | None:
   return PEAK_FLOPS[max(matches, key=len)] if matches else None
 
 
+# PSNR's ceiling: the mean squared error is floored at this, so identical images score
+# 10 log10(range^2 / 1e-10) (106 dB for images in [-1, 1]) instead of infinity.
+PSNR_MIN_MSE = 1e-10
+
+
+def psnr(images, references, data_range: float = 2.0):
+  """Peak signal-to-noise ratio in dB of each image [N, ...] against its reference (same shape),
+  for values spanning `data_range` (2 for [-1, 1]). Identical images give the documented ceiling
+  (`PSNR_MIN_MSE`), not infinity. Works on numpy and jax arrays."""
+  import jax.numpy as jnp
+  axes = tuple(range(1, images.ndim))
+  mse = jnp.mean(jnp.square(images.astype(jnp.float32) - references.astype(jnp.float32)), axis=axes)
+  return 10.0 * jnp.log10(data_range ** 2 / jnp.maximum(mse, PSNR_MIN_MSE))
+
+
 def _format_duration(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   hours, rest = divmod(seconds, 3600)

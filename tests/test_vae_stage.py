@@ -37,6 +37,18 @@ def test_from_scratch_vae_measures_the_scale_factor_later_stages_use(tmp_path):
     config_lib.use_measured_scale_factor(config.copy_and_resolve_references(), workdir)
 
   stages.run_vae(config, workdir)
+  # Quality signals at the last step (eval_every is larger than the run): reconstruction PSNR and
+  # L1 of validation frames and audio images in metrics.jsonl, pictures in TensorBoard.
+  logs = tmp_path / "vae" / "logs"
+  records = [json.loads(line) for line in (logs / "metrics.jsonl").read_text().splitlines()]
+  quality = [r for r in records if "eval/psnr_frames" in r]
+  assert [r["step"] for r in quality] == [2]
+  for name in ("psnr_frames", "psnr_audio_image"):
+    assert 0.0 < quality[0][f"eval/{name}"] < 60.0, quality[0]   # a 2-step VAE: far from exact
+  for name in ("l1_frames", "l1_audio_image"):
+    assert 0.0 < quality[0][f"eval/{name}"] < 2.0, quality[0]
+  events = [f for f in os.listdir(logs) if f.startswith("events.out.tfevents")]
+  assert events and b"eval/vae_frames" in b"".join((logs / f).read_bytes() for f in events)
   path = tmp_path / "vae" / "scale_factor.json"
   factor = json.loads(path.read_text())["scale_factor"]
   assert factor > 1.0   # a young VAE's latents are far smaller than SD's (factor 0.18215)
@@ -69,3 +81,31 @@ def test_from_scratch_vae_measures_the_scale_factor_later_stages_use(tmp_path):
   path.write_text('{"scale_factor": 5.2')           # cut short
   with pytest.raises(ValueError, match="scale_factor.json: not valid JSON"):
     config_lib.use_measured_scale_factor(config.copy_and_resolve_references(), workdir)
+
+
+def test_psnr_is_capped_for_identical_images_and_falls_with_noise():
+  from mmldm_jax import metrics
+  rng = np.random.default_rng(0)
+  images = rng.uniform(-1, 1, (3, 8, 8, 3)).astype(np.float32)
+  same = np.asarray(metrics.psnr(images, images))
+  np.testing.assert_allclose(same, 10 * np.log10(4.0 / metrics.PSNR_MIN_MSE), rtol=1e-6)
+  scores = [float(np.mean(metrics.psnr(images + sigma * rng.normal(size=images.shape), images)))
+            for sigma in (0.01, 0.1, 0.5)]
+  assert scores[0] > scores[1] > scores[2]
+  # Gaussian noise of std s on a range of 2: PSNR = 10 log10(4 / s^2).
+  np.testing.assert_allclose(scores[1], 10 * np.log10(4 / 0.01), atol=0.5)
+
+
+def test_non_finite_quality_signal_stops_naming_stage_step_and_signal(tmp_path):
+  from mmldm_jax import metrics
+  task = stages.vae_task(demo_config(), str(tmp_path))
+  task.evaluate = lambda params, mesh: ({"psnr_frames": float("nan"), "l1_frames": 0.1}, {})
+  writer = metrics.MetricsWriter(str(tmp_path / "logs"), total_steps=4, global_batch_size=1,
+                                 log_every=1)
+  with pytest.raises(FloatingPointError, match="stage vae: quality signal.*eval/psnr_frames.*step 3"):
+    loop._write_quality_signals(task, {}, None, 3, writer)   # noqa: SLF001
+  task.train_config.nan_policy = "skip"
+  loop._write_quality_signals(task, {}, None, 4, writer)     # noqa: SLF001
+  writer.close()
+  logged = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+  assert logged == [{"step": 4, "eval/l1_frames": 0.1}]

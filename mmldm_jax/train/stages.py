@@ -112,7 +112,69 @@ def vae_task(config, workdir: str) -> loop.Task:
       make_dataset=clip_dataset_factory(config, workdir),
       to_model_batch=_select(("target_frames", "audio")),
       pretrained=(lambda: {"vae": _pretrained_vae(config)}) if config.vae.pretrained_path else None,
-      trainable={"vae": lambda params: vae_lib.trainable_mask(params, config)})
+      trainable={"vae": lambda params: vae_lib.trainable_mask(params, config)},
+      evaluate=vae_quality_signals(config, workdir, vae))
+
+
+# Validation clips the quality signals are computed on (evenly spaced over the split).
+QUALITY_CLIPS = 8
+
+
+def validation_clips(config, workdir: str, count: int = QUALITY_CLIPS) -> list[dict[str, Any]]:
+  """`count` clips evenly spaced over the validation split (fewer when the split has fewer)."""
+  clips = pipeline.clip_source(config, "validation", pipeline.RecordVideos(
+      data_folder(config, workdir), "validation"))
+  if not len(clips):
+    raise ValueError(f"the validation split of {data_folder(config, workdir)} has no clip: the "
+                     f"quality signals need one (or set train_*.eval_every=0)")
+  picks = np.unique(np.linspace(0, len(clips) - 1, min(count, len(clips))).round().astype(int))
+  return [clips[int(index)] for index in picks]
+
+
+def _image_rows(*rows) -> np.ndarray:
+  """uint8 [rows * H, N * W, 3]: each row a batch [N, H, W, 3] in [-1, 1] side by side."""
+  from mmldm_jax.data import video as video_lib
+  return np.concatenate([np.concatenate(list(video_lib.to_uint8(np.asarray(row))), axis=1)
+                         for row in rows], axis=0)
+
+
+def vae_quality_signals(config, workdir: str, vae):
+  """The vae stage's quality signals (`loop.Task.evaluate`): reconstruction PSNR (dB, images in
+  [-1, 1], capped as `metrics.psnr` says) and L1 of the first and middle frame and of the audio
+  image of `QUALITY_CLIPS` validation clips, through the posterior mode; images: the originals
+  above their reconstructions."""
+  from mmldm_jax import metrics as metrics_lib
+  from mmldm_jax.data import video as video_lib
+  held = {}
+
+  @jax.jit
+  def reconstruct(vae_params, frames, audio):
+    audio_image = audio_lib.waveform_to_image(audio, config.audio).astype(frames.dtype)
+    originals = jnp.concatenate([frames, audio_image], axis=0)
+    reconstructions, _ = vae.apply({"params": vae_params}, originals, None)
+    return originals, jnp.clip(reconstructions, -1.0, 1.0)
+
+  def evaluate(params, mesh):
+    if not held:
+      clips = validation_clips(config, workdir)
+      frames = np.stack([clip["frames"][[0, int(clip["valid_frames"]) // 2]] for clip in clips])
+      held["frames"] = video_lib.to_float(frames.reshape((-1,) + frames.shape[2:]))
+      held["audio"] = np.stack([clip["audio"] for clip in clips]).astype(np.float32)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    originals, reconstructions = reconstruct(
+        params["vae"], *(jax.device_put(held[k], replicated) for k in ("frames", "audio")))
+    originals, reconstructions = np.asarray(originals), np.asarray(reconstructions)
+    count = len(held["frames"])
+    scalars = {}
+    for name, part in (("frames", slice(0, count)), ("audio_image", slice(count, None))):
+      scalars[f"psnr_{name}"] = float(np.mean(metrics_lib.psnr(reconstructions[part],
+                                                               originals[part])))
+      scalars[f"l1_{name}"] = float(np.mean(np.abs(reconstructions[part] - originals[part])))
+    images = {"vae_frames": _image_rows(originals[:count][:8], reconstructions[:count][:8]),
+              "vae_audio_image": _image_rows(originals[count:][:8],
+                                             reconstructions[count:][:8])}
+    return scalars, images
+  return evaluate
 
 
 def _vae_images(config, batch):
