@@ -63,11 +63,15 @@ def test_validate_names_field(field, value, message):
     config_lib.validate(config)
 
 
-def test_main_rejects_unknown_field_on_command_line(tmp_path):
-  result = subprocess.run(
+def run_main(workdir, *flags):
+  """`python -m mmldm_jax.main` on the demo config with extra flags; the finished process."""
+  return subprocess.run(
       [sys.executable, "-m", "mmldm_jax.main", f"--config={CONFIGS}/demo.py",
-       f"--workdir={tmp_path}", "--config.data.imagesize=64"],
-      capture_output=True, text=True, timeout=300)
+       f"--workdir={workdir}", *flags], capture_output=True, text=True, timeout=300)
+
+
+def test_main_rejects_unknown_field_on_command_line(tmp_path):
+  result = run_main(tmp_path, "--config.data.imagesize=64")
   assert result.returncode != 0
   assert "imagesize" in result.stderr
 
@@ -81,10 +85,7 @@ def test_unknown_preset_is_refused_naming_the_known_ones(name):
 def test_main_refuses_a_bad_value_before_any_stage_runs(tmp_path):
   """A typo in a late stage's setting fails at once, before the data stage writes anything."""
   workdir = tmp_path / "run"
-  result = subprocess.run(
-      [sys.executable, "-m", "mmldm_jax.main", f"--config={CONFIGS}/demo.py",
-       f"--workdir={workdir}", "--config.sample.mode=jiont"],
-      capture_output=True, text=True, timeout=300)
+  result = run_main(workdir, "--config.sample.mode=jiont")
   assert result.returncode != 0
   assert "config.sample.mode='jiont'" in result.stderr
   assert not workdir.exists()
