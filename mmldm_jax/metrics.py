@@ -150,22 +150,33 @@ class MetricsWriter:
       self._tb.add_scalar(name, value, step)
 
   def images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
-    """uint8 images, each [H, W, 3] or a batch [N, H, W, 3] (shown as a row)."""
+    """uint8 images, each [H, W, 3] or a batch [N, H, W, 3] (shown as a row); to TensorBoard and,
+    to look at without it, as `<log_dir>/media/<name>_<step>.png`."""
     if not self.is_writer:
       return
+    from PIL import Image
     for name, image in images.items():
       image = np.asarray(image)
       if image.ndim == 4:
         image = np.concatenate(list(image), axis=1)
       self._tb.add_image(name, image, step, dataformats="HWC")
+      Image.fromarray(image).save(self._media_path(name, step, "png"))
 
   def audio(self, step: int, clips: Mapping[str, np.ndarray], sample_rate: int) -> None:
-    """Float waveforms in [-1, 1], each [N] (one mono clip)."""
+    """Float waveforms in [-1, 1], each [N] (one mono clip); to TensorBoard and as
+    `<log_dir>/media/<name>_<step>.wav`."""
     if not self.is_writer:
       return
+    from mmldm_jax.data import video as video_lib
     for name, waveform in clips.items():
-      self._tb.add_audio(name, np.clip(np.asarray(waveform, np.float32), -1, 1)[:, None], step,
-                         sample_rate=sample_rate)
+      waveform = np.clip(np.asarray(waveform, np.float32), -1, 1)
+      self._tb.add_audio(name, waveform[:, None], step, sample_rate=sample_rate)
+      video_lib.write_wav(self._media_path(name, step, "wav"), waveform, sample_rate)
+
+  def _media_path(self, name: str, step: int, extension: str) -> str:
+    folder = os.path.join(self.log_dir, "media")
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, f"{name.replace('/', '_')}_{step}.{extension}")
 
   def close(self) -> None:
     self.flush()

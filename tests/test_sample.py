@@ -204,6 +204,36 @@ def test_stage_restores_checkpoints_and_matches_the_chain(config, models, joint_
   assert os.path.getmtime(os.path.join(folder, "sample_0000.mp4")) == mtime
 
 
+def test_generator_quality_signals_are_the_sample_stage_samples_scored(config, models,
+                                                                       joint_folder, tmp_path):
+  """The generator stage's quality signals sample through the same chain as the `sample` stage
+  (same settings and seed: the same first samples), and score them like the evaluate stage."""
+  from mmldm_jax.train import stages
+  workdir = str(tmp_path)
+  synthetic.write_dataset(config, os.path.join(workdir, "data"), progress=False)
+  save_checkpoint(config, workdir, stages.autoencoder_task(config, workdir),
+                  {"autoencoder": models.autoencoder_params}, 4)
+  save_checkpoint(config, workdir, stages.vae_task(config, workdir), {"vae": models.vae_params}, 4)
+  task = stages.generator_task(config, workdir)
+  scalars, images, sounds = task.evaluate({"dit": models.dit_params}, None,
+                                          parallel.create_mesh(config))
+  assert sorted(scalars) == sorted([
+      "sync_f1", "sync_f1_shuffled", "video_events_per_second", "audio_events_per_second",
+      "real_video_events_per_second", "real_audio_events_per_second"])
+  assert 0.0 <= scalars["sync_f1"] <= 1.0 and 0.0 <= scalars["sync_f1_shuffled"] <= 1.0
+  # The synthetic clips bounce about config.synthetic.events_per_second times a second.
+  assert 0.5 * config.synthetic.events_per_second < scalars["real_video_events_per_second"]
+  assert 0.5 * config.synthetic.events_per_second < scalars["real_audio_events_per_second"]
+  sheet = images["generator_samples"]
+  first_row = np.asarray(Image.open(os.path.join(joint_folder, "sample_0000.png")))
+  assert sheet.shape == (stages.QUALITY_CLIPS * first_row.shape[0],) + first_row.shape[1:]
+  np.testing.assert_array_equal(sheet[:first_row.shape[0]], first_row)
+  with open(os.path.join(joint_folder, "sample_0000.wav"), "rb") as written:
+    pcm = np.frombuffer(written.read()[44:], "<i2")
+  np.testing.assert_array_equal(
+      np.round(np.clip(sounds["generator_sound_0"], -1, 1) * 32767).astype("<i2"), pcm)
+
+
 def test_latents_stage_writes_every_clip_window_with_its_place(config, models, tmp_path):
   """The `latents` stage encodes every training clip window in source order, with the video and
   first frame that continuation training pairs clips by."""

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import wave
 
 import jax
 import numpy as np
@@ -273,6 +274,11 @@ def test_metrics_writer_images_audio_and_peak_flops(tmp_path):
   event_file = [n for n in os.listdir(tmp_path) if n.startswith("events.out.tfevents")][0]
   payload = open(tmp_path / event_file, "rb").read()
   assert b"frames" in payload and b"sound" in payload and b"loss" in payload
+  # The same pictures and sounds as files a person can open without TensorBoard.
+  from PIL import Image
+  assert np.asarray(Image.open(tmp_path / "media" / "frames_2.png")).shape == (8, 16, 3)
+  with wave.open(str(tmp_path / "media" / "sound_2.wav")) as sound:
+    assert (sound.getnframes(), sound.getframerate()) == (1600, 16000)
 
 
 def test_continuation_trains_on_consecutive_clip_pairs(tmp_path):

@@ -99,13 +99,14 @@ def test_psnr_is_capped_for_identical_images_and_falls_with_noise():
 def test_non_finite_quality_signal_stops_naming_stage_step_and_signal(tmp_path):
   from mmldm_jax import metrics
   task = stages.vae_task(demo_config(), str(tmp_path))
-  task.evaluate = lambda params, mesh: ({"psnr_frames": float("nan"), "l1_frames": 0.1}, {})
+  task.evaluate = lambda params, frozen, mesh: (
+      {"psnr_frames": float("nan"), "l1_frames": 0.1}, {}, {})
   writer = metrics.MetricsWriter(str(tmp_path / "logs"), total_steps=4, global_batch_size=1,
                                  log_every=1)
   with pytest.raises(FloatingPointError, match="stage vae: quality signal.*eval/psnr_frames.*step 3"):
-    loop._write_quality_signals(task, {}, None, 3, writer)   # noqa: SLF001
+    loop._write_quality_signals(task, {}, None, None, 3, writer, 16000)   # noqa: SLF001
   task.train_config.nan_policy = "skip"
-  loop._write_quality_signals(task, {}, None, 4, writer)     # noqa: SLF001
+  loop._write_quality_signals(task, {}, None, None, 4, writer, 16000)  # noqa: SLF001
   writer.close()
   logged = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
   assert logged == [{"step": 4, "eval/l1_frames": 0.1}]

@@ -55,9 +55,10 @@ class Task:
     pretrained: () -> {group: parameter values} to start from instead of the init, or None.
     trainable: {group: params -> pytree of bools}; False leaves get no update (no weight decay).
     flops_per_example: training FLOPs per example for MFU, or None.
-    evaluate: (params {group: tree}, mesh) -> (scalars {name: value}, images {name: uint8
-      [N, H, W, 3]}): quality signals on fixed validation clips, called every
-      `train_config.eval_every` steps and at the last step; None = none.
+    evaluate: (params {group: tree}, frozen, mesh) -> (scalars {name: value}, images {name: uint8
+      [N, H, W, 3]}, sounds {name: float waveform [N] at config.audio.sample_rate}): quality
+      signals on fixed validation clips, called every `train_config.eval_every` steps and at the
+      last step; None = none.
     activation_constraints: trace the step under `parallel.activation_rules` (the models'
       `nn.with_logical_constraint` calls take effect); False leaves activations to GSPMD.
   """
@@ -73,7 +74,8 @@ class Task:
   pretrained: Callable[[], dict[str, Params]] | None = None
   trainable: Mapping[str, Callable[[Params], Any]] = dataclasses.field(default_factory=dict)
   flops_per_example: float | None = None
-  evaluate: Callable[[Any, Any], tuple[dict[str, Any], dict[str, np.ndarray]]] | None = None
+  evaluate: Callable[[Any, Any, Any], tuple[dict[str, Any], dict[str, np.ndarray],
+                                            dict[str, np.ndarray]]] | None = None
   activation_constraints: bool = True
 
 
@@ -257,11 +259,12 @@ def make_train_step(task: Task, optimizers, seed: int):
 # ------------------------------------------------------------------------------------------------
 # Quality signals
 # ------------------------------------------------------------------------------------------------
-def _write_quality_signals(task: Task, params, mesh, step: int, writer) -> None:
-  """Runs `task.evaluate` and writes its scalars (as eval/<name>) and images. Waits for the
-  device: it runs every eval_every steps, not every step. A non-finite signal stops the stage
+def _write_quality_signals(task: Task, params, frozen, mesh, step: int, writer,
+                           sample_rate: int) -> None:
+  """Runs `task.evaluate` and writes its scalars (as eval/<name>), images and sounds. Waits for
+  the device: it runs every eval_every steps, not every step. A non-finite signal stops the stage
   naming it (nan_policy 'stop') or is left out of the logs with a warning ('skip')."""
-  scalars, images = task.evaluate(params, mesh)
+  scalars, images, sounds = task.evaluate(params, frozen, mesh)
   values = {f"eval/{name}": float(np.asarray(value)) for name, value in scalars.items()}
   bad = sorted(name for name, value in values.items() if not np.isfinite(value))
   if bad:
@@ -273,6 +276,7 @@ def _write_quality_signals(task: Task, params, mesh, step: int, writer) -> None:
     values = {name: value for name, value in values.items() if name not in bad}
   writer.scalars(step, values)
   writer.images(step, {f"eval/{name}": image for name, image in images.items()})
+  writer.audio(step, {f"eval/{name}": sound for name, sound in sounds.items()}, sample_rate)
   logging.info("stage %s: step %d quality %s", task.name, step,
                " ".join(f"{name[5:]}={value:.4g}" for name, value in sorted(values.items())))
 
@@ -376,7 +380,8 @@ def train(config, workdir: str, task: Task, devices=None) -> dict[str, Any]:
       eval_every = int(train_config.eval_every)
       if task.evaluate is not None and eval_every and (step % eval_every == 0
                                                        or step == num_steps):
-        _write_quality_signals(task, state["params"], mesh, step, writer)
+        _write_quality_signals(task, state["params"], frozen, mesh, step, writer,
+                               int(config.audio.sample_rate))
       checkpointer.save(step, state, data_iterator=data_iterator, config=config)
       if watcher.reached(step):
         checkpointer.save(step, state, data_iterator=data_iterator, config=config, force=True)

@@ -131,6 +131,19 @@ def validation_clips(config, workdir: str, count: int = QUALITY_CLIPS) -> list[d
   return [clips[int(index)] for index in picks]
 
 
+# Validation clips whose (decoded) sound goes to TensorBoard at each quality-signal step.
+SOUNDS = 2
+
+
+def audio_image_to_sound(config, audio_image):
+  """Waveforms [N, clip samples] of audio images [N, S, S, 3] by Griffin-Lim: what a decoded audio
+  image sounds like without a vocoder (the quality signals' listening copy and sync input)."""
+  clip_samples = config_lib.clip_samples(config)
+  mel = audio_lib.image_to_mel(audio_image, int(config.audio.num_mels),
+                               audio_lib.num_mel_frames(clip_samples, config.audio))
+  return audio_lib.griffin_lim(mel, config.audio, num_samples=clip_samples)
+
+
 def _image_rows(*rows) -> np.ndarray:
   """uint8 [rows * H, N * W, 3]: each row a batch [N, H, W, 3] in [-1, 1] side by side."""
   from mmldm_jax.data import video as video_lib
@@ -146,6 +159,7 @@ def vae_quality_signals(config, workdir: str, vae):
   from mmldm_jax import metrics as metrics_lib
   from mmldm_jax.data import video as video_lib
   held = {}
+  image_sound = jax.jit(lambda audio_image: audio_image_to_sound(config, audio_image))
 
   @jax.jit
   def reconstruct(vae_params, frames, audio):
@@ -154,7 +168,8 @@ def vae_quality_signals(config, workdir: str, vae):
     reconstructions, _ = vae.apply({"params": vae_params}, originals, None)
     return originals, jnp.clip(reconstructions, -1.0, 1.0)
 
-  def evaluate(params, mesh):
+  def evaluate(params, frozen, mesh):
+    del frozen
     if not held:
       clips = validation_clips(config, workdir)
       frames = np.stack([clip["frames"][[0, int(clip["valid_frames"]) // 2]] for clip in clips])
@@ -173,7 +188,8 @@ def vae_quality_signals(config, workdir: str, vae):
     images = {"vae_frames": _image_rows(originals[:count][:8], reconstructions[:count][:8]),
               "vae_audio_image": _image_rows(originals[count:][:8],
                                              reconstructions[count:][:8])}
-    return scalars, images
+    sounds = jax.device_get(image_sound(reconstructions[count:count + SOUNDS]))
+    return scalars, images, {f"vae_sound_{index}": sound for index, sound in enumerate(sounds)}
   return evaluate
 
 
@@ -285,7 +301,102 @@ def autoencoder_task(config, workdir: str) -> loop.Task:
       to_model_batch=_select(fields),
       pretrained=(lambda: {"autoencoder": _pretrained_unet(config)})
       if config.unet.pretrained_path else None,
-      frozen=lambda mesh: frozen_vae_params(config, workdir, mesh))
+      frozen=lambda mesh: frozen_vae_params(config, workdir, mesh),
+      evaluate=autoencoder_quality_signals(config, workdir, system))
+
+
+def _validation_batch(clips: list[dict[str, Any]], config) -> dict[str, np.ndarray]:
+  """The autoencoder's inputs for whole validation clips: key frames, every frame, the waveform
+  and the label (no augmentation)."""
+  from mmldm_jax.data import video as video_lib
+  keys = video_lib.key_frame_indices(config.data.num_frames, tuple(config.data.key_frames))
+  frames = np.stack([clip["frames"] for clip in clips])
+  return {"key_frames": video_lib.to_float(frames[:, keys]), "frames": frames,
+          "audio": np.stack([clip["audio"] for clip in clips]).astype(np.float32),
+          "label": np.asarray([clip["label"] for clip in clips], np.int32)}
+
+
+def autoencoder_quality_signals(config, workdir: str, system):
+  """The autoencoder stage's quality signals (`loop.Task.evaluate`) on `QUALITY_CLIPS` validation
+  clips, each encoded to its latents (posterior modes) and decoded back (guided DDIM,
+  `autoencoder.decode_steps`):
+    psnr_frames / psnr_audio_image: every decoded frame and the audio image against the clip's own;
+    psnr_*_other_latents: the same clip's originals against what ANOTHER clip's latents decode to
+      (the next clip in the set). The gap between the two says whether the decoder uses the latent;
+    retrieval_v2a / retrieval_a2v: top-1 retrieval of the paired clip by the contrastive
+      embeddings within the set, beside `retrieval_chance` (1 / clips);
+    class_accuracy: of the classification head (when the config has one);
+    sync_f1 / sync_f1_real: for the synthetic dataset, the sync score (`evaluation/sync.py`) of the
+      decoded clips (sound by Griffin-Lim) and of the originals.
+  Images: for two frames of each clip and the audio image, originals / own latents / other
+  latents. Audio: the first decoded clips' sound."""
+  from mmldm_jax import metrics as metrics_lib
+  from mmldm_jax.data import video as video_lib
+  from mmldm_jax.evaluation import sync
+  num_frames = int(config.data.num_frames)
+  with_sync = config.data.source == "synthetic"
+  held = {}
+
+  @jax.jit
+  def encode_decode(params, vae_params, batch, rng):
+    audio_latent, video_latent = system.encode(params, vae_params, batch)
+    maps = system.model.apply({"params": params}, audio_latent, video_latent, method="semantics")
+    class_logits, (video_embedding, audio_embedding, _, _) = system.model.apply(
+        {"params": params}, *maps, method="heads")
+    similarity = video_embedding @ audio_embedding.T
+    # Own latents first, then each clip's latents decoded in the place of the previous clip's.
+    frames, audio_image = system.decode(
+        params, vae_params, jnp.concatenate([audio_latent, jnp.roll(audio_latent, 1, 0)]),
+        jnp.concatenate([video_latent, jnp.roll(video_latent, 1, 0)]), rng,
+        num_frames=num_frames)
+    waveform = audio_image_to_sound(config, audio_image)
+    return dict(frames=jnp.clip(frames, -1.0, 1.0), audio_image=jnp.clip(audio_image, -1.0, 1.0),
+                waveform=waveform, similarity=similarity, class_logits=class_logits,
+                real_audio_image=audio_lib.waveform_to_image(batch["audio"], config.audio))
+
+  def evaluate(params, frozen_vae, mesh):
+    if not held:
+      held.update(_validation_batch(validation_clips(config, workdir), config))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    inputs = {k: jax.device_put(held[k], replicated) for k in ("key_frames", "audio")}
+    out = jax.device_get(encode_decode(params["autoencoder"], frozen_vae, inputs,
+                                       jax.random.key(config.seed)))
+    count = len(held["audio"])
+    real_frames = video_lib.to_float(held["frames"])
+    real_image = np.asarray(out["real_audio_image"])
+    scalars = {}
+    for suffix, part in (("", slice(0, count)), ("_other_latents", slice(count, None))):
+      scalars[f"psnr_frames{suffix}"] = float(np.mean(metrics_lib.psnr(out["frames"][part],
+                                                                       real_frames)))
+      scalars[f"psnr_audio_image{suffix}"] = float(np.mean(metrics_lib.psnr(
+          out["audio_image"][part], real_image)))
+    similarity = np.asarray(out["similarity"])
+    matches = np.arange(count)
+    scalars["retrieval_v2a"] = float(np.mean(np.argmax(similarity, axis=1) == matches))
+    scalars["retrieval_a2v"] = float(np.mean(np.argmax(similarity, axis=0) == matches))
+    scalars["retrieval_chance"] = 1.0 / count
+    if out["class_logits"] is not None:
+      scalars["class_accuracy"] = float(np.mean(np.argmax(out["class_logits"], -1) ==
+                                                held["label"]))
+    if with_sync:
+      fps, rate = float(config.data.fps), int(config.audio.sample_rate)
+      decoded = video_lib.to_uint8(out["frames"][:count])
+      scalars["sync_f1"] = sync.aggregate(
+          sync.score_clip(clip, wave, fps, rate)[0]
+          for clip, wave in zip(decoded, out["waveform"][:count])).f1
+      scalars["sync_f1_real"] = sync.aggregate(
+          sync.score_clip(clip, wave, fps, rate)[0]
+          for clip, wave in zip(held["frames"], held["audio"])).f1
+    shown = [0, num_frames // 2]
+    pick = lambda frames: frames[:, shown].reshape((-1,) + frames.shape[2:])  # noqa: E731
+    images = {"autoencoder_frames": _image_rows(pick(real_frames), pick(out["frames"][:count]),
+                                                pick(out["frames"][count:])),
+              "autoencoder_audio_image": _image_rows(real_image, out["audio_image"][:count],
+                                                     out["audio_image"][count:])}
+    sounds = {f"autoencoder_sound_{index}": out["waveform"][index]
+              for index in range(min(SOUNDS, count))}
+    return scalars, images, sounds
+  return evaluate
 
 
 # ------------------------------------------------------------------------------------------------
@@ -319,7 +430,72 @@ def generator_task(config, workdir: str) -> loop.Task:
       make_dataset=make_dataset, to_model_batch=_select(
           ("audio_latent", "video_latent") +
           (("prev_audio_latent", "prev_video_latent") if continuation else ())),
-      flops_per_example=float(flops_lib.dit_flops_per_sample(config)))
+      flops_per_example=float(flops_lib.dit_flops_per_sample(config)),
+      evaluate=generator_quality_signals(config, workdir, model))
+
+
+def generator_quality_signals(config, workdir: str, model):
+  """The generator stage's quality signals (`loop.Task.evaluate`): `QUALITY_CLIPS` joint samples
+  through the whole chain (DiT -> autoencoder decoder -> VAE -> vocoder or Griffin-Lim, as the
+  `sample` stage makes them, same `config.sample` settings, a fixed seed), scored like the
+  `evaluate` stage does for the synthetic dataset:
+    sync_f1 / sync_f1_shuffled: the samples' sync score, and with each picture paired with the next
+      sample's sound (what samples whose halves ignore each other score);
+    video_events_per_second / audio_events_per_second: bounces and onsets found in the samples,
+      beside real_video_events_per_second / real_audio_events_per_second of validation clips.
+  Images: the samples' contact sheet (frames and audio image per row). Sounds: the first samples.
+  The autoencoder and VAE are restored from the workdir once, at the first call."""
+  from mmldm_jax import sample as sample_lib   # (sample restores stages' tasks: imported lazily)
+  from mmldm_jax.evaluation import stage as evaluation_stage
+  from mmldm_jax.evaluation import sync
+  held = {}
+  fps, rate = float(config.data.fps), int(config.audio.sample_rate)
+  with_sync = config.data.source == "synthetic"
+
+  def setup(dit_params, mesh):
+    joint = config.copy_and_resolve_references()
+    joint.sample.update(mode="joint", num_clips=1)
+    system = autoencoder_system(joint)
+    autoencoder_params = loop.restore_params(joint, workdir, autoencoder_task(joint, workdir),
+                                             mesh)["autoencoder"]
+    models = sample_lib.Models(
+        dit=model, dit_params=dit_params, system=system, autoencoder_params=autoencoder_params,
+        vae_params=frozen_vae_params(joint, workdir, mesh),
+        vocoder=sample_lib.load_vocoder_if_set(joint), description={})
+    held["chain"] = sample_lib.Chain(joint, models)   # built once: its jitted functions compile once
+    if with_sync:
+      clips = validation_clips(config, workdir)
+      held["real"] = evaluation_stage.event_rates(
+          [sync.score_clip(clip["frames"], clip["audio"], fps, rate) for clip in clips], fps)
+
+  def evaluate(params, frozen, mesh):
+    del frozen
+    if not held:
+      setup(params["dit"], mesh)
+    chain = held["chain"]
+    chain.models.dit_params = params["dit"]
+    batch = min(int(config.sample.batch_size), QUALITY_CLIPS)
+    generated = [chain.generate(jax.random.fold_in(jax.random.key(config.sample.seed), number),
+                                batch) for number in range(-(-QUALITY_CLIPS // batch))]
+    frames = np.concatenate([g["frames"] for g in generated])[:QUALITY_CLIPS]
+    waveforms = np.concatenate([g["waveform"] for g in generated])[:QUALITY_CLIPS]
+    audio_images = np.concatenate([g["audio_image"] for g in generated])[:QUALITY_CLIPS]
+    scalars = {}
+    if with_sync:
+      scored = [sync.score_clip(clip, wave, fps, rate) for clip, wave in zip(frames, waveforms)]
+      scalars["sync_f1"] = sync.aggregate(score for score, _ in scored).f1
+      scalars["sync_f1_shuffled"] = evaluation_stage.mismatched_sync(scored).f1
+      rates = evaluation_stage.event_rates(scored, fps)
+      scalars.update({f"{name.replace('_per_second', '')}_events_per_second": value
+                      for name, value in rates.items()})
+      scalars.update({f"real_{name.replace('_per_second', '')}_events_per_second": value
+                      for name, value in held["real"].items()})
+    sheet = np.concatenate([sample_lib.grid_image(clip, image)
+                            for clip, image in zip(frames, audio_images)], axis=0)
+    sounds = {f"generator_sound_{index}": waveforms[index]
+              for index in range(min(SOUNDS, len(waveforms)))}
+    return scalars, {"generator_samples": sheet}, sounds
+  return evaluate
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,63 @@
+"""The autoencoder stage's quality signals on the demo's tiny preset: every signal is computed, in
+range and logged (metrics.jsonl, TensorBoard, PNG and WAV files), and the real clips the decoded
+ones are scored beside get a perfect sync score."""
+import json
+import os
+
+import jax
+import numpy as np
+
+from mmldm_jax import config_lib
+from mmldm_jax import metrics
+from mmldm_jax import parallel
+from mmldm_jax.train import loop
+from mmldm_jax.train import stages
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SIGNALS = ("psnr_frames", "psnr_audio_image", "psnr_frames_other_latents",
+           "psnr_audio_image_other_latents", "retrieval_v2a", "retrieval_a2v", "retrieval_chance",
+           "class_accuracy", "sync_f1", "sync_f1_real")
+
+
+def test_autoencoder_quality_signals_are_computed_and_logged(tmp_path):
+  config = config_lib.load(os.path.join(REPO, "configs", "demo.py") + ":tiny")
+  config.train_vae.update(num_steps=1, checkpoint_every=1, eval_every=0)
+  workdir = str(tmp_path)
+  stages.run_vae(config, workdir)
+  config_lib.use_measured_scale_factor(config, workdir)
+  task = stages.autoencoder_task(config, workdir)
+  mesh = parallel.create_mesh(config)
+  params = jax.jit(lambda key: parallel.unbox(task.init(key)))(loop.init_key(0))
+  frozen = task.frozen(mesh)
+
+  scalars, images, sounds = task.evaluate(params, frozen, mesh)
+  assert sorted(scalars) == sorted(SIGNALS)
+  clips = len(stages.validation_clips(config, workdir))
+  assert clips == stages.QUALITY_CLIPS and scalars["retrieval_chance"] == 1.0 / clips
+  for name in ("retrieval_v2a", "retrieval_a2v", "class_accuracy"):
+    assert scalars[name] * clips in range(clips + 1), (name, scalars[name])
+  for name in SIGNALS[:4]:
+    assert 0.0 < scalars[name] < 60.0, (name, scalars[name])   # an untrained decoder
+  assert scalars["sync_f1_real"] == 1.0          # the originals: every bounce has its tone
+  assert 0.0 <= scalars["sync_f1"] <= 1.0
+  size = config.data.image_size
+  # Two frames per clip in three rows (originals, own latents, other latents); audio images alike.
+  assert images["autoencoder_frames"].shape == (3 * size, 2 * clips * size, 3)
+  assert images["autoencoder_audio_image"].shape == (3 * size, clips * size, 3)
+  assert images["autoencoder_frames"].dtype == np.uint8
+  samples = config_lib.clip_samples(config)
+  assert [sound.shape for sound in sounds.values()] == [(samples,)] * 2
+  assert all(np.isfinite(sound).all() and np.abs(sound).max() > 0 for sound in sounds.values())
+
+  writer = metrics.MetricsWriter(str(tmp_path / "logs"), total_steps=7, global_batch_size=1,
+                                 log_every=1)
+  task.evaluate = lambda *args: (scalars, images, sounds)
+  loop._write_quality_signals(task, params, frozen, mesh, 7, writer,   # noqa: SLF001
+                              int(config.audio.sample_rate))
+  writer.close()
+  logged = json.loads((tmp_path / "logs" / "metrics.jsonl").read_text())
+  assert logged == {"step": 7, **{f"eval/{name}": value for name, value in scalars.items()}}
+  media = sorted(os.listdir(tmp_path / "logs" / "media"))
+  assert media == ["eval_autoencoder_audio_image_7.png", "eval_autoencoder_frames_7.png",
+                   "eval_autoencoder_sound_0_7.wav", "eval_autoencoder_sound_1_7.wav"]
