@@ -100,7 +100,7 @@ def _write_clip_records(config, folder: str, num_videos: int = 4, seconds: float
                        label=0, source="benchmark", fps=fps, sample_rate=rate))
     entries.append(records.VideoEntry(f"v{number}", shard, number, count, 0, "train"))
   records.write_shard(os.path.join(folder, shard), videos)
-  records.write_index(folder, entries, {})
+  records.write_index(folder, entries, {records.GEOMETRY_KEY: records.geometry(config)})
 
 
 def bench_pipeline(config, work: str, num_clips: int = 96, batch_size: int = 8) -> dict:

@@ -245,6 +245,7 @@ class _LastVideo:
   def __init__(self, videos):
     self.videos = videos
     self.lengths = videos.lengths
+    self.meta, self.origin = videos.meta, videos.origin  # pipeline checks the records' geometry
     self._last = (None, None)
 
   def __len__(self) -> int:

@@ -42,11 +42,19 @@ def test_shards_and_index(workdir):
   assert counts == {"train": syn.num_train_videos, "validation": syn.num_validation_videos,
                     "heldout": syn.num_heldout_videos}
   assert meta["source"] == "synthetic"
+  assert meta["geometry"] == records.geometry(config)
   for shard in {e.shard for e in entries}:
     assert (folder / shard).exists()
   record = records.read_shard_record(str(folder / entries[0].shard), entries[0].position)
   records.validate_record(record)
   assert record["frames"].shape[1:] == (config.data.image_size, config.data.image_size, 3)
+  # The records source path checks the same folder against the config it is given.
+  assert stage.report_records(str(folder), config) == counts
+  with config.unlocked():
+    config.data.image_size = 2 * config.data.image_size
+  with pytest.raises(records.RecordError, match=r"image_size: records \d+, config "
+                     r"data.image_size=\d+"):
+    stage.report_records(str(folder), config)
 
 
 def test_preview_mp4_has_video_and_audio(workdir):

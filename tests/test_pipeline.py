@@ -46,7 +46,7 @@ def config(tmp_path_factory):
                         [_record(v, LENGTHS[v], config.data.fps, rate) for v in group])
     for position, v in enumerate(group):
       entries.append(records.VideoEntry(f"v{v}", name, position, LENGTHS[v], v % 3, "train"))
-  records.write_index(folder, entries, {"fps": config.data.fps})
+  records.write_index(folder, entries, {records.GEOMETRY_KEY: records.geometry(config)})
   with config.unlocked():
     config.data.data_dir = folder
   return config
@@ -194,10 +194,41 @@ def test_bad_inputs_are_named(config, tmp_path):
   with config.unlocked():
     config.data.image_size = 32
   try:
-    with pytest.raises(ValueError, match="64x64, the config wants 32x32"):
-      pipeline.clip_source(config, "train")[0]
+    # Refused from index.json's geometry before any record is read.
+    with pytest.raises(records.RecordError, match="image_size: records 64, config "
+                       "data.image_size=32"):
+      pipeline.clip_source(config, "train")
   finally:
     with config.unlocked():
       config.data.image_size = SIZE
   with pytest.raises(FileNotFoundError, match="index.json"):
     pipeline.RecordVideos(str(tmp_path), "train")
+
+
+def test_records_of_the_earlier_format_or_another_geometry_are_refused(config, tmp_path):
+  folder = config.data.data_dir
+  entries, _ = records.read_index(folder)
+  old = str(tmp_path / "old")
+  os.makedirs(old)
+  records.write_index(old, entries, {"fps": config.data.fps})  # no geometry: the earlier format
+  with config.unlocked():
+    config.data.data_dir = old
+  try:
+    with pytest.raises(records.RecordError, match=r"records of an earlier format .*Re-ingest them: "
+                       r"`python -m mmldm_jax.data.ingest"):
+      pipeline.clip_source(config, "train")
+  finally:
+    with config.unlocked():
+      config.data.data_dir = folder
+  other = config_lib.load(os.path.join(CONFIGS, "aist.py:tiny"))
+  with other.unlocked():
+    other.data.data_dir = folder
+    other.audio.sample_rate = 16000
+    other.data.fps = 12.5
+  with pytest.raises(records.RecordError) as error:
+    pipeline.make_dataset(other, "train", batch_size=1, seed=0)
+  # Both differences, each with both values and the field, and the override that fits them.
+  assert (f"fps: records {config.data.fps}, config data.fps=12.5; sample_rate: records "
+          f"{config.audio.sample_rate}, config audio.sample_rate=16000" in str(error.value))
+  assert (f"--config.data.fps={config.data.fps} --config.audio.sample_rate="
+          f"{config.audio.sample_rate}" in str(error.value))

@@ -149,6 +149,8 @@ def test_write_dataset_deterministic_resumable(tmp_path, config):
   entries, meta = records.read_index(str(tmp_path / "a"))
   assert [e.split for e in entries].count("validation") == syn.num_validation_videos
   assert meta["fps"] == config.data.fps
+  assert meta["geometry"] == records.geometry(config)   # what the pipeline checks configs against
+  records.check_geometry(meta, config, "synthetic index")
   entry = entries[-1]
   record = records.read_shard_record(str(tmp_path / "a" / entry.shard), entry.position)
   assert record["video_id"] == entry.video_id and record["label"] == entry.label
@@ -162,6 +164,15 @@ def test_write_dataset_deterministic_resumable(tmp_path, config):
   assert not synthetic.is_complete(config, str(tmp_path / "a"))
   synthetic.write_dataset(config, str(tmp_path / "a"), progress=False)
   assert victim.read_bytes() == original
+
+  # An index of the format without a geometry: incomplete; the rerun rewrites only the index.
+  records.write_index(str(tmp_path / "a"), entries, {k: v for k, v in meta.items()
+                                                    if k != records.GEOMETRY_KEY})
+  shard_times = {n: os.path.getmtime(tmp_path / "a" / n) for n in shards}
+  assert not synthetic.is_complete(config, str(tmp_path / "a"))
+  synthetic.write_dataset(config, str(tmp_path / "a"), progress=False)
+  assert synthetic.is_complete(config, str(tmp_path / "a"))
+  assert {n: os.path.getmtime(tmp_path / "a" / n) for n in shards} == shard_times
 
   # Other settings in the same folder: refused, naming the file and the field.
   other = demo_config()

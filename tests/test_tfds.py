@@ -37,7 +37,8 @@ def config_and_folder(tmp_path_factory):
       number += 1
     records.write_shard(os.path.join(folder, name), shard)
     written[split] = shard
-  records.write_index(folder, entries, {"made_by": "test"})
+  records.write_index(folder, entries, {"made_by": "test",
+                                        records.GEOMETRY_KEY: records.geometry(config)})
   with config.unlocked():
     config.data.data_dir = folder
   return config, folder, written
@@ -51,7 +52,8 @@ def test_records_builder_round_trip_into_the_pipeline(config_and_folder, tmp_pat
   # A fresh builder reads the metadata back from disk (no records_dir needed to read).
   info = tfds.builder("mmldm_records", data_dir=data_dir).info
   assert info.metadata["num_frames"] == {s: list(v) for s, v in LENGTHS.items()}
-  assert info.metadata["records_meta"] == {"made_by": "test"}
+  assert info.metadata["records_meta"] == {"made_by": "test",
+                                           "geometry": records.geometry(config)}
   for split, expected in written.items():
     source = tfds.data_source("mmldm_records", split=split, data_dir=data_dir)
     assert len(source) == len(expected)
@@ -73,6 +75,27 @@ def test_records_builder_round_trip_into_the_pipeline(config_and_folder, tmp_pat
       np.testing.assert_array_equal(a[key], b[key], err_msg=key)
   with pytest.raises(ValueError, match="no split 'heldout'"):
     tfds_builders.videos(source, info, "heldout")
+  # The TFDS copy keeps the records' geometry, and the pipeline checks it against the config.
+  other = config_lib.load(os.path.join(CONFIGS, "landscape.py:tiny"))
+  with other.unlocked():
+    other.audio.sample_rate = 22050
+  with pytest.raises(records.RecordError, match=(
+      f"TFDS dataset mmldm_records .*sample_rate: records {config.audio.sample_rate}, config "
+      "audio.sample_rate=22050")):
+    pipeline.make_dataset(other, "train", batch_size=3, seed=4, videos=videos)
+
+
+def test_records_of_the_earlier_format_are_not_packed(config_and_folder, tmp_path):
+  _, folder, _ = config_and_folder
+  old = str(tmp_path / "old")
+  os.makedirs(old)
+  entries, _ = records.read_index(folder)
+  for name in {e.shard for e in entries}:
+    os.symlink(os.path.join(folder, name), os.path.join(old, name))
+  records.write_index(old, entries, {"made_by": "an earlier version"})
+  builder = tfds_builders.MmldmRecords(records_dir=old, data_dir=str(tmp_path / "tfds"))
+  with pytest.raises(records.RecordError, match="records of an earlier format"):
+    builder.download_and_prepare(file_format="array_record")
 
 
 def test_synthetic_builder_feeds_the_pipeline(tmp_path):

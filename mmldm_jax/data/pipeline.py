@@ -31,7 +31,9 @@ with `grain.checkpoint.CheckpointHandler()` store it in an Orbax `CheckpointMana
 needs an iterator of a dataset built with the same arguments (config, split, seed, process, batch).
 
 Sources: an ingested folder (`RecordVideos`, reading `index.json` and ArrayRecord shards, readers
-opened lazily in each worker) or a TFDS data source (`TfdsVideos`, see `tfds_builders.py`).
+opened lazily in each worker) or a TFDS data source (`TfdsVideos`, see `tfds_builders.py`). Either
+carries the index meta it was written with; `clip_source` refuses videos whose geometry (fps, image
+size, sample rate) differs from the config's (`records.check_geometry`), naming the field to change.
 
 Limits: each clip decodes its whole video record, so throughput falls with video length (a minute
 of 256x256 video at 10 fps is ~120 MB); split long videos before ingesting if that matters.
@@ -58,6 +60,8 @@ class Videos(Protocol):
   """Random access to the whole videos of one split (what `ClipSource` cuts clips from)."""
 
   lengths: Sequence[int]  # frames per video
+  meta: dict[str, Any]    # index.json's meta (its 'geometry' is checked against the config)
+  origin: str             # where the videos come from, for messages (e.g. the index.json path)
 
   def __len__(self) -> int:
     ...
@@ -76,6 +80,7 @@ class RecordVideos:
 
   def __init__(self, folder: str, split: str):
     entries, self.meta = records.read_index(folder)
+    self.origin = os.path.join(folder, records.INDEX_FILE)
     self.folder = folder
     self.split = split
     self.entries = [e for e in entries if e.split == split]
@@ -129,14 +134,18 @@ class RecordVideos:
 class TfdsVideos:
   """The videos of a TFDS data source written by `tfds_builders` (frames, audio, label, ...).
 
-  `lengths` are the frame counts in the source's order (the builders store them in their metadata).
+  `lengths` are the frame counts in the source's order and `meta` the records folder's index meta
+  (the builders store both in their metadata); `origin` names the dataset in messages.
   """
 
-  def __init__(self, data_source, lengths: Sequence[int]):
+  def __init__(self, data_source, lengths: Sequence[int], meta: dict[str, Any],
+               origin: str = "TFDS data source"):
     if len(data_source) != len(lengths):
       raise ValueError(f"TFDS source has {len(data_source)} examples but {len(lengths)} lengths")
     self.data_source = data_source
     self.lengths = list(lengths)
+    self.meta = dict(meta)
+    self.origin = origin
 
   def __len__(self) -> int:
     return len(self.data_source)
@@ -243,11 +252,16 @@ def make_example(clip: dict[str, Any], rng: np.random.Generator, *, key_frames: 
 
 
 def clip_source(config, split: str, videos: Videos | None = None) -> ClipSource:
-  """The clips of `split`: from `videos` if given, else from the records in config.data.data_dir."""
+  """The clips of `split`: from `videos` if given, else from the records in config.data.data_dir.
+
+  Every reader of records comes through here, so this is where their geometry is checked against
+  the config (records.RecordError naming the field when it differs).
+  """
   if videos is None:
     if not config.data.data_dir:
       raise ValueError("config.data.data_dir is empty: set it to the folder holding index.json")
     videos = RecordVideos(config.data.data_dir, split)
+  records.check_geometry(videos.meta, config, videos.origin)
   return ClipSource(videos, config.data.num_frames, config.data.fps, config.audio.sample_rate,
                     config.data.image_size)
 

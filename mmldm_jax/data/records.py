@@ -16,7 +16,12 @@ so reading a shard never runs code):
                colour (int32)
 
 `index.json` lists every video with its shard, its position inside the shard, its frame count, label and
-split, so a reader can enumerate clip windows without opening the shards.
+split, so a reader can enumerate clip windows without opening the shards. Its `meta` holds, under
+'geometry' (`geometry`), what the records were written for: data.fps, data.image_size,
+audio.sample_rate, the audio channels (1) and the config's name and file. Every reader calls
+`check_geometry` with its config before reading (the Grain pipeline's `clip_source` does, for the
+stages and the TFDS source alike), so records of another geometry, or of the format before the
+geometry was recorded, are refused with the field to change instead of being read wrongly.
 """
 from __future__ import annotations
 
@@ -30,6 +35,11 @@ from flax import serialization
 
 INDEX_FILE = "index.json"
 SPLITS = ("train", "validation", "heldout")
+GEOMETRY_KEY = "geometry"
+AUDIO_CHANNELS = 1  # records hold mono waveforms
+# index.json geometry key -> the config field it must equal.
+GEOMETRY_FIELDS = (("fps", "data.fps"), ("image_size", "data.image_size"),
+                   ("sample_rate", "audio.sample_rate"))
 
 
 class RecordError(ValueError):
@@ -151,3 +161,70 @@ def read_shard_record(path: str, position: int) -> dict[str, Any]:
 
 def shard_name(split: str, index: int, count: int) -> str:
   return f"{split}-{index:05d}-of-{count:05d}.array_record"
+
+
+def _config_value(config: Any, field: str) -> Any:
+  section, name = field.split(".")
+  return config[section][name]
+
+
+def geometry(config: Any, config_file: str = "") -> dict[str, Any]:
+  """What index.json records about the records' shape: the config's fps, image size, sample
+  rate, the audio channels, and where the config came from (config.name, the --config file when
+  known) so a mismatch message can say which config wrote them."""
+  return {"fps": float(config.data.fps), "image_size": int(config.data.image_size),
+          "sample_rate": int(config.audio.sample_rate), "audio_channels": AUDIO_CHANNELS,
+          "config_name": str(config.get("name", "")), "config_file": str(config_file)}
+
+
+def _origin(written: dict[str, Any]) -> str:
+  parts = [f"config '{written['config_name']}'" if written.get("config_name") else "",
+           written.get("config_file") or ""]
+  return ", ".join(p for p in parts if p) or "an unnamed config"
+
+
+def written_geometry(meta: dict[str, Any], where: str) -> dict[str, Any]:
+  """The 'geometry' of index.json's `meta` (read from `where`); RecordError for records of the
+  earlier format, which did not record it, or an incomplete one."""
+  written = meta.get(GEOMETRY_KEY)
+  if not isinstance(written, dict):
+    raise RecordError(
+        f"{where}: records of an earlier format (index.json has no '{GEOMETRY_KEY}': the fps, "
+        "image size and sample rate they were written with are unknown). Re-ingest them: "
+        "`python -m mmldm_jax.data.ingest --config=<this config> --src=<media> --dst=<new "
+        "folder>`; a synthetic set is brought up to date by rerunning the data stage "
+        "(--config.stages=data)")
+  missing = [key for key, _ in GEOMETRY_FIELDS if key not in written]
+  if missing or "audio_channels" not in written:
+    raise RecordError(f"{where}: field '{GEOMETRY_KEY}' expected the keys "
+                      f"{[key for key, _ in GEOMETRY_FIELDS] + ['audio_channels']}, got "
+                      f"{sorted(written)}; re-ingest the media into a new folder")
+  return written
+
+
+def check_geometry(meta: dict[str, Any], config: Any, where: str) -> None:
+  """Raises RecordError unless the records described by `meta` (index.json's meta, read from
+  `where`) fit `config`: same data.fps, data.image_size and audio.sample_rate, mono audio.
+
+  The message names each differing field with both values and the two ways out: change the
+  config to the records' values, or re-ingest the media with this config into a fresh folder.
+  Records of the format before the geometry was recorded are refused the same way.
+  """
+  written = written_geometry(meta, where)
+  differences = []
+  for key, field in GEOMETRY_FIELDS:
+    wanted = _config_value(config, field)
+    if not np.isclose(float(written[key]), float(wanted), rtol=1e-6, atol=0.0):
+      differences.append((key, field, written[key], wanted))
+  if differences:
+    listed = "; ".join(f"{key}: records {got}, config {field}={wanted}"
+                       for key, field, got, wanted in differences)
+    overrides = " ".join(f"--config.{field}={got}" for _, field, got, _ in differences)
+    raise RecordError(
+        f"{where}: the records were written with another geometry than this config's ({listed}; "
+        f"written with {_origin(written)}). Use {overrides}, or re-ingest the media with this "
+        "config into a new folder")
+  if int(written["audio_channels"]) != AUDIO_CHANNELS:
+    raise RecordError(f"{where}: field '{GEOMETRY_KEY}.audio_channels' expected "
+                      f"{AUDIO_CHANNELS} (mono records), got {written['audio_channels']}; "
+                      "re-ingest the media into a new folder")

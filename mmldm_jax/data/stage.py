@@ -10,7 +10,8 @@ preview of one video into the workdir:
                clip's audio image (what the models see); white ticks above the audio image mark the
                ground-truth events. Size: (max(S, A), n * S + 4 + A) for frames S and audio image A.
 config.data.source == 'records': the records come from `python -m mmldm_jax.data.ingest`; the stage
-checks that config.data.data_dir holds an index.json and logs the videos per split.
+checks that config.data.data_dir holds an index.json whose geometry (fps, image size, sample rate)
+fits the config (records.check_geometry) and logs the videos per split.
 """
 from __future__ import annotations
 
@@ -83,9 +84,10 @@ def write_preview(config: Any, workdir: str) -> None:
                event_frames, png_path)
 
 
-def report_records(folder: str) -> dict[str, int]:
-  """Logs and returns the number of videos per split of a records folder."""
+def report_records(folder: str, config: Any) -> dict[str, int]:
+  """Checks a records folder against `config` (geometry); logs and returns its videos per split."""
   entries, meta = records.read_index(folder)
+  records.check_geometry(meta, config, os.path.join(folder, records.INDEX_FILE))
   counts = collections.Counter(entry.split for entry in entries)
   frames = collections.Counter()
   for entry in entries:
@@ -106,4 +108,4 @@ def run(config: Any, workdir: str) -> None:
       logging.info("data: writing the synthetic dataset into %s", folder)
       synthetic.write_dataset(config, folder)
     write_preview(config, workdir)
-  report_records(folder)
+  report_records(folder, config)

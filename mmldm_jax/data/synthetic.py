@@ -416,12 +416,22 @@ def _check_folder_meta(folder: str, meta: dict[str, Any]) -> None:
     os.replace(path + ".tmp", path)
 
 
+def index_meta(config: Any) -> dict[str, Any]:
+  """index.json's meta: `dataset_meta` plus the geometry every reader checks (records.geometry)."""
+  return json.loads(json.dumps(dict(dataset_meta(config), **{
+      records.GEOMETRY_KEY: records.geometry(config)})))   # JSON-normalised (tuples -> lists)
+
+
 def is_complete(config: Any, folder: str) -> bool:
-  """Whether `folder` holds this config's finished dataset (index written, same settings)."""
+  """Whether `folder` holds this config's finished dataset (index written, same settings).
+
+  An index of the format without a geometry is not complete: `write_dataset` keeps the shards
+  (same bytes) and rewrites it.
+  """
   if not os.path.exists(os.path.join(folder, records.INDEX_FILE)):
     return False
   _, meta = records.read_index(folder)
-  return meta == json.loads(json.dumps(dataset_meta(config)))
+  return meta == index_meta(config)
 
 
 def write_dataset(config: Any, folder: str, progress: bool = True) -> list[records.VideoEntry]:
@@ -458,7 +468,7 @@ def write_dataset(config: Any, folder: str, progress: bool = True) -> list[recor
           bar.update(1)
       if write:
         records.write_shard(path, videos)
-  records.write_index(folder, entries, meta)
+  records.write_index(folder, entries, index_meta(config))
   return entries
 
 

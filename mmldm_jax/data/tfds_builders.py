@@ -6,7 +6,9 @@ TensorFlow):
   video_id str, frames uint8 [T, H, W, 3], audio float32 [N], label int32, source str, fps float32,
   sample_rate int32
 and the frame count of every video, in example order, in `info.metadata['num_frames'][split]` (so
-clip windows can be enumerated without decoding the videos).
+clip windows can be enumerated without decoding the videos), and the records folder's index meta in
+`info.metadata['records_meta']`: its geometry (fps, image size, sample rate) is what `videos()`
+hands the pipeline to check against the reading config.
 
   MmldmRecords    re-packs an ingested (or synthetic) records folder: `MmldmRecords(records_dir=)`
   MmldmSynthetic  writes the project's synthetic set for a config: `MmldmSynthetic(config=...)`
@@ -60,6 +62,8 @@ def _info(builder: tfds.core.GeneratorBasedBuilder) -> tfds.core.DatasetInfo:
 def _split_generators(builder: tfds.core.GeneratorBasedBuilder, folder: str) -> dict[str, Any]:
   """One TFDS split per split present in the records folder; frame counts into the metadata."""
   entries, meta = records.read_index(folder)
+  # Records of the format without a geometry cannot be checked by readers later: refuse them now.
+  records.written_geometry(meta, os.path.join(folder, records.INDEX_FILE))
   splits = [s for s in records.SPLITS if any(e.split == s for e in entries)]
   builder.info.metadata["num_frames"] = {
       s: [e.num_frames for e in entries if e.split == s] for s in splits}
@@ -145,4 +149,10 @@ def videos(data_source, info: tfds.core.DatasetInfo, split: str) -> pipeline.Tfd
   if lengths is None:
     raise ValueError(f"dataset {info.name}: metadata 'num_frames' has no split {split!r}; "
                      "was it built by mmldm_jax.data.tfds_builders?")
-  return pipeline.TfdsVideos(data_source, lengths)
+  meta = info.metadata.get("records_meta")
+  if meta is None:
+    raise ValueError(f"dataset {info.name}: metadata 'records_meta' is missing; was it built by "
+                     "mmldm_jax.data.tfds_builders?")
+  # The pipeline checks the geometry in it against the config (records.check_geometry).
+  return pipeline.TfdsVideos(data_source, lengths, meta, origin=f"TFDS dataset {info.name} "
+                             f"(metadata 'records_meta', from {meta.get('source', 'unknown')})")
