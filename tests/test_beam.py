@@ -21,11 +21,13 @@ from test_ingest import write_media
 CONFIG_PATH = os.path.join(CONFIGS, "aist.py:tiny")
 JOB = dict(labels="folders", split="hash", validation_fraction=0.3, heldout_fraction=0.2,
            videos_per_shard=2)
+# What the command line adds to JOB's flags with --strict: same settings, same bytes.
+AS_THE_CLI = dict(strict=True, config_file=CONFIG_PATH)
 
 
 @pytest.fixture(scope="module")
 def media_folder(tmp_path_factory):
-  """Two classes, seven usable files, two broken ones."""
+  """Two classes, seven usable files, one without sound, one that is not media."""
   folder = tmp_path_factory.mktemp("beam_media")
   for label, names in (("rain", ("a", "b", "c", "d")), ("fire", ("e", "f", "g"))):
     os.makedirs(folder / label, exist_ok=True)
@@ -44,7 +46,8 @@ def config():
 @pytest.fixture(scope="module")
 def local_job(media_folder, config, tmp_path_factory):
   dst = str(tmp_path_factory.mktemp("local"))
-  report = ingest.run_from_flags(config, src=media_folder, dst=dst, show_progress=False, **JOB)
+  report = ingest.run_from_flags(config, src=media_folder, dst=dst, show_progress=False, **JOB,
+                                 **AS_THE_CLI)
   return dst, report
 
 
@@ -58,11 +61,14 @@ def _folder_bytes(folder):
 
 def test_beam_output_equals_the_local_cli(media_folder, config, local_job, tmp_path):
   local_dst, local_report = local_job
-  assert local_report["ingested"] == 7 and local_report["failed"] == 2
+  assert local_report["ingested"] == 7 and local_report["failed"] == 1  # silent.mp4
+  assert local_report["rejected_files"] == [  # by content, before decoding
+      {"path": os.path.join(media_folder, "fire", "broken.mp4"),
+       "reason": "not a media file: text"}]
   assert all(local_report["counts"][split] for split in records.SPLITS)
   dst = str(tmp_path / "beam")
   report = beam_ingest.run(config, src=media_folder, dst=dst,
-                           beam_args=["--runner=DirectRunner"], **JOB)
+                           beam_args=["--runner=DirectRunner"], **JOB, **AS_THE_CLI)
   assert report == local_report
   local_files, beam_files = _folder_bytes(local_dst), _folder_bytes(dst)
   assert sorted(beam_files) == sorted(local_files)  # shards, markers, index, report; no plan left
@@ -74,7 +80,7 @@ def test_beam_output_equals_the_local_cli(media_folder, config, local_job, tmp_p
   mtimes = {name: os.path.getmtime(os.path.join(dst, name)) for name in beam_files
             if name.endswith(".array_record")}
   os.remove(os.path.join(dst, records.INDEX_FILE))
-  assert beam_ingest.run(config, src=media_folder, dst=dst, **JOB) == local_report
+  assert beam_ingest.run(config, src=media_folder, dst=dst, **JOB, **AS_THE_CLI) == local_report
   assert {name: os.path.getmtime(os.path.join(dst, name)) for name in mtimes} == mtimes
   assert _folder_bytes(dst) == local_files
 
@@ -91,7 +97,7 @@ def test_command_line_passes_beam_options_after_the_separator(media_folder, loca
        f"--src={media_folder}", f"--dst={dst}", *flags, "--strict", "--",
        "--runner=DirectRunner", "--direct_num_workers=1"],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 2, result.stdout + result.stderr  # --strict and two broken files
+  assert result.returncode == 2, result.stdout + result.stderr  # --strict and a failed file
   assert "ingested 7 videos" in result.stdout and "FAILED" in result.stdout
   assert _folder_bytes(dst) == _folder_bytes(local_job[0])
 
@@ -134,7 +140,8 @@ def test_remote_source_and_destination(media_folder, config, local_job, tmp_path
   prefix = PrefixedLocalFileSystem.PREFIX
   dst = str(tmp_path / "remote")
   os.makedirs(dst)
-  report = beam_ingest.run(config, src=prefix + media_folder, dst=prefix + dst, **JOB)
+  report = beam_ingest.run(config, src=prefix + media_folder, dst=prefix + dst, **JOB,
+                           **AS_THE_CLI)
   local_dst, local_report = local_job
   assert json.loads(json.dumps(report).replace(prefix, "")) == local_report
   assert sorted(os.listdir(dst)) == sorted(os.listdir(local_dst))

@@ -1,10 +1,12 @@
-"""Ingestion of real media files: containers/codecs, broken files, resume after a kill, alignment.
+"""Ingestion of real media files: containers/codecs, broken and truncated files, files that are not
+media, surround downmix, resume after a kill, command-line errors, alignment.
 
 Fixtures are written with PyAV: 96x64 frames (a moving grey bar; white frames at "flash" instants)
 and a quiet tone track with 1 kHz beeps at the same instants.
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,10 +50,13 @@ def _audio(seconds: float, rate: int, start: float, flashes=FLASHES) -> np.ndarr
 
 def write_media(path, *, video_codec="libx264", pix_fmt="yuv420p", audio_codec="aac", rate=44100,
                 seconds=2.0, fps=25, audio_start=0.0, with_video=True, with_audio=True,
-                stereo=False):
-  """Writes a test file; the audio's first sample is presented `audio_start` s after frame 0."""
+                stereo=False, container_options=None):
+  """Writes a test file; the audio's first sample is presented `audio_start` s after frame 0.
+
+  container_options: muxer options, e.g. {"movflags": "faststart"} (mp4 index first).
+  """
   frame_rate = Fraction(fps).limit_denominator(1000)
-  with av.open(str(path), "w") as container:
+  with av.open(str(path), "w", options=container_options or {}) as container:
     video_stream = audio_stream = None
     if with_video:
       video_stream = container.add_stream(video_codec, rate=frame_rate)
@@ -95,13 +100,15 @@ VALID = {
     "late_audio.mp4": dict(audio_start=0.3),
     "vfr_like_24.mkv": dict(video_codec="mpeg4", audio_codec="aac", fps=24, seconds=2.5),
 }
-BROKEN = {  # file -> expected words in the reason
-    "truncated.mp4": "",
-    "empty.mp4": "cannot open",
-    "text.mp4": "cannot open",
-    "audio_only.mp4": "no video stream",
+BROKEN = {  # file -> expected start of its reason (the decoder's verdict)
+    "truncated.mp4": "truncated: nothing decodable (the mp4 index 'moov' is missing",
+    "audio_only.mp4": "no video stream (audio only: aac)",
     "video_only.mp4": "no audio stream",
-    "short.mp4": "shorter than one clip",
+    "short.mp4": "too short: 10 frames < 16 (one clip at 10 fps)",
+}
+REJECTED = {  # file -> reason, decided from its first bytes before decoding
+    "empty.mp4": "empty file (0 bytes)",
+    "text.mp4": "not a media file: text",
 }
 
 
@@ -142,10 +149,18 @@ def test_valid_files_ingested_broken_ones_reported(ingested, config):
   reasons = {os.path.basename(f["path"]): f["reason"] for f in report["failures"]}
   assert sorted(reasons) == sorted(BROKEN)
   for name, words in BROKEN.items():
-    assert words in reasons[name], (name, reasons[name])
+    assert reasons[name].startswith(words), (name, reasons[name])
+  rejected = {os.path.basename(f["path"]): f["reason"] for f in report["rejected_files"]}
+  assert rejected == REJECTED
   on_disk = json.load(open(os.path.join(dst, ingest.REPORT_FILE)))
   assert on_disk["failed"] == len(BROKEN) and on_disk["ingested"] == len(VALID)
-  assert meta["fps"] == config.data.fps and meta["counts"]["train"] == len(VALID)
+  assert on_disk["rejected"] == len(REJECTED) and on_disk["truncated"] == 0
+  assert on_disk["files"] == len(VALID) + len(BROKEN) + len(REJECTED) == len(os.listdir(
+      os.path.dirname(report["failures"][0]["path"])))
+  assert meta["geometry"] == {"fps": config.data.fps, "image_size": config.data.image_size,
+                              "sample_rate": config.audio.sample_rate, "audio_channels": 1,
+                              "config_name": "aist", "config_file": ""}
+  assert meta["counts"]["train"] == len(VALID)
   for entry in entries:
     record = records.read_shard_record(os.path.join(dst, entry.shard), entry.position)
     records.validate_record(record)
@@ -241,8 +256,10 @@ def test_audio_alignment_and_length():
   np.testing.assert_allclose(late[50:], audio[0, :150])
   early = ingest.align_audio(audio, rate, -0.25, 20, 10.0, rate)  # 0.25 s before: dropped
   np.testing.assert_allclose(early, audio[0, 25:225])
-  resampled = ingest.align_audio(np.ones((2, 300), np.float32) * 0.5, rate, 0.0, 20, 10.0, 50)
+  resampled = ingest.align_audio(np.ones((1, 300), np.float32) * 0.5, rate, 0.0, 20, 10.0, 50)
   assert resampled.shape == (100,) and abs(resampled[10:90].mean() - 0.5) < 1e-3
+  with pytest.raises(ValueError, match="expected mono audio"):  # surround is downmixed by PyAV
+    ingest.align_audio(np.ones((2, 300), np.float32), rate, 0.0, 20, 10.0, rate)
 
 
 def test_labels_and_splits(tmp_path):
@@ -284,7 +301,7 @@ def _cli(src, dst, *extra):
 
 def test_killed_job_resumes_to_the_clean_result(media_folder, ingested, tmp_path):
   dst = str(tmp_path / "resumed")
-  job = _cli(media_folder, dst)
+  job = _cli(media_folder, dst, "--strict")
   def finished_shards():
     if not os.path.isdir(dst):
       return []
@@ -309,13 +326,17 @@ def test_killed_job_resumes_to_the_clean_result(media_folder, ingested, tmp_path
       assert os.path.getmtime(os.path.join(dst, name)) == mtime
 
   # Another job's settings in the same folder: refused before any work.
-  with pytest.raises(ValueError, match="fresh --dst"):
+  with pytest.raises(ingest.UsageError, match=r"min_frames 16 -> 12.*fresh --dst"):
     ingest.run_from_flags(config_lib.load(CONFIG_PATH), src=media_folder, dst=dst, split="train",
-                          videos_per_shard=1, min_frames=12, show_progress=False)
+                          videos_per_shard=1, min_frames=12, strict=True, show_progress=False)
+  with pytest.raises(ingest.UsageError, match="holds 11 shards of another job"):
+    ingest.run_from_flags(config_lib.load(CONFIG_PATH), src=media_folder, dst=dst, split="train",
+                          videos_per_shard=2, strict=True, show_progress=False)
 
   clean = str(tmp_path / "clean")
   ingest.run_from_flags(config_lib.load(CONFIG_PATH), src=media_folder, dst=clean, split="train",
-                        videos_per_shard=1, show_progress=False)
+                        videos_per_shard=1, strict=True, config_file=CONFIG_PATH,
+                        show_progress=False)
   assert json.load(open(os.path.join(dst, records.INDEX_FILE))) == json.load(
       open(os.path.join(clean, records.INDEX_FILE)))
   assert json.load(open(os.path.join(dst, ingest.REPORT_FILE))) == json.load(
@@ -374,11 +395,16 @@ def test_sources_from_a_folder_or_a_list(media_folder, tmp_path):
   found = ingest.list_media(media_folder)
   assert [rel for _, rel in found] == sorted(list(VALID) + list(BROKEN))
   listing = tmp_path / "files.txt"
-  listing.write_text("# two files\n" + "".join(
-      os.path.join(media_folder, n) + "\n" for n in ("webm_vp9_opus.webm", "avi_mjpeg_pcm.avi")))
-  assert [rel for _, rel in ingest.list_media(str(listing))] == [
-      "avi_mjpeg_pcm.avi", "webm_vp9_opus.webm"]
-  with pytest.raises(FileNotFoundError, match="neither a folder nor a file"):
+  listing.write_text("# three files\n" + "".join(
+      os.path.join(media_folder, n) + "\n" for n in ("webm_vp9_opus.webm", "avi_mjpeg_pcm.avi",
+                                                     "text.mp4")) + "/no/such/file.mp4\n")
+  sources = ingest.list_sources(str(listing))
+  assert [rel for _, rel in sources.files] == ["avi_mjpeg_pcm.avi", "webm_vp9_opus.webm"]
+  assert sources.rejected == [
+      {"path": "/no/such/file.mp4", "reason": "listed in --src but not a file that exists"},
+      {"path": os.path.join(media_folder, "text.mp4"), "reason": "not a media file: text"}]
+  assert sources.total == 4
+  with pytest.raises(ingest.UsageError, match="does not exist"):
     ingest.list_media(str(tmp_path / "missing"))
 
 
@@ -448,6 +474,7 @@ def test_streaming_decode_equals_decode_all_then_select(media_folder, unusual_ti
     np.testing.assert_array_equal(streamed.frame_times, media.frame_times[picks], err_msg=path)
     assert streamed.decoded_frames == len(media.frames) and streamed.output_fps == fps
     assert streamed.rotation == media.rotation and streamed.video_start == media.video_start
+    assert streamed.truncation == media.truncation == "", path  # complete files are not cut
     if media.audio is None:
       assert streamed.audio is None
     else:
@@ -468,7 +495,7 @@ def test_streaming_mode_arguments(media_folder):
     video.read_av(path, fps=10.0)
   with pytest.raises(ValueError, match="positive fps and image_size"):
     video.read_av(path, fps=0.0, image_size=64)
-  with pytest.raises(video.MediaError, match="cannot open"):
+  with pytest.raises(video.MediaError, match=r"empty file \(0 bytes\)"):
     video.read_av(os.path.join(media_folder, "empty.mp4"), fps=10.0, image_size=64)
 
 
@@ -491,3 +518,237 @@ def test_a_timestamp_jump_is_a_bad_file_not_hours_of_held_frames(tmp_path):
   record = ingest.convert(ingest.Item(str(tmp_path / "steady.mkv"), "steady", -1, "train"),
                           settings)
   assert record["frames"].shape[0] == 14   # 40 frames at 30 fps: 1.33 s
+
+
+# -------------------------------------------------------------------------------------------------
+# A folder as users have them: audio-only files, notes, files cut short in every container.
+
+
+def _cut(path, fraction):
+  """Keeps the first `fraction` of the file's bytes (a download or copy that stopped)."""
+  data = path.read_bytes()
+  path.write_bytes(data[:int(len(data) * fraction)])
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("mixed")
+  write_media(folder / "song.m4a", with_video=False)
+  (folder / "notes.txt").write_text("shot list: beach, rain, fire\n")
+  write_media(folder / "complete.mp4", fps=10, seconds=2.0)
+  write_media(folder / "complete.m4a", with_video=False)  # its audio alone, beside it
+  # 4 s each, cut to 60% of their bytes: about 2 s (20 frames at 10 fps) still decode.
+  write_media(folder / "cut_mkv.mkv", video_codec="mpeg4", audio_codec="flac", rate=22050, fps=10,
+              seconds=4.0)
+  write_media(folder / "cut_webm.webm", video_codec="libvpx-vp9", audio_codec="libopus",
+              rate=48000, fps=10, seconds=4.0)
+  write_media(folder / "cut_mp4.mp4", fps=10, seconds=4.0,
+              container_options={"movflags": "faststart"})
+  write_media(folder / "cut_short.mkv", video_codec="mpeg4", audio_codec="flac", rate=22050,
+              fps=10, seconds=4.0)
+  write_media(folder / "cut_index.mp4", fps=10, seconds=4.0)  # index ('moov') at the end
+  for name in ("cut_mkv.mkv", "cut_webm.webm", "cut_mp4.mp4", "cut_index.mp4"):
+    _cut(folder / name, 0.6)
+  _cut(folder / "cut_short.mkv", 0.25)
+  os.makedirs(folder / ".cache")
+  (folder / ".cache" / "thumbs.bin").write_bytes(b"\x00" * 64)
+  (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+  return folder
+
+
+def test_every_file_of_a_mixed_folder_is_accounted_for(mixed_folder, config):
+  dst = mixed_folder / "records"  # inside --src: the rerun must not read its own output
+  written = sum(len(names) for _, _, names in os.walk(mixed_folder))  # hidden ones included
+  assert written == 11
+  report = ingest.run_from_flags(config, src=str(mixed_folder), dst=str(dst), split="train",
+                                 show_progress=False)
+  by_name = lambda key: {os.path.basename(f["path"]): f["reason"] for f in report[key]}
+  failures, truncated, rejected = by_name("failures"), by_name("truncated_files"), by_name(
+      "rejected_files")
+  assert set(failures) == {"song.m4a", "cut_short.mkv", "cut_index.mp4"}
+  assert failures["song.m4a"] == "no video stream (audio only: aac)"
+  assert re.fullmatch(r"truncated: only [01]\.\d\d s of 4\.00 s decodable; \d+ frames < 16 \(one "
+                      r"clip at 10 fps\)", failures["cut_short.mkv"]), failures["cut_short.mkv"]
+  assert failures["cut_index.mp4"].startswith(
+      "truncated: nothing decodable (the mp4 index 'moov' is missing; the file stops ")
+  assert rejected == {"notes.txt": "not a media file: text",
+                      "complete.m4a": "no video stream (audio only: aac)"}
+  assert report["ignored_files"] == {"hidden": 2}
+  # One rule for every container: the decodable prefix is ingested and named with its length.
+  assert set(truncated) == {"cut_mkv.mkv", "cut_webm.webm", "cut_mp4.mp4"}
+  entries, _ = records.read_index(str(dst))
+  lengths = {e.video_id: e.num_frames for e in entries}
+  for name, reason in truncated.items():
+    found = re.fullmatch(r"truncated: only (\d\.\d\d) s of (4\.0\d) s decodable( \(decoding "
+                         r"stopped: .+\))?", reason)
+    assert found, reason
+    decodable = float(found.group(1))
+    assert 1.6 <= decodable < 3.0, reason
+    # The record holds the decodable prefix: every frame has the source's sound under it.
+    frames = lengths[os.path.splitext(name)[0]]
+    assert decodable - 0.2 <= frames / config.data.fps <= decodable + 0.1, (name, frames)
+    entry = next(e for e in entries if e.video_id == os.path.splitext(name)[0])
+    record = records.read_shard_record(str(dst / entry.shard), entry.position)
+    tail = record["audio"][-config.audio.sample_rate // 10:]
+    assert np.abs(tail).max() > 0.005, name  # the 110 Hz hum runs to the end: no zero padding
+  assert report["ingested"] == 4 and lengths["complete"] == 20
+  assert report["truncated"] == 3 and report["failed"] == 3 and report["rejected"] == 2
+  assert report["files"] == written == (report["ingested"] + report["failed"] + report["skipped"]
+                                        + report["rejected"] + report["ignored"])
+  # Rerun (resume) with --dst inside --src: the job's own files are counted, never read.
+  again = ingest.run_from_flags(config, src=str(mixed_folder), dst=str(dst), split="train",
+                                show_progress=False)
+  assert again["ignored_files"] == {"hidden": 2, "ingest output": len(os.listdir(dst))}
+  assert {k: v for k, v in again.items() if not k.startswith(("ignored", "files"))} == {
+      k: v for k, v in report.items() if not k.startswith(("ignored", "files"))}
+
+
+def test_strict_makes_truncation_a_failure(mixed_folder, config, tmp_path):
+  listing = tmp_path / "two.txt"
+  listing.write_text(f"{mixed_folder / 'cut_webm.webm'}\n{mixed_folder / 'complete.mp4'}\n")
+  report = ingest.run_from_flags(config, src=str(listing), dst=str(tmp_path / "strict"),
+                                 split="train", strict=True, show_progress=False)
+  assert report["ingested"] == 1 and report["truncated"] == 0
+  [failure] = report["failures"]
+  assert failure["path"].endswith("cut_webm.webm")
+  assert re.fullmatch(r"truncated: only \d\.\d\d s of 4\.01 s decodable \(--strict: truncated "
+                      r"files fail\)", failure["reason"]), failure["reason"]
+  assert ingest.exit_status(report, strict=True) == 2
+  assert ingest.exit_status(report, strict=False) == 0
+
+
+# -------------------------------------------------------------------------------------------------
+# Surround sound.
+
+# ITU-R BS.775 mono downmix of 5.1 without LFE (libswresample's default matrix):
+# front L / R 1/sqrt(2), centre 1, LFE 0, surround L / R 1/2.
+BS775_MONO = {"FL": 0.5 ** 0.5, "FR": 0.5 ** 0.5, "FC": 1.0, "LFE": 0.0, "BL": 0.5, "BR": 0.5,
+              "SL": 0.5, "SR": 0.5}
+
+
+def _write_surround(path, channels: np.ndarray, layout: str, codec: str, rate: int, fps=10):
+  """A video (black 32x32 frames) with a 6-channel track `channels` [6, N] in `layout`."""
+  seconds = channels.shape[1] / rate
+  with av.open(str(path), "w") as container:
+    video_stream = container.add_stream("mpeg4", rate=fps)
+    video_stream.width, video_stream.height, video_stream.pix_fmt = 32, 32, "yuv420p"
+    audio_stream = container.add_stream(codec, rate=rate, layout=layout)
+    for index in range(int(round(seconds * fps))):
+      frame = av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8), format="rgb24")
+      frame.pts, frame.time_base = index, Fraction(1, fps)
+      container.mux(video_stream.encode(frame))
+    container.mux(video_stream.encode(None))
+    for offset in range(0, channels.shape[1], 1024):
+      frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(channels[:, offset:offset + 1024]),
+                                         format="fltp", layout=layout)
+      frame.sample_rate, frame.pts, frame.time_base = rate, offset, Fraction(1, rate)
+      container.mux(audio_stream.encode(frame))
+    container.mux(audio_stream.encode(None))
+
+
+def _surround_settings(rate):
+  return ingest.Settings(fps=10.0, image_size=32, sample_rate=rate, min_frames=1)
+
+
+@pytest.mark.parametrize("layout", ["5.1", "5.1(side)"])
+def test_surround_is_downmixed_with_the_standard_coefficients(tmp_path, layout):
+  """A 440 Hz tone in one channel at a time (lossless FLAC): each channel's gain in the record
+  is the BS.775 / libswresample coefficient, not the 1/6 of a plain mean."""
+  rate, segment = 48000, 4800  # 0.1 s per channel
+  names = [channel.name for channel in av.AudioLayout(layout).channels]
+  tone = 0.4 * np.sin(2 * np.pi * 440 * np.arange(segment) / rate)
+  channels = np.zeros((6, 6 * segment), np.float32)
+  for index in range(6):
+    channels[index, index * segment:(index + 1) * segment] = tone
+  path = tmp_path / "surround.mkv"
+  _write_surround(path, channels, layout, "flac", rate)
+  record = ingest.convert(ingest.Item(str(path), "surround", -1, "train"), _surround_settings(rate))
+  assert record["audio"].shape == (6 * segment,)
+  rms = lambda x: float(np.sqrt(np.mean(np.square(x))))
+  gains = {name: rms(record["audio"][index * segment + 400:(index + 1) * segment - 400])
+           / rms(tone[400:-400]) for index, name in enumerate(names)}
+  assert gains == pytest.approx({name: BS775_MONO[name] for name in names}, abs=2e-3)
+
+
+def test_surround_loudness_matches_ffmpeg_downmix(tmp_path):
+  """A film-like 5.1 mix (speech-like centre, music left / right, ambience in the surrounds, a
+  strong LFE rumble), AAC at 48 kHz: the record is as loud as FFmpeg's standard mono downmix
+  (the BS.775 matrix applied to the decoded channels) within 3 dB; the plain mean of six
+  channels, the old rule, is more than 3 dB quieter."""
+  rate, seconds = 48000, 2.0
+  t = np.arange(int(rate * seconds)) / rate
+  rng = np.random.default_rng(0)
+  syllables = 0.5 + 0.5 * np.sin(2 * np.pi * 4 * t) ** 2
+  speech = sum(np.sin(2 * np.pi * 150 * k * t) / k for k in range(1, 8)) * syllables
+  music_left = np.sin(2 * np.pi * 220 * t) + 0.7 * np.sin(2 * np.pi * 277 * t)
+  music_right = np.sin(2 * np.pi * 220 * t + 0.8) + 0.7 * np.sin(2 * np.pi * 330 * t)
+  ambience = rng.standard_normal((2, t.shape[0]))
+  channels = np.stack([0.12 * music_left, 0.12 * music_right, 0.15 * speech,
+                       0.4 * np.sin(2 * np.pi * 40 * t), 0.03 * ambience[0],
+                       0.03 * ambience[1]]).astype(np.float32)  # FL FR FC LFE BL BR
+  path = tmp_path / "trailer.mp4"
+  _write_surround(path, channels, "5.1", "aac", rate)
+  record = ingest.convert(ingest.Item(str(path), "trailer", -1, "train"), _surround_settings(rate))
+  decoded = video.read_av(str(path)).audio[:, :record["audio"].shape[0]]  # all six channels
+  matrix = np.array([BS775_MONO[c.name] for c in av.AudioLayout("5.1").channels], np.float32)
+  level = lambda x: 20 * np.log10(np.sqrt(np.mean(np.square(x))))
+  reference = level(matrix @ decoded)
+  assert abs(level(record["audio"]) - reference) < 3.0
+  assert abs(level(record["audio"]) - reference) < 0.1  # in fact: the same matrix
+  assert reference - level(decoded.mean(axis=0)) > 3.0   # the old mean would fail the first check
+
+
+# -------------------------------------------------------------------------------------------------
+# Records read under another config; command-line errors.
+
+
+@pytest.mark.parametrize("field, value, names", [
+    ("audio.sample_rate", 16000, "sample_rate: records 44100, config audio.sample_rate=16000"),
+    ("data.fps", 8.0, "fps: records 10.0, config data.fps=8.0"),
+    ("data.image_size", 32, "image_size: records 64, config data.image_size=32")])
+def test_records_of_another_geometry_are_refused(ingested, field, value, names):
+  dst, _ = ingested
+  config = config_lib.load(CONFIG_PATH)
+  section, name = field.split(".")
+  with config.unlocked():
+    config.data.data_dir = dst
+    config[section][name] = value
+  with pytest.raises(records.RecordError) as error:
+    pipeline.make_dataset(config, "train", batch_size=1, seed=0)
+  message = str(error.value)
+  assert os.path.join(dst, "index.json") in message and names in message
+  assert f"--config.{field}=" in message and "config 'aist'" in message
+
+
+def _cli_error(*flags):
+  """(exit status, stdout, stderr) of the ingest command with `flags`."""
+  job = subprocess.run([sys.executable, "-m", "mmldm_jax.data.ingest", f"--config={CONFIG_PATH}",
+                        "--split=train", *flags], cwd=REPO_ROOT, capture_output=True, text=True,
+                       timeout=300)
+  return job.returncode, job.stdout, job.stderr
+
+
+def test_command_line_errors_are_one_line_with_the_remedy(media_folder, tmp_path):
+  listing = tmp_path / "one.txt"
+  listing.write_text(os.path.join(media_folder, "mp4_h264_aac.mp4") + "\n")
+  dst = tmp_path / "out"
+  ingest.run_from_flags(config_lib.load(CONFIG_PATH), src=str(listing), dst=str(dst),
+                        split="train", show_progress=False)
+  index_before = (dst / "index.json").read_bytes()
+  cases = [
+      ((f"--src={listing}", f"--dst={dst}", "--min_frames=12"),
+       f"mmldm_jax.data.ingest: error: {dst} holds records written with other settings "
+       "(min_frames 16 -> 12, in train-00000-of-00001.array_record.done.json): rerun with the "
+       "earlier flags and config to resume, or ingest into a fresh --dst"),
+      ((f"--src={tmp_path / 'nowhere'}", f"--dst={tmp_path / 'out2'}"),
+       f"mmldm_jax.data.ingest: error: --src={tmp_path / 'nowhere'} does not exist: give a folder "
+       "of media files or a text file listing media paths"),
+      ((f"--src={listing}", f"--dst={listing}/records"),
+       f"mmldm_jax.data.ingest: error: --dst={listing}/records: cannot create the folder (Not a "
+       "directory); choose a folder you can write to"),
+  ]
+  for flags, line in cases:
+    status, out, err = _cli_error(*flags)
+    assert status == 2 and out == "", (flags, out, err)
+    assert [l for l in err.splitlines() if "Warning" not in l] == [line], err
+  assert (dst / "index.json").read_bytes() == index_before  # the refused rerun changed nothing

@@ -234,20 +234,89 @@ def test_rotation_comes_from_the_display_matrix(tmp_path):
   assert media.frames.shape[1:3] == (16, 32)            # stored orientation, not rotated
 
 
-def test_unreadable_files_raise_media_error(tmp_path):
+def test_unreadable_files_raise_media_error_with_a_reason_from_their_content(tmp_path):
   text = tmp_path / "notes.mp4"
   text.write_text("this is not a video\n")
   empty = tmp_path / "empty.mp4"
   empty.write_bytes(b"")
+  noise = tmp_path / "noise.mp4"
+  noise.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
   audio_only = str(tmp_path / "audio_only.mp4")
   _write_with_pyav(audio_only, audio_start_seconds=0.0, with_video=False)
-  cases = [(str(text), "cannot open"), (str(empty), "cannot open"),
-           (audio_only, "no video stream"), (str(tmp_path / "missing.mp4"), "cannot open")]
+  cut = tmp_path / "cut.mp4"          # a plain mp4 keeps its index ('moov') at the end
+  _write_with_pyav(str(cut), audio_start_seconds=0.0)
+  cut.write_bytes(cut.read_bytes()[:cut.stat().st_size // 2])
+  picture = tmp_path / "still.mp4"   # a PNG, whatever its name says
+  from PIL import Image
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(picture, format="PNG")
+  damaged_mkv = tmp_path / "damaged.mkv"
+  damaged_mkv.write_bytes(b"\x1aE\xdf\xa3" + bytes(60))
+  cases = [(str(text), "not a media file: text"), (str(empty), "empty file (0 bytes)"),
+           (str(noise), "not a media file: FFmpeg recognises no audio or video format in it"),
+           (audio_only, "no video stream (audio only: aac)"),
+           (str(cut), "truncated: nothing decodable (the mp4 index 'moov' is missing; the file "
+                      "stops "),
+           (str(picture), "a still image (png_pipe), not a video"),
+           (str(damaged_mkv), "unreadable container (matroska/webm): "),
+           (str(tmp_path / "missing.mp4"), "cannot open: No such file or directory")]
   for path, reason in cases:
     with pytest.raises(video.MediaError) as caught:
       video.read_av(path)
-    assert caught.value.path == path and caught.value.reason.startswith(reason)
+    assert caught.value.path == path and caught.value.reason.startswith(reason), (
+        path, caught.value.reason)
     assert path in str(caught.value)
+    assert video.probe_streams(path) == caught.value.reason
+
+
+@pytest.mark.parametrize("head, size, verdict", [
+    (b"\x00\x00\x00\x20ftypisom" + bytes(20), 1000, ""),            # mp4 / m4a / mov
+    (b"\x1aE\xdf\xa3" + bytes(20), 1000, ""),                        # Matroska / WebM
+    (b"RIFF\x00\x00\x00\x00AVI LIST", 1000, ""),
+    (b"OggS\x00\x02" + bytes(20), 1000, ""),
+    (b"", 0, "empty file (0 bytes)"),
+    (b"shot list: beach\nrain \xc3\xa9t\xc3", 30, "not a media file: text"),  # UTF-8, cut
+    (b"\x89PNG\r\n\x1a\n" + bytes(20), 1000, "not a media file: a PNG image"),
+    (b"%PDF-1.7\n" + bytes(20), 1000, "not a media file: a PDF document"),
+    (b"\x00\x01\x02\x03\xfe\xff" * 10, 1000, ""),                    # unknown: the decoder decides
+])
+def test_sniffing_by_content(head, size, verdict):
+  assert video.sniff_media(head, size) == verdict
+
+
+def test_a_file_cut_short_gives_its_decodable_prefix(tmp_path):
+  """The same rule in every container: frames and audio up to where decoding stops, and how much
+  of the declared length that is."""
+  frames = _moving_frames(30, 32, 32)
+  t = np.arange(int(3.0 * 16000)) / 16000
+  tone = (0.3 * np.sin(2 * np.pi * 500 * t)).astype(np.float32)
+  path = tmp_path / "whole.mkv"
+  with av.open(str(path), "w") as container:   # 3 s, 10 fps, MJPEG + PCM: every packet stands alone
+    stream = container.add_stream("mjpeg", rate=10)
+    stream.width, stream.height, stream.pix_fmt = 32, 32, "yuvj420p"
+    audio_stream = container.add_stream("pcm_s16le", rate=16000, layout="mono")
+    for index in range(30):
+      frame = av.VideoFrame.from_ndarray(frames[index], format="rgb24")
+      frame.pts, frame.time_base = index, Fraction(1, 10)
+      container.mux(stream.encode(frame))
+      piece = tone[None, index * 1600:(index + 1) * 1600]
+      audio_frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(piece), format="flt",
+                                               layout="mono")
+      audio_frame.sample_rate, audio_frame.pts = 16000, index * 1600
+      audio_frame.time_base = Fraction(1, 16000)
+      container.mux(audio_stream.encode(audio_frame))
+    container.mux(stream.encode(None))
+    container.mux(audio_stream.encode(None))
+  whole = video.read_av(str(path))
+  assert whole.truncation == "" and whole.declared_seconds == pytest.approx(3.0, abs=0.01)
+  cut = tmp_path / "cut.mkv"
+  cut.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+  media = video.read_av(str(cut))
+  decodable = float(media.truncation.split()[1])
+  assert media.truncation == f"only {decodable:.2f} s of 3.00 s decodable"
+  assert 1.0 < decodable < 2.0 and len(media.frames) in range(10, 20)
+  np.testing.assert_array_equal(media.frames, whole.frames[:len(media.frames)])
+  np.testing.assert_array_equal(media.audio, whole.audio[:, :media.audio.shape[1]])
+  assert media.audio.shape[1] / 16000 == pytest.approx(decodable, abs=0.11)
 
 
 def test_write_mp4_is_atomic(tmp_path, monkeypatch):

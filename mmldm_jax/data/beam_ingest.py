@@ -14,8 +14,9 @@ PipelineOptions. Needs the `beam` extra (`pip install 'mmldm_jax[beam]'`).
 
 How it runs:
   1. The launcher lists --src (a local or shared folder, a text file of paths, or a folder on any
-     filesystem Beam knows: gs://, s3://, hdfs://), assigns splits and labels and plans the shards
-     exactly as ingest.py does, and writes the plan, one JSON line per shard, to
+     filesystem Beam knows: gs://, s3://, hdfs://) and sorts its files by content as ingest.py
+     does (for a remote folder it reads each file's first bytes, 32 at a time: one request per
+     file), assigns splits and labels and plans the shards exactly as ingest.py does, and writes the plan, one JSON line per shard, to
      `<dst>/ingest_plan.jsonl` (read back in parallel, so the job graph stays small).
   2. Each shard is one element: a worker skips it when its finished marker from an earlier run is
      present and valid, else converts its files one after the other with `ingest.convert`
@@ -38,6 +39,7 @@ from typing import Any, Sequence
 
 from mmldm_jax.data import ingest
 from mmldm_jax.data import records
+from mmldm_jax.data import video
 
 PLAN_FILE = "ingest_plan.jsonl"
 COUNTER_NAMESPACE = "mmldm_jax.ingest"
@@ -67,16 +69,26 @@ def _is_remote(path: str) -> bool:
   return "://" in path
 
 
-def list_media(src: str) -> list[tuple[str, str]]:
-  """(path, path relative to src) of the media files under a remote folder, or ingest.list_media
-  for local folders and list files."""
+REMOTE_HEAD_THREADS = 32
+
+
+def _read_remote_head(path: str) -> bytes:
+  with _filesystems().open(path) as handle:
+    return handle.read(video.HEAD_BYTES)
+
+
+def list_sources(src: str, dst: str) -> ingest.Listing:
+  """What --src holds (`ingest.Listing`): ingest.list_sources for local folders and list files;
+  for a remote folder its files are matched with Beam and sorted by their first bytes the same
+  way (hidden files and --dst, when inside --src, ignored)."""
   if not _is_remote(src):
-    return ingest.list_media(src)
+    return ingest.list_sources(src, None if _is_remote(dst) else dst)
   root = src.rstrip("/")
   matches = _filesystems().match([root + "/**"])[0].metadata_list
-  found = [(m.path, m.path[len(root) + 1:]) for m in matches
-           if m.path.lower().endswith(ingest.MEDIA_EXTENSIONS)]
-  return sorted(found, key=lambda pair: pair[1])
+  found = [(m.path, m.path[len(root) + 1:], m.size_in_bytes) for m in matches]
+  output = dst.rstrip("/")[len(root) + 1:] if dst.rstrip("/").startswith(root + "/") else None
+  return ingest.sort_files(found, _read_remote_head, output_folder=output,
+                           threads=REMOTE_HEAD_THREADS)
 
 
 def stage_locally(path: str, folder: str) -> str:
@@ -152,12 +164,12 @@ def _plan_order(shard: str) -> tuple[int, str]:
 
 
 def finish(dones: list[tuple[str, dict[str, Any]]], dst: str, settings: ingest.Settings,
-           meta: dict[str, Any], expected_shards: int) -> dict[str, Any]:
+           meta: dict[str, Any], listing: ingest.Listing, expected_shards: int) -> dict[str, Any]:
   """Beam step: all markers -> index.json + ingest_report.json in dst; removes the plan."""
   if len(dones) != expected_shards:
     raise RuntimeError(f"{dst}: {len(dones)} shard results for {expected_shards} planned shards")
   ordered = [done for _, done in sorted(dones, key=lambda pair: _plan_order(pair[0]))]
-  entries, index_meta, report = ingest.assemble(ordered, settings, meta)
+  entries, index_meta, report = ingest.assemble(ordered, settings, meta, listing)
   with tempfile.TemporaryDirectory(prefix="mmldm-index-") as local:
     records.write_index(local, entries, index_meta)
     ingest._write_json(os.path.join(local, ingest.REPORT_FILE), report)
@@ -170,20 +182,23 @@ def finish(dones: list[tuple[str, dict[str, Any]]], dst: str, settings: ingest.S
 def run(config, *, src: str, dst: str, labels: str = "", split: str = "hash",
         validation_fraction: float = 0.05, heldout_fraction: float = 0.05,
         videos_per_shard: int = 32, missing_audio: str = "error", min_frames: int = 0,
+        strict: bool = False, config_file: str = "",
         beam_args: Sequence[str] = ()) -> dict[str, Any]:
   """Plans the job, runs the pipeline (runner from `beam_args`, DirectRunner by default) to the
   end and returns the report (read back from dst)."""
   beam = _beam()
   from apache_beam.options.pipeline_options import PipelineOptions
-  files = list_media(src)
+  listing = list_sources(src, dst)
   items, settings, meta = ingest.plan_job(
-      config, src=src, labels=labels, split=split, validation_fraction=validation_fraction,
-      heldout_fraction=heldout_fraction, videos_per_shard=videos_per_shard,
-      missing_audio=missing_audio, min_frames=min_frames, files=files)
+      config, src=src, dst=dst, labels=labels, split=split,
+      validation_fraction=validation_fraction, heldout_fraction=heldout_fraction,
+      videos_per_shard=videos_per_shard, missing_audio=missing_audio, min_frames=min_frames,
+      strict=strict, config_file=config_file, listing=listing)
   plan = ingest.plan_shards(items, videos_per_shard)
   filesystems = _filesystems()
   if not _is_remote(dst):
-    os.makedirs(dst, exist_ok=True)
+    ingest.prepare_dst(dst)
+    ingest.check_no_foreign_shards(dst, plan)
   for shard, chunk in plan:  # fail before any work when dst holds another job's shards
     marker = _join(dst, shard + ingest.DONE_SUFFIX)
     if filesystems.exists(marker):
@@ -198,27 +213,26 @@ def run(config, *, src: str, dst: str, labels: str = "", split: str = "hash",
          | "SpreadShards" >> beam.Reshuffle()
          | "WriteShard" >> beam.Map(process_shard, dst, settings)
          | "Collect" >> beam.combiners.ToList()
-         | "WriteIndex" >> beam.Map(finish, dst, settings, meta, len(plan)))
+         | "WriteIndex" >> beam.Map(finish, dst, settings, meta, listing, len(plan)))
   return _read_json(_join(dst, ingest.REPORT_FILE))
 
 
 def main(argv) -> int:
   from absl import flags as absl_flags
   flag = absl_flags.FLAGS
-  if flag.config is None:
-    raise ValueError("--config is required, e.g. --config=configs/audioset.py")
-  report = run(flag.config, src=flag.src, dst=flag.dst, labels=flag.labels, split=flag.split,
-               validation_fraction=flag.validation_fraction,
-               heldout_fraction=flag.heldout_fraction, videos_per_shard=flag.videos_per_shard,
-               missing_audio=flag.missing_audio, min_frames=flag.min_frames,
-               beam_args=argv[1:])
+  try:
+    if flag.config is None:
+      raise ingest.UsageError("--config is required, e.g. --config=configs/audioset.py")
+    report = run(flag.config, src=flag.src, dst=flag.dst, labels=flag.labels, split=flag.split,
+                 validation_fraction=flag.validation_fraction,
+                 heldout_fraction=flag.heldout_fraction, videos_per_shard=flag.videos_per_shard,
+                 missing_audio=flag.missing_audio, min_frames=flag.min_frames, strict=flag.strict,
+                 config_file=ingest.config_file_flag(), beam_args=argv[1:])
+  except ingest.UsageError as error:
+    return ingest.report_usage_error("mmldm_jax.data.beam_ingest", error)
   print(ingest.summary(report))
   print(f"report: {_join(flag.dst, ingest.REPORT_FILE)}")
-  if report["ingested"] == 0:
-    return 1
-  if flag.strict and (report["failed"] or report["skipped"]):
-    return 2
-  return 0
+  return ingest.exit_status(report, flag.strict)
 
 
 if __name__ == "__main__":

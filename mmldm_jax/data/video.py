@@ -8,8 +8,11 @@ Everything here is NumPy + PIL + PyAV and runs in the data pipeline or in tools,
   are the diffusion decoder's targets (reference: videoaudiodataset_wclass.py).
 - `resample_frame_indices`, `rotate_upright`: which decoded frames are shown at a fixed output rate
   (nearest by presentation time) and how they are turned upright.
+- `sniff_media`, `identify_container`: what a file is by its first bytes (media container, text,
+  image, ...), so a folder can be sorted before anything is decoded.
 - `read_av`: decode a media file (audio at native rate) with the presentation times that ingestion
-  needs to align the audio. Frames either all at native size, or - the streaming mode ingestion uses,
+  needs to align the audio; a file that stops decoding early (truncated, damaged) gives its
+  decodable prefix and says so. Frames either all at native size, or - the streaming mode ingestion uses,
   memory O(output frames x output size) - only the frames shown at a given rate, upright and
   letterboxed as they are decoded.
 - `write_mp4` (H.264 + AAC) and `write_wav` (16-bit PCM), both atomic.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tempfile
 import wave
 from fractions import Fraction
@@ -141,6 +145,139 @@ def sample_target_indices(rng: np.random.Generator, num_frames: int,
 
 
 # ----------------------------------------------------------------------------------------------
+# What a file is, by content
+# ----------------------------------------------------------------------------------------------
+
+HEAD_BYTES = 512  # enough for every signature below (an MPEG-TS sync byte repeats at 188)
+
+# (name, test on the first HEAD_BYTES bytes) of the containers FFmpeg reads that a media collection
+# holds in practice. Order matters only where tests could overlap (none do).
+_MEDIA_SIGNATURES = (
+  ("mp4/mov", lambda h: h[4:8] == b"ftyp"),
+  ("mov", lambda h: h[4:8] in (b"moov", b"mdat", b"wide", b"free", b"skip", b"pnot")),
+  ("matroska/webm", lambda h: h[:4] == b"\x1aE\xdf\xa3"),
+  ("avi", lambda h: h[:4] == b"RIFF" and h[8:12] == b"AVI "),
+  ("wav", lambda h: h[:4] in (b"RIFF", b"RF64") and h[8:12] == b"WAVE"),
+  ("ogg", lambda h: h[:4] == b"OggS"),
+  ("flv", lambda h: h[:3] == b"FLV"),
+  ("mpeg-ps", lambda h: h[:4] in (b"\x00\x00\x01\xba", b"\x00\x00\x01\xb3")),
+  ("mpeg-ts", lambda h: len(h) > 376 and h[0] == h[188] == h[376] == 0x47),
+  ("asf/wmv", lambda h: h[:8] == b"0&\xb2u\x8ef\xcf\x11"),
+  ("flac", lambda h: h[:4] == b"fLaC"),
+  ("aiff", lambda h: h[:4] == b"FORM" and h[8:12] in (b"AIFF", b"AIFC")),
+  ("caf", lambda h: h[:4] == b"caff"),
+  ("realmedia", lambda h: h[:4] == b".RMF"),
+  ("y4m", lambda h: h[:10] == b"YUV4MPEG2 "),
+  ("nut", lambda h: h[:24] == b"nut/multimedia container"),
+  ("mp3/adts", lambda h: h[:3] == b"ID3" or (len(h) > 1 and h[0] == 0xFF and h[1] & 0xE0 == 0xE0)),
+)
+# Common files that are certainly not sounding videos.
+_OTHER_SIGNATURES = (
+  ("PNG image", lambda h: h[:8] == b"\x89PNG\r\n\x1a\n"),
+  ("JPEG image", lambda h: h[:3] == b"\xff\xd8\xff"),
+  ("WebP image", lambda h: h[:4] == b"RIFF" and h[8:12] == b"WEBP"),
+  ("TIFF image", lambda h: h[:4] in (b"II*\x00", b"MM\x00*")),
+  ("PDF document", lambda h: h[:5] == b"%PDF-"),
+  ("zip archive", lambda h: h[:4] == b"PK\x03\x04"),
+  ("gzip archive", lambda h: h[:2] == b"\x1f\x8b"),
+)
+# FFmpeg demuxers that open still images and text (its 'tty' demuxer renders text as a video).
+_STILL_IMAGE_FORMATS = ("image2",)
+_TEXT_FORMATS = ("tty",)
+
+
+def identify_container(head: bytes) -> str | None:
+  """The media container `head` (a file's first bytes) starts like, or None."""
+  for name, matches in _MEDIA_SIGNATURES:
+    if matches(head):
+      return name
+  return None
+
+
+def _looks_like_text(head: bytes) -> bool:
+  if b"\x00" in head:
+    return False
+  try:
+    head.decode("utf-8")
+  except UnicodeDecodeError as error:
+    # A multi-byte character cut by the head's end is still text.
+    if error.start < len(head) - 3:
+      return False
+  controls = sum(byte < 32 and byte not in (9, 10, 12, 13) for byte in head)
+  return controls <= len(head) // 100
+
+
+def sniff_media(head: bytes, size: int) -> str:
+  """'' when a file of `size` bytes starting with `head` may be audio/video, else why it is not.
+
+  Media container signatures win; then empty files, text and common non-media formats (images,
+  documents, archives) are named. Anything else is left to the decoder (FFmpeg reads far more
+  formats than are listed here), which names it when it cannot open it.
+  """
+  if identify_container(head) is not None:
+    return ""
+  if size == 0:
+    return "empty file (0 bytes)"
+  for name, matches in _OTHER_SIGNATURES:
+    if matches(head):
+      return f"not a media file: a {name}"
+  if _looks_like_text(head):
+    return "not a media file: text"
+  return ""
+
+
+def _mp4_missing_index(path: str, size: int) -> str:
+  """Why an mp4/mov that FFmpeg cannot open is unusable, from its top-level boxes ('' unknown).
+
+  The index ('moov' box) of a file written by a plain muxer comes after the media data, so a
+  file cut short loses it and nothing in it can be decoded.
+  """
+  offset, boxes = 0, []
+  with open(path, "rb") as handle:
+    while offset + 8 <= size:
+      handle.seek(offset)
+      header = handle.read(16)
+      length, kind = int.from_bytes(header[:4], "big"), header[4:8]
+      if length == 1 and len(header) == 16:
+        length = int.from_bytes(header[8:16], "big")
+      elif length == 0:
+        length = size - offset
+      if length < 8:
+        return ""
+      boxes.append(kind)
+      if offset + length > size:
+        if b"moov" not in boxes:
+          name = kind.decode("latin-1")
+          return (f"truncated: nothing decodable (the mp4 index 'moov' is missing; the file "
+                  f"stops {offset + length - size} bytes short of the end of its '{name}' box)")
+        return ""
+      offset += length
+  if b"moov" not in boxes:
+    return "unreadable container (mp4/mov): no index ('moov' box)"
+  return ""
+
+
+def _describe_unopenable(path: str, error: Exception) -> str:
+  """The reason a file FFmpeg could not open is unusable: by its content, else FFmpeg's words."""
+  try:
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+      head = handle.read(HEAD_BYTES)
+  except OSError as read_error:
+    return f"cannot open: {read_error.strerror or read_error}"
+  message = getattr(error, "strerror", None) or str(error)
+  container = identify_container(head)
+  if container is None:
+    return sniff_media(head, size) or (
+        f"not a media file: FFmpeg recognises no audio or video format in it ({message})")
+  if container in ("mp4/mov", "mov"):
+    reason = _mp4_missing_index(path, size)
+    if reason:
+      return reason
+  return f"unreadable container ({container}): {message}"
+
+
+# ----------------------------------------------------------------------------------------------
 # Reading
 # ----------------------------------------------------------------------------------------------
 
@@ -171,6 +308,10 @@ class MediaData:
                  to the wanted duration.
   audio_repaired_samples  samples of silence inserted into gaps plus samples dropped from overlaps
                  (0 for a clean file; ingestion may want to count or skip files where it is not)
+  declared_seconds  the length the container declares, from its start (None when it declares none)
+  truncation     '' when every stream decoded to its declared end; otherwise what was decodable,
+                 e.g. 'only 1.8 s of 4.0 s decodable (decoding stopped: ...)'. The frames and
+                 audio are then the decodable prefix.
   rotation       degrees from the display matrix. With output_fps None the frames need
                  rotate_upright(frames, rotation) (np.rot90 counter-clockwise, FFmpeg's
                  convention); streaming-mode frames are already upright.
@@ -190,6 +331,8 @@ class MediaData:
   audio_codec: str
   output_fps: float | None = None
   decoded_frames: int = 0
+  declared_seconds: float | None = None
+  truncation: str = ""
 
   @property
   def duration(self) -> float:
@@ -209,7 +352,7 @@ def _seconds(value, time_base) -> float | None:
 
 
 def read_av(path: str, *, fps: float | None = None, image_size: int | None = None,
-            max_seconds: float | None = None) -> MediaData:
+            max_seconds: float | None = None, audio_layout: str | None = None) -> MediaData:
   """Decodes the video frames and the first audio stream of `path`.
 
   Without `fps` / `image_size`: every frame, RGB at native size (memory T x H x W x 3 bytes: a
@@ -221,10 +364,22 @@ def read_av(path: str, *, fps: float | None = None, image_size: int | None = Non
   are not non-decreasing in decode order (a broken muxer) is decoded twice: first for the times,
   then for the frames they select.
 
-  Raises MediaError(path, reason) for a missing or unreadable file ('cannot open: ...'), a file with
-  no video stream ('no video stream'), a stream that decodes to nothing ('no frames decoded') and
-  errors in the middle of decoding ('decode error: ...'), and, with `max_seconds`, for frame times
-  spanning longer than that (a timestamp jump would make the resampled video that long).
+  `audio_layout` (e.g. 'mono') converts the audio with libswresample's standard matrix as it is
+  decoded: for 5.1 to mono that is ITU-R BS.775's 1/sqrt(2) (front L, R), 1 (centre), 1/2
+  (surrounds), LFE dropped, not normalised (a loud mix can exceed 1: clip it when storing). None
+  keeps the stream's channels.
+
+  A file that stops decoding before its declared end - cut short, or a demuxer/decoder error part
+  way - gives the frames and audio decoded until then and says so in `truncation` (the same rule
+  for every container: mp4 whose index survived, mkv, webm, ...).
+
+  Raises MediaError(path, reason) for a missing or unreadable file (reasons from the content:
+  'empty file (0 bytes)', 'not a media file: text', 'truncated: nothing decodable (...)' for an mp4
+  that lost its index, 'unreadable container (matroska/webm): ...', 'cannot open: ...'), a still
+  image, a file with no video stream ('no video stream (audio only: aac)'), a stream that decodes to
+  nothing ('no frames decoded', 'decode error before the first video frame: ...'), and, with
+  `max_seconds`, for frame times spanning longer than that (a timestamp jump would make the
+  resampled video that long).
   """
   path = str(path)
   if (fps is None) != (image_size is None):
@@ -234,28 +389,30 @@ def read_av(path: str, *, fps: float | None = None, image_size: int | None = Non
     raise ValueError(f"read_av {path}: expected positive fps and image_size, got {fps}, "
                      f"{image_size}")
   with _open(path) as container:
-    if not container.streams.video:
-      raise MediaError(path, "no video stream")
+    _check_streams(path, container)
     video_stream = container.streams.video[0]
     audio_stream = container.streams.audio[0] if container.streams.audio else None
     container_start = (container.start_time or 0) / av.time_base
-    audio_track = _AudioTrack(audio_stream, container_start) if audio_stream is not None else None
+    audio_track = (_AudioTrack(audio_stream, container_start, audio_layout)
+                   if audio_stream is not None else None)
     picker = _StreamingPicker(fps, image_size) if fps is not None else None
-    frames, frame_times, rotation = [], [], 0
+    frames, frame_times, rotation, stops = [], [], 0, []
+    for frame, time in _decode_video(path, container, video_stream, audio_track, container_start,
+                                     stops):
+      if not frame_times:
+        rotation = int(frame.rotation)
+      frame_times.append(time)
+      if picker is None:
+        frames.append(frame.to_ndarray(format="rgb24"))
+      else:
+        picker.add(frame, time, rotation)
     try:
-      for frame, time in _decode_video(path, container, video_stream, audio_track,
-                                       container_start):
-        if not frame_times:
-          rotation = int(frame.rotation)
-        frame_times.append(time)
-        if picker is None:
-          frames.append(frame.to_ndarray(format="rgb24"))
-        else:
-          picker.add(frame, time, rotation)
       audio = audio_track.finish() if audio_track is not None else None
     except av.FFmpegError as error:
-      raise MediaError(path, f"decode error: {error}") from error
+      raise MediaError(path, f"audio conversion error: {_ffmpeg_message(error)}") from error
     if not frame_times:
+      if stops:
+        raise MediaError(path, f"decode error before the first video frame: {stops[0]}")
       raise MediaError(path, "no frames decoded")
     span = max(frame_times) - min(frame_times)
     if max_seconds is not None and span > max_seconds:
@@ -266,13 +423,18 @@ def read_av(path: str, *, fps: float | None = None, image_size: int | None = Non
     video_start = (declared_start - container_start if declared_start is not None
                    else frame_times[0])
     decoded_frames = len(frame_times)
+    declared_seconds = container.duration / av.time_base if container.duration else None
+    truncation = _truncation(
+        container, video_stream, audio_stream, container_start, frame_times,
+        audio_track.start + audio.shape[1] / audio_track.rate if audio is not None else None,
+        declared_seconds, stops)
     if picker is None:
       frames, frame_times = np.stack(frames), np.asarray(frame_times, np.float64)
     else:
       picks = picker.picks(rotation)
       missing = picker.missing(picks)
       if missing:
-        _decode_again(path, missing, picker, rotation, frame_times, container_start)
+        _decode_again(path, missing, picker, rotation, frame_times, container_start, len(stops))
       frames = np.stack([picker.images[index] for index in picks])
       frame_times = np.asarray(frame_times, np.float64)[picks]
     return MediaData(
@@ -283,46 +445,149 @@ def read_av(path: str, *, fps: float | None = None, image_size: int | None = Non
         audio_repaired_samples=audio_track.repaired if audio is not None else 0,
         rotation=rotation, video_codec=video_stream.codec_context.name,
         audio_codec=audio_stream.codec_context.name if audio is not None else "",
-        output_fps=float(fps) if fps is not None else None, decoded_frames=decoded_frames)
+        output_fps=float(fps) if fps is not None else None, decoded_frames=decoded_frames,
+        declared_seconds=declared_seconds, truncation=truncation)
+
+
+def _ffmpeg_message(error: Exception) -> str:
+  """FFmpeg's words for an error, without PyAV's errno and path decoration."""
+  message = getattr(error, "strerror", None) or str(error)
+  origin = getattr(error, "log", None)
+  if origin and len(origin) > 2 and origin[2]:  # the library's own log line, when PyAV kept it
+    message = f"{message} ({str(origin[2]).strip()})"
+  return message
 
 
 def _open(path: str):
   try:
     return av.open(path)
   except (av.FFmpegError, OSError, UnicodeDecodeError) as error:
-    raise MediaError(path, f"cannot open: {error}") from error
+    raise MediaError(path, _describe_unopenable(path, error)) from error
 
 
-def _decode_video(path: str, container, video_stream, audio_track, container_start: float):
-  """Yields (video frame, presentation time in s) in decode order; audio goes to `audio_track`."""
+def _check_streams(path: str, container) -> None:
+  """MediaError unless `container` holds a video stream that is more than a still image or text."""
+  format_names = set(container.format.name.split(","))
+  if format_names & set(_TEXT_FORMATS):
+    raise MediaError(path, "not a media file: text")
+  if format_names & set(_STILL_IMAGE_FORMATS) or container.format.name.endswith("_pipe"):
+    raise MediaError(path, f"a still image ({container.format.name}), not a video")
+  if not container.streams.video:
+    audio = [stream.codec_context.name for stream in container.streams.audio]
+    detail = f" (audio only: {', '.join(audio)})" if audio else ""
+    raise MediaError(path, f"no video stream{detail}")
+
+
+def probe_streams(path: str) -> str:
+  """'' when `path` opens as a video (a video stream that is not a still image), else why not
+  (read_av's reasons, e.g. 'no video stream (audio only: aac)'). Reads only the headers."""
+  try:
+    with _open(path) as container:
+      _check_streams(path, container)
+  except MediaError as error:
+    return error.reason
+  return ""
+
+
+def _decode_video(path: str, container, video_stream, audio_track, container_start: float,
+                  stops: list[str]):
+  """Yields (video frame, presentation time in s) in decode order; audio goes to `audio_track`.
+
+  A demuxer or decoder error ends the file there (what follows a damaged packet of a cut file is
+  not worth guessing at): its message is appended to `stops`, and the frames the video decoder
+  still holds are yielded, so the result is the file's decodable prefix.
+  """
   video_stream.thread_type = "AUTO"
   streams = [video_stream] + ([audio_track.stream] if audio_track is not None else [])
   count = 0
-  for packet in container.demux(streams):
-    for frame in packet.decode():
-      if packet.stream is not video_stream:
-        audio_track.add(frame)
-        continue
+  try:
+    for packet in container.demux(streams):
+      for frame in packet.decode():
+        if packet.stream is not video_stream:
+          audio_track.add(frame)
+          continue
+        count += 1
+        yield frame, _frame_time(path, frame, count, video_stream) - container_start
+  except av.FFmpegError as error:
+    stops.append(_ffmpeg_message(error))
+    try:
+      held = video_stream.decode(None)  # drain the frames already inside the decoder
+    except av.FFmpegError as flush_error:
+      stops.append(_ffmpeg_message(flush_error))
+      held = []
+    for frame in held:
       count += 1
       yield frame, _frame_time(path, frame, count, video_stream) - container_start
 
 
+_DURATION_TAG = re.compile(r"^(\d+):(\d{2}):(\d{2}(?:\.\d+)?)$")
+
+
+def _declared_end(stream, container_start: float, container_end: float | None) -> float | None:
+  """Seconds from the container start to where `stream` says it ends (None: not declared).
+
+  mp4/mov/avi declare a duration per stream; Matroska/WebM muxers write each track's end time as a
+  'DURATION' tag; otherwise the container's length stands for every stream.
+  """
+  if stream.duration and stream.time_base is not None:
+    start = stream.start_time if stream.start_time is not None else 0
+    return float((start + stream.duration) * stream.time_base) - container_start
+  match = _DURATION_TAG.match(str(stream.metadata.get("DURATION", "")).strip())
+  if match:
+    hours, minutes, seconds = match.groups()
+    return int(hours) * 3600 + int(minutes) * 60 + float(seconds) - container_start
+  return container_end
+
+
+def _truncation(container, video_stream, audio_stream, container_start: float,
+                frame_times: list[float], audio_end: float | None,
+                declared_seconds: float | None, stops: list[str]) -> str:
+  """'' when every stream decoded to its declared end, else 'only X s of Y s decodable (...)'.
+
+  X and Y count from the first frame. A stream counts as complete when it ends within
+  max(0.25 s, 2 frame intervals) of its declared end: declared lengths are rounded by muxers, and
+  the last frame's display time is estimated.
+  """
+  times = np.sort(np.asarray(frame_times, np.float64))
+  interval = float(np.median(np.diff(times))) if times.shape[0] > 1 else (
+      1.0 / float(video_stream.average_rate) if video_stream.average_rate else 0.0)
+  first = float(times[0])
+  tolerance = max(0.25, 2 * interval)
+  decoded = [(video_stream, float(times[-1]) + interval)]
+  if audio_stream is not None:
+    decoded.append((audio_stream, audio_end if audio_end is not None else first))
+  short, declared_ends = False, []
+  for stream, end in decoded:
+    declared = _declared_end(stream, container_start, declared_seconds)
+    if declared is not None:
+      declared_ends.append(declared)
+      short = short or end < declared - tolerance
+  decodable = max(0.0, min(end for _, end in decoded) - first)
+  stopped = f" (decoding stopped: {stops[0]})" if stops else ""
+  if declared_ends and (short or stops):
+    return (f"only {decodable:.2f} s of {max(declared_ends) - first:.2f} s decodable"
+            f"{stopped}")
+  if stops:
+    return f"decoding stopped after {decodable:.2f} s (length not declared){stopped}"
+  return ""
+
+
 def _decode_again(path: str, wanted: set[int], picker: "_StreamingPicker", rotation: int,
-                  frame_times: list[float], container_start: float) -> None:
-  """Second pass over the video stream only: converts the frames `wanted` (decode indices)."""
+                  frame_times: list[float], container_start: float, first_stops: int) -> None:
+  """Second pass over the video stream only: converts the frames `wanted` (decode indices).
+
+  It must meet the first pass's frames in the same order and stop where that one stopped.
+  """
   with _open(path) as container:
     video_stream = container.streams.video[0]
-    index = -1
-    try:
-      for index, (frame, time) in enumerate(
-          _decode_video(path, container, video_stream, None, container_start)):
-        if index >= len(frame_times) or time != frame_times[index]:
-          raise MediaError(path, f"decode error: frame {index} differs between two decodes")
-        if index in wanted:
-          picker.keep(index, frame, rotation)
-    except av.FFmpegError as error:
-      raise MediaError(path, f"decode error: {error}") from error
-  if index + 1 != len(frame_times):
+    index, stops = -1, []
+    for index, (frame, time) in enumerate(
+        _decode_video(path, container, video_stream, None, container_start, stops)):
+      if index >= len(frame_times) or time != frame_times[index]:
+        raise MediaError(path, f"decode error: frame {index} differs between two decodes")
+      if index in wanted:
+        picker.keep(index, frame, rotation)
+  if bool(stops) != bool(first_stops) or index + 1 != len(frame_times):
     raise MediaError(path, f"decode error: {index + 1} frames on the second decode, "
                      f"{len(frame_times)} on the first")
 
@@ -413,11 +678,13 @@ class _AudioTrack:
   first samples are dropped. `repaired` counts the samples inserted or dropped (0 for clean files).
   """
 
-  def __init__(self, stream, container_start: float):
+  def __init__(self, stream, container_start: float, layout: str | None = None):
     self.stream = stream
     self.rate = int(stream.rate)
     self.container_start = container_start
-    self.resampler = av.AudioResampler(format="fltp", layout=stream.layout, rate=stream.rate)
+    # libswresample converts the layout (its standard downmix matrix) and nothing else here.
+    self.resampler = av.AudioResampler(format="fltp", layout=layout or stream.layout,
+                                       rate=stream.rate)
     self.chunks: list[np.ndarray] = []
     self.length = 0
     self.start: float | None = None
