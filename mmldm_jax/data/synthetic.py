@@ -363,7 +363,8 @@ def video_seed(config: Any, number: int) -> int:
 
 
 def dataset_meta(config: Any) -> dict[str, Any]:
-  """What determines the dataset's bytes; stored in index.json and `synthetic.json`."""
+  """What determines the dataset's bytes; stored in `synthetic.json` and, with the geometry
+  readers check (`index_meta`), in index.json."""
   return {
       "source": "synthetic",
       "generator_version": _GENERATOR_VERSION,
