@@ -268,7 +268,7 @@ def train_config(*, lr: float, batch_size: int, num_steps: int) -> ConfigDict:
       keep_checkpoints=3,
       sample_every=0,               # 0 = no periodic samples
       # Quality signals on fixed validation clips every this many steps (and at the last step),
-      # to metrics.jsonl and TensorBoard; 0 = off. This version computes them for the vae stage.
+      # to metrics.jsonl, TensorBoard and <stage>/logs/media; 0 = off.
       eval_every=1000,
       nan_policy="stop",            # 'stop' or 'skip'
   ))
