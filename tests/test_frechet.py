@@ -107,3 +107,17 @@ def test_kernel_distance_same_vs_shifted_distribution():
   assert shifted > 10 * max(abs(same), 1e-3)
   with pytest.raises(ValueError, match=">= 2 vectors"):
     frechet.kernel_distance(x[:1], y)
+
+
+def test_kernel_distance_matches_sklearn():
+  """KVD as MM-Diffusion computes it: sklearn's polynomial_kernel with its defaults."""
+  pairwise = pytest.importorskip("sklearn.metrics.pairwise",
+                                 reason="scikit-learn (the test extra) is not installed")
+  rng = np.random.default_rng(6)
+  x, y = rng.normal(size=(50, 400)), rng.normal(size=(40, 400)) * 1.2 + 0.1
+  k_xx, k_yy = pairwise.polynomial_kernel(x), pairwise.polynomial_kernel(y)
+  k_xy = pairwise.polynomial_kernel(x, y)
+  m, n = len(x), len(y)
+  expected = ((k_xx.sum() - np.trace(k_xx)) / (m * (m - 1))
+              + (k_yy.sum() - np.trace(k_yy)) / (n * (n - 1)) - 2 * k_xy.mean())
+  assert frechet.kernel_distance(x, y) == pytest.approx(expected, rel=1e-6)
