@@ -250,6 +250,27 @@ def sample_config() -> ConfigDict:
   ))
 
 
+def evaluation_config() -> ConfigDict:
+  """The evaluate stage's FVD / KVD / FAD protocol (see mmldm_jax/evaluation/stage.py)."""
+  return ConfigDict(dict(
+      fvd="auto",                   # I3D FVD / KVD: 'auto' (when the metrics extra is installed,
+                                    # else "not computed" in metrics.json), 'on' (required), 'off'
+      i3d_preset="mmdiffusion",     # 'mmdiffusion' (letterbox 64 -> 224, MM-LDM's) or 'tf_fvd'
+      i3d_epsilon=1e-3,             # BatchNorm epsilon: 1e-3 TF-Hub, 1e-5 the PyTorch evaluators
+      i3d_feature="logits",         # 'logits' (400, as papers) or 'mixed_5c_pool' (1024)
+      batch_size=8,                 # clips per I3D call
+      real_seed=0,                  # draws of the real training clips (the list is saved)
+      num_reference_draws=3,        # disjoint draws of real training clips (mean and spread)
+      train_pool_limit=0,           # training clips (evenly spaced) the draws and the memorisation
+                                    # check use; 0 = draws x the number of generated clips
+      samples_folder="",            # '' = the sample stage's folder; else a folder of mp4 files
+      mismatch="resample",          # samples of another fps / size / sample rate: 'resample' or
+                                    # 'reject' (too few frames are always rejected)
+      audioclip_path="",            # AudioCLIP-Full-Training.pt for fad_audioclip_x1e4
+      panns_cnn14_path="",          # Cnn14_mAP=0.431.pth for fad_panns_cnn14
+  ))
+
+
 def train_config(*, lr: float, batch_size: int, num_steps: int) -> ConfigDict:
   """Optimisation of one stage. The reference uses torch AdamW defaults and no LR schedule."""
   return ConfigDict(dict(
@@ -314,6 +335,7 @@ def base_config() -> ConfigDict:
   config.diffusion = diffusion_config()
   config.dit = dit_config()
   config.sample = sample_config()
+  config.evaluation = evaluation_config()
   config.vocoder = vocoder_config()
   config.train_vae = train_config(lr=1e-5, batch_size=80, num_steps=100_000)
   config.train_autoencoder = train_config(lr=1e-4, batch_size=160, num_steps=200_000)
