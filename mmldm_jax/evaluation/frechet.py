@@ -8,6 +8,8 @@ evaluations are small (thousands x hundreds), and the matrix square root needs t
                         keeping the raw features for the kernel distance
   frechet_distance      ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))
   kernel_distance       unbiased MMD^2 with the polynomial kernel (x.y / d + 1)^3, the raw value
+  set_distances         both of the above between two feature sets
+  nearest_distances     each query's Euclidean distance to its nearest reference (memorisation)
 
 Frechet distance: tr((S1 S2)^(1/2)) is computed as TF-GAN does (`trace_sqrt_product`): with
 A = S1^(1/2) (symmetric, from an eigendecomposition), S1 S2 is similar to A S2 A, which is symmetric
@@ -145,6 +147,27 @@ def kernel_distance(x: np.ndarray, y: np.ndarray, degree: int = 3, gamma: float 
   within_x = (k_xx.sum() - np.trace(k_xx)) / (m * (m - 1))
   within_y = (k_yy.sum() - np.trace(k_yy)) / (n * (n - 1))
   return float(within_x + within_y - 2.0 * k_xy.mean())
+
+
+def set_distances(x: np.ndarray, y: np.ndarray) -> dict[str, float | None]:
+  """Frechet and kernel distance between feature sets x [m, d] and y [n, d]; both None when a set
+  has fewer than 2 vectors (no covariance, no unbiased MMD)."""
+  if min(len(x), len(y)) < 2:
+    return {"frechet": None, "kernel": None}
+  stats = []
+  for values in (x, y):
+    accumulated = FeatureStats(values.shape[1], keep_features=False)
+    accumulated.update(values)
+    stats.append(accumulated)
+  return {"frechet": frechet_distance_of(*stats), "kernel": kernel_distance(x, y)}
+
+
+def nearest_distances(queries: np.ndarray, references: np.ndarray) -> np.ndarray:
+  """Euclidean distance from each query [n, d] to its nearest reference [m, d]."""
+  queries, references = np.asarray(queries, np.float64), np.asarray(references, np.float64)
+  squared = ((queries ** 2).sum(1)[:, None] + (references ** 2).sum(1)[None]
+             - 2.0 * queries @ references.T)
+  return np.sqrt(np.maximum(squared.min(axis=1), 0.0))
 
 
 def _symmetric(matrix: np.ndarray) -> np.ndarray:

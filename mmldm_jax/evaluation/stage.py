@@ -3,7 +3,20 @@
   python -m mmldm_jax.main --config=configs/demo.py --workdir=runs/demo --config.stages=evaluate
 
 Reads the generated samples of `<workdir>/samples/<config.sample.mode>/` (frames from the mp4, the
-sound from the lossless wav) and real clips of the dataset, and writes:
+sound from the lossless wav), or every mp4 of `evaluation.samples_folder` (sound from a .wav of the
+same name or from the mp4), one sample at a time, and real clips of the dataset, and writes:
+
+  fvd, kvd        FVD and KVD on I3D features (`evaluation/fvd.py`, `evaluation/i3d.py`): generated
+                  clips vs a seeded draw of real TRAINING clips (the list saved in
+                  `<workdir>/evaluate/real_clips.json`), each with its protocol (preprocessing
+                  preset, BatchNorm epsilon, feature, frames, fps, counts), the real-vs-real floor,
+                  the mean and spread over `evaluation.num_reference_draws` draws, and the scores
+                  against held-out clips. "not computed" with the reason when the metrics extra
+                  is not installed (evaluation.fvd='auto') or evaluation.fvd='off'.
+  memorisation_i3d  the nearest-neighbour check on I3D features: the fraction of samples closer to
+                  a training clip than every real held-out clip is.
+  fad_audioclip_x1e4, fad_panns_cnn14   "not computed" in this version, naming the weight file and
+                  where it is published.
 
   sync            the synthetic-sync metric (`evaluation/sync.py`: bounces in the picture vs onsets in
                   the sound, within one frame; precision / recall / F1 and pitch-colour agreement)
@@ -19,8 +32,7 @@ sound from the lossless wav) and real clips of the dataset, and writes:
                   something.
   features        Frechet distance and kernel distance (unbiased polynomial MMD, raw) between the
                   generated clips and real validation + held-out clips, over two simple,
-                  weight-free feature sets (NOT FVD / FAD, which need pretrained I3D / audio networks
-                  and are not computed here):
+                  weight-free feature sets (not FVD / FAD):
                     video_colour_motion  per clip: 4x4x4 RGB colour histogram averaged over frames,
                                          per-channel mean and std, a histogram of the absolute
                                          frame-to-frame differences, their mean and their std in time
@@ -43,10 +55,17 @@ sound from the lossless wav) and real clips of the dataset, and writes:
 Real clips: validation and held-out clips every num_frames / 2 frames (at most REAL_LIMIT per split),
 training clips every num_frames / 4 frames (at most TRAIN_LIMIT, evenly spaced). A generated sample
 longer than one clip (continuation) is cut into clips for the feature and memorisation scores; the
-sync metric reads it whole. Skipped when metrics.json exists for the same sample index.
+sync metric reads it whole.
+
+Samples: another frame rate, frame size or sample rate is resampled or rejected
+(evaluation.mismatch), fewer frames than one clip are rejected, an unreadable file is counted; each
+with a message naming the file, in `samples.problems`, and the job goes on. I3D features are cached
+per clip in `<workdir>/evaluate/`, so an interrupted run resumes; the stage is skipped when
+metrics.json exists for the same sample index and evaluation settings.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import wave
@@ -60,6 +79,7 @@ from mmldm_jax import sample as sample_lib
 from mmldm_jax.data import audio as audio_lib
 from mmldm_jax.data import video as video_lib
 from mmldm_jax.evaluation import frechet
+from mmldm_jax.evaluation import fvd
 from mmldm_jax.evaluation import sync
 
 METRICS_FILE = "metrics.json"
@@ -112,32 +132,106 @@ FEATURE_SETS = ("video_colour_motion", "audio_logmel_stats")
 # ------------------------------------------------------------------------------------------------
 # Reading clips
 # ------------------------------------------------------------------------------------------------
-def read_wav(path: str) -> np.ndarray:
-  """A 16-bit PCM wav as float32 [N] (channels averaged)."""
+def read_wav(path: str) -> tuple[np.ndarray, int]:
+  """A 16-bit PCM wav as (float32 [N] with the channels averaged, its sample rate)."""
   with wave.open(path) as handle:
     if handle.getsampwidth() != 2:
       raise ValueError(f"{path}: expected 16-bit PCM, got {8 * handle.getsampwidth()}-bit samples")
     data = np.frombuffer(handle.readframes(handle.getnframes()), "<i2").astype(np.float32)
-    return data.reshape(-1, handle.getnchannels()).mean(axis=1) / 32767.0
+    return (data.reshape(-1, handle.getnchannels()).mean(axis=1) / 32767.0,
+            int(handle.getframerate()))
 
 
-def generated_samples(folder: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-  """(index, samples) of a sample-stage folder; each sample: number, frames uint8, waveform."""
+class SampleRejected(ValueError):
+  """A generated sample that does not fit the config (too short, or of another frame rate, size
+  or sample rate with evaluation.mismatch='reject'); the message names the file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleFile:
+  """One generated sample on disk: its name, the mp4 and the wav (None: the mp4's own sound)."""
+  name: str
+  mp4: str
+  wav: str | None
+
+
+def sample_files(config, folder: str) -> tuple[dict[str, Any], list[SampleFile]]:
+  """(description, files) of the generated samples in `folder`: the sample stage's index.json, or
+  without one, when `evaluation.samples_folder` names the folder, every *.mp4 in it (sorted; a
+  .wav of the same name, when there is one, is the sound)."""
   index = sample_lib.read_index(folder)
-  if index is None:
+  if index is not None:
+    files = [SampleFile(sample_lib.sample_name(entry["number"]), os.path.join(folder, entry["mp4"]),
+                        os.path.join(folder, entry["wav"])) for entry in index["samples"]]
+    description = {"folder": folder, "mode": index["settings"]["mode"],
+                   "settings": index["settings"]}
+  elif config.evaluation.samples_folder and os.path.isdir(folder):
+    files = []
+    for name in sorted(os.listdir(folder)):
+      stem, extension = os.path.splitext(name)
+      if extension.lower() == ".mp4":
+        wav = os.path.join(folder, stem + ".wav")
+        files.append(SampleFile(stem, os.path.join(folder, name),
+                                wav if os.path.exists(wav) else None))
+    description = {"folder": folder, "mode": "folder",
+                   "settings": {"files": [os.path.basename(f.mp4) for f in files]}}
+  else:
     raise FileNotFoundError(f"{os.path.join(folder, sample_lib.INDEX_FILE)} does not exist: run the "
-                            f"`sample` stage first")
-  samples = []
-  for entry in index["samples"]:
-    if not sample_lib.is_complete_entry(folder, entry):
-      raise FileNotFoundError(f"{folder}: sample {entry['number']} is listed in "
-                              f"{sample_lib.INDEX_FILE} but its files are missing; rerun `sample`")
-    frames = video_lib.read_av(os.path.join(folder, entry["mp4"])).frames
-    samples.append({"number": entry["number"], "frames": frames,
-                    "waveform": read_wav(os.path.join(folder, entry["wav"]))})
-  if not samples:
-    raise ValueError(f"{folder}: {sample_lib.INDEX_FILE} lists no samples")
-  return index, samples
+                            f"`sample` stage first, or set evaluation.samples_folder to a folder of "
+                            f"mp4 files")
+  if not files:
+    raise ValueError(f"{folder}: no samples to evaluate (no entries in "
+                     f"{sample_lib.INDEX_FILE} and no mp4 files)")
+  return description, files
+
+
+def _resample_audio(waveform: np.ndarray, rate: int, target: int) -> np.ndarray:
+  from math import gcd
+  from scipy import signal
+  common = gcd(int(rate), int(target))
+  return signal.resample_poly(waveform, target // common, rate // common).astype(np.float32)
+
+
+def read_sample(item: SampleFile, config) -> tuple[np.ndarray, np.ndarray, list[str]]:
+  """(uint8 frames [T, S, S, 3] at data.fps, float32 sound [N] at audio.sample_rate, what was
+  resampled) of one generated sample. Another frame rate, frame size or sample rate is resampled
+  (evaluation.mismatch='resample': frames picked at data.fps and letterboxed as ingestion does,
+  sound by a polyphase filter) or rejected ('reject'); fewer frames than one clip are always
+  rejected. Raises SampleRejected, video.MediaError or wave.Error, each naming the file."""
+  policy = config.evaluation.mismatch
+  if policy not in ("resample", "reject"):
+    raise ValueError(f"evaluation.mismatch={policy!r}: expected 'resample' or 'reject'")
+  fps, size = float(config.data.fps), int(config.data.image_size)
+  rate, num_frames = int(config.audio.sample_rate), int(config.data.num_frames)
+  media = video_lib.read_av(item.mp4)
+  frames = video_lib.rotate_upright(media.frames, media.rotation)
+  problems = []
+  if media.fps is None or abs(media.fps - fps) > 1e-3 * fps:
+    problems.append(f"frame rate {media.fps} fps, expected {fps:g} (data.fps)")
+  if frames.shape[1:3] != (size, size):
+    problems.append(f"frames {frames.shape[2]}x{frames.shape[1]}, expected {size}x{size} "
+                    f"(data.image_size)")
+  video_mismatch = bool(problems)
+  if item.wav is not None:
+    waveform, wav_rate = read_wav(item.wav)
+    sound_file = item.wav
+  elif media.audio is not None:
+    waveform, wav_rate, sound_file = media.audio.mean(axis=0), media.sample_rate, item.mp4
+  else:
+    raise SampleRejected(f"{item.mp4}: no audio stream and no {item.name}.wav beside it")
+  if wav_rate != rate:
+    problems.append(f"{sound_file}: sample rate {wav_rate} Hz, expected {rate} (audio.sample_rate)")
+  if problems and policy == "reject":
+    raise SampleRejected(f"{item.mp4}: {'; '.join(problems)}; rejected (evaluation.mismatch="
+                         f"'reject')")
+  if video_mismatch:
+    frames = video_lib.read_av(item.mp4, fps=fps, image_size=size).frames
+  if wav_rate != rate:
+    waveform = _resample_audio(waveform, wav_rate, rate)
+  if len(frames) < num_frames:
+    raise SampleRejected(f"{item.mp4}: {len(frames)} frames at {fps:g} fps, fewer than one clip "
+                         f"({num_frames} frames, data.num_frames)")
+  return frames, np.asarray(waveform, np.float32), problems
 
 
 def cut_into_clips(frames: np.ndarray, waveform: np.ndarray, config) -> Iterable[tuple]:
@@ -203,25 +297,8 @@ def mismatched_sync(scored: list) -> sync.SyncScore:
 # ------------------------------------------------------------------------------------------------
 # Scores
 # ------------------------------------------------------------------------------------------------
-def distances(generated: np.ndarray, real: np.ndarray) -> dict[str, float]:
-  """Frechet and kernel distance between two feature sets [n, d]."""
-  stats = []
-  for values in (generated, real):
-    accumulated = frechet.FeatureStats(values.shape[1])
-    accumulated.update(values)
-    stats.append(accumulated)
-  result = {"frechet": None, "kernel": None}
-  if min(len(generated), len(real)) >= 2:
-    result = {"frechet": frechet.frechet_distance_of(*stats),
-              "kernel": frechet.kernel_distance(generated, real)}
-  return result
-
-
-def nearest_distances(queries: np.ndarray, references: np.ndarray) -> np.ndarray:
-  """Euclidean distance from each query [n, d] to its nearest reference [m, d]."""
-  squared = ((queries ** 2).sum(1)[:, None] + (references ** 2).sum(1)[None]
-             - 2.0 * queries @ references.T)
-  return np.sqrt(np.maximum(squared.min(axis=1), 0.0))
+distances = frechet.set_distances
+nearest_distances = frechet.nearest_distances
 
 
 def memorisation(queries: np.ndarray, train: np.ndarray, heldout: np.ndarray) -> dict[str, Any]:
@@ -254,20 +331,134 @@ def _joint(features: dict[str, np.ndarray]) -> np.ndarray:
   return np.concatenate([features[name] for name in FEATURE_SETS], axis=1)
 
 
-def evaluate(config, samples_folder: str, data_folder: str) -> dict[str, Any]:
-  """All scores of the module docstring, as the metrics.json dict."""
-  index, samples = generated_samples(samples_folder)
+# FAD embeddings: metrics.json key -> (config field, weight file, where users get it).
+FAD_EMBEDDINGS = {
+    "fad_audioclip_x1e4": ("audioclip_path", "AudioCLIP-Full-Training.pt",
+                           "the v0.1 release of github.com/AndreyGuzhov/AudioCLIP"),
+    "fad_panns_cnn14": ("panns_cnn14_path", "Cnn14_mAP=0.431.pth",
+                        "the PANNs release on Zenodo, zenodo.org/record/3987831"),
+}
+
+
+def fad_entries(config) -> dict[str, Any]:
+  """The FAD keys of metrics.json: "not computed" with the weight file and where to get it. A
+  configured file is an error: this version has no port of either embedding network yet."""
+  entries = {}
+  for key, (field, file_name, source) in FAD_EMBEDDINGS.items():
+    path = config.evaluation[field]
+    if path:
+      raise ValueError(f"evaluation.{field}={path!r}: the {key} embedding network is not in this "
+                       f"version of mmldm_jax, so the file cannot be used; leave the field empty")
+    entries[key] = fvd.not_computed(f"no weight file configured: set evaluation.{field} to "
+                                    f"{file_name} (from {source})")
+  return entries
+
+
+def _file_key(*paths: str | None) -> str:
+  """A cache key that changes when any of the files does (path, size, modification time)."""
+  parts = []
+  for path in paths:
+    if path is not None:
+      status = os.stat(path)
+      parts.append(f"{os.path.abspath(path)}:{status.st_size}:{status.st_mtime_ns}")
+  return "|".join(parts)
+
+
+def _real_i3d(config, data_folder: str, split: str, limit: int, features: fvd.ClipFeatures
+              ) -> tuple[list[str], list[int]]:
+  """Adds the non-overlapping clips of a split (at most `limit`, evenly spaced) to `features`;
+  their names and window indices."""
+  clips = sample_lib.SplitClips(config, data_folder, split, limit=limit)
+  index_file = os.path.join(data_folder, "index.json")
+  data_key = _file_key(index_file) if os.path.exists(index_file) else os.path.abspath(data_folder)
+  names = []
+  for i, window in enumerate(clips.indices):
+    name = f"real_{split}_{window}"
+    features.add(name, f"{data_key}|{split}|{window}|{config.data.num_frames}|{config.data.fps}|"
+                       f"{config.data.image_size}", lambda i=i: clips[i]["frames"])
+    names.append(name)
+  return names, list(clips.indices)
+
+
+def i3d_scores(config, data_folder: str, features: fvd.ClipFeatures, generated: list[str],
+               work_folder: str | None) -> dict[str, Any]:
+  """FVD / KVD (with floor, draws, held-out) and memorisation on I3D features (`evaluation/fvd.py`),
+  the real clips' list saved in `work_folder`."""
+  evaluation = config.evaluation
+  draws = int(evaluation.num_reference_draws)
+  if draws < 1:
+    raise ValueError(f"evaluation.num_reference_draws={draws}: expected >= 1")
+  pool_limit = int(evaluation.train_pool_limit) or draws * len(generated)
+  pool_names, pool_windows = _real_i3d(config, data_folder, "train", pool_limit, features)
+  heldout_names, heldout_windows = _real_i3d(config, data_folder, "heldout", len(generated),
+                                             features)
+  picks, disjoint = fvd.draw_reference(len(pool_names), len(generated), draws,
+                                       int(evaluation.real_seed))
+  list_file = None
+  if work_folder is not None:
+    list_file = os.path.join(work_folder, fvd.REAL_CLIPS_FILE)
+    with open(list_file + ".tmp", "w") as f:
+      json.dump({"data_folder": os.path.abspath(data_folder), "seed": int(evaluation.real_seed),
+                 "clip_frames": int(config.data.num_frames),
+                 "train_pool_windows": pool_windows, "heldout_windows": heldout_windows,
+                 "draws": [[int(i) for i in pick] for pick in picks]}, f)
+    os.replace(list_file + ".tmp", list_file)
+  return fvd.scores(features.stack(generated), features.stack(pool_names),
+                    features.stack(heldout_names), fvd.protocol_of(config), picks, disjoint,
+                    int(evaluation.real_seed), list_file)
+
+
+def evaluate(config, samples_folder: str, data_folder: str,
+             work_folder: str | None = None) -> dict[str, Any]:
+  """All scores of the module docstring, as the metrics.json dict. `work_folder`: where the
+  per-clip feature cache and the list of real clips go (None: no cache)."""
+  from tqdm import tqdm
+  fvd.check_config(config)
+  fad = fad_entries(config)
+  description, files = sample_files(config, samples_folder)
+  extractor, not_computed_reason = fvd.load_extractor(config)
+  features_i3d = None
+  if extractor is not None:
+    if work_folder is not None:
+      os.makedirs(work_folder, exist_ok=True)
+    cache = fvd.FeatureCache(work_folder, fvd.protocol_of(config))
+    features_i3d = fvd.ClipFeatures(extractor, config.evaluation.i3d_feature,
+                                    config.evaluation.batch_size, cache,
+                                    tqdm(desc="evaluate: I3D features", unit="clip"))
+  else:
+    logging.warning("evaluate: FVD / KVD not computed: %s", not_computed_reason)
   with_sync = config.data.source == "synthetic"
   num_frames = int(config.data.num_frames)
   generated = {name: [] for name in FEATURE_SETS}
-  generated_scores = []
-  for item in samples:
-    for frames, waveform in cut_into_clips(item["frames"], item["waveform"], config):
-      for name, value in clip_features(frames, waveform, config).items():
+  generated_scores, generated_names, evaluated = [], [], 0
+  problems = {"unreadable": [], "rejected": [], "resampled": []}
+  for item in tqdm(files, desc="evaluate: generated samples", unit="sample"):
+    try:
+      frames, waveform, resampled = read_sample(item, config)
+    except SampleRejected as error:
+      problems["rejected"].append(str(error))
+      logging.warning("evaluate: %s", error)
+      continue
+    except (video_lib.MediaError, wave.Error, EOFError, OSError, ValueError) as error:
+      problems["unreadable"].append(f"{item.name}: {error}")
+      logging.warning("evaluate: unreadable sample %s: %s", item.name, error)
+      continue
+    if resampled:
+      problems["resampled"].append(f"{item.mp4}: {'; '.join(resampled)}")
+    evaluated += 1
+    key = _file_key(item.mp4, item.wav)
+    for number, (clip, sound) in enumerate(cut_into_clips(frames, waveform, config)):
+      for name, value in clip_features(clip, sound, config).items():
         generated[name].append(value)
+      if features_i3d is not None:
+        generated_names.append(f"generated_{item.name}_clip{number}")
+        features_i3d.add(generated_names[-1], key, lambda clip=clip: clip)
     if with_sync:
-      generated_scores.append(sync.score_clip(item["frames"], item["waveform"], config.data.fps,
+      generated_scores.append(sync.score_clip(frames, waveform, config.data.fps,
                                               config.audio.sample_rate))
+  if not evaluated:
+    raise ValueError(f"{samples_folder}: none of the {len(files)} samples could be evaluated: "
+                     f"{problems['unreadable'] + problems['rejected']}")
   generated = {name: np.stack(values) for name, values in generated.items()}
   noise = {name: [] for name in FEATURE_SETS}
   noise_scores = []
@@ -309,8 +500,10 @@ def evaluate(config, samples_folder: str, data_folder: str) -> dict[str, Any]:
   copied["ratio_relative_to_reference"] = (copied["ratio_train_to_heldout"] /
                                            max(reference["ratio_train_to_heldout"], 1e-12))
   metrics = {
-      "samples": {"folder": samples_folder, "mode": index["settings"]["mode"],
-                  "count": len(samples), "settings": index["settings"]},
+      "samples": dict(description, count=evaluated, listed=len(files),
+                      unreadable=len(problems["unreadable"]), rejected=len(problems["rejected"]),
+                      problems=problems),
+      "evaluation_config": config.evaluation.to_dict(),
       "real_clips": {"validation": len(validation[FEATURE_SETS[0]]),
                      "heldout": len(heldout[FEATURE_SETS[0]]),
                      "train": len(scaled["train"])},
@@ -319,9 +512,17 @@ def evaluate(config, samples_folder: str, data_folder: str) -> dict[str, Any]:
                            features="video_colour_motion + audio_logmel_stats, standardised per set",
                            validation_reference={k: v for k, v in reference.items()
                                                  if not k.startswith("per_sample")}),
-      "notes": "Feature distances use the simple weight-free features named above; they are not "
-               "FVD, KVD or FAD (those need pretrained I3D / audio networks, not run here).",
+      "notes": "`features` holds distances over simple weight-free features, not FVD / FAD; FVD "
+               "and KVD (I3D) are under `fvd` and `kvd` with their protocol.",
   }
+  if features_i3d is not None:
+    metrics.update(i3d_scores(config, data_folder, features_i3d, generated_names, work_folder))
+    # The rest came from the cache of an earlier (interrupted or other) run.
+    metrics["i3d_features_computed_this_run"] = features_i3d.computed
+  else:
+    metrics["fvd"] = fvd.not_computed(not_computed_reason)
+    metrics["kvd"] = fvd.not_computed(not_computed_reason)
+  metrics.update(fad)
   if with_sync:
     real_scored = validation_scores + heldout_scores
     fps = float(config.data.fps)
@@ -339,26 +540,31 @@ def evaluate(config, samples_folder: str, data_folder: str) -> dict[str, Any]:
 
 
 def run(config, workdir: str) -> None:
-  """The stage: writes `<workdir>/metrics.json` (skipped when it exists for the same samples)."""
+  """The stage: writes `<workdir>/metrics.json` (skipped when it exists for the same samples and
+  evaluation settings); features are cached in `<workdir>/evaluate/` so a rerun resumes."""
   if jax.process_index() != 0:
     return
-  samples_folder = sample_lib.samples_dir(workdir, config.sample.mode)
+  samples_folder = (config.evaluation.samples_folder or
+                    sample_lib.samples_dir(workdir, config.sample.mode))
   path = os.path.join(workdir, METRICS_FILE)
   index = sample_lib.read_index(samples_folder)
   if index is not None and os.path.exists(path):
     with open(path) as f:
       previous = json.load(f)
     if (previous.get("samples", {}).get("settings") == index["settings"]
-        and previous["samples"].get("count") == len(index["samples"])):
+        and previous["samples"].get("listed") == len(index["samples"])
+        and previous.get("evaluation_config") == config.evaluation.to_dict()):
       logging.info("evaluate: %s is up to date, skipped", path)
       return
-  metrics = evaluate(config, samples_folder, sample_lib.data_folder(config, workdir))
+  metrics = evaluate(config, samples_folder, sample_lib.data_folder(config, workdir),
+                     os.path.join(workdir, "evaluate"))
   with open(path + ".tmp", "w") as f:
     json.dump(metrics, f, indent=1)
   os.replace(path + ".tmp", path)
   summary = {name: round(values["frechet"], 4) for name, values in metrics["features"].items()
              if values["frechet"] is not None}
-  logging.info("evaluate: wrote %s (Frechet distances %s%s)", path, summary,
+  logging.info("evaluate: wrote %s (FVD %s, KVD %s; weight-free Frechet distances %s%s)", path,
+               metrics["fvd"]["value"], metrics["kvd"]["value"], summary,
                f", sync F1 {metrics['sync']['generated']['f1']:.3f} (shuffled pairs "
                f"{metrics['sync']['generated_shuffled']['f1']:.3f}, real "
                f"{metrics['sync']['real']['f1']:.3f}, noise {metrics['sync']['noise']['f1']:.3f})"
