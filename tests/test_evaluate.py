@@ -157,7 +157,7 @@ def test_memorisation_flags_training_copies(config, workdir, train_copy_metrics)
   if HAS_I3D:
     assert metrics["memorisation_i3d"]["memorised_fraction"] == 0.0
     # The real clips' features came from the cache of the first run.
-    assert metrics["i3d_features_computed_this_run"] == 3
+    assert metrics["features_computed_this_run"]["i3d"] == 3
 
 
 def test_rerun_skips_and_feature_checks(config, workdir, train_copy_metrics):
@@ -211,3 +211,26 @@ def test_mismatched_and_unreadable_samples(config, workdir, train_copy_metrics, 
   tiny.evaluation.audioclip_path = "/somewhere/AudioCLIP-Full-Training.pt"
   with pytest.raises(ValueError, match="evaluation.audioclip_path=.*not in this version"):
     stage.evaluate(tiny, folder, os.path.join(workdir, "data"))
+
+
+def test_fad_panns_cnn14_from_a_weight_file(config, workdir, train_copy_metrics, tmp_path):
+  """With evaluation.panns_cnn14_path set (here: a random-weight Cnn14 saved as the PANNs release
+  saves it), fad_panns_cnn14 is computed beside its protocol, floor, draws and held-out score."""
+  torch = pytest.importorskip("torch", reason="writing a Cnn14 weight file needs torch")
+  pytest.importorskip("torchlibrosa", reason="the Cnn14 peer needs torchlibrosa (test extra)")
+  from test_panns import TorchCnn14
+  torch.manual_seed(0)
+  path = str(tmp_path / "Cnn14_mAP=0.431.pth")
+  torch.save({"model": TorchCnn14().state_dict()}, path)
+  tiny = config_lib.load("configs/demo.py:tiny")
+  tiny.evaluation.update(fvd="off", panns_cnn14_path=path, train_pool_limit=16)
+  metrics = stage.evaluate(tiny, sample.samples_dir(workdir, tiny.sample.mode),
+                           os.path.join(workdir, "data"), str(tmp_path / "evaluate"))
+  fad = metrics["fad_panns_cnn14"]
+  assert np.isfinite(fad["value"]) and fad["value"] >= -1e-6
+  assert fad["protocol"]["sample_rate"] == 32000 and fad["protocol"]["resampled_from"] == 16000
+  assert fad["protocol"]["num_generated"] == 4 and len(fad["reference_draws"]["values"]) == 3
+  assert np.isfinite(fad["real_floor"]["value"]) and np.isfinite(fad["heldout"]["value"])
+  assert metrics["features_computed_this_run"]["panns"] == 4 + 16 + 4
+  assert "AudioCLIP-Full-Training.pt" in metrics["fad_audioclip_x1e4"]["not_computed"]
+  assert metrics["fvd"]["not_computed"] == "evaluation.fvd='off'"

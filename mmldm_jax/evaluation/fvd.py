@@ -117,33 +117,33 @@ class FeatureCache:
 
 
 class ClipFeatures:
-  """I3D features of named clips, computed in batches, cached per clip; `features[name]` after
-  `flush()`. `add` takes a function that returns the clip's uint8 frames [T, H, W, 3], so a cached
-  clip is never decoded."""
+  """Feature vectors of named clips (frames for I3D, sound for an audio embedding), computed in
+  batches by `compute` (stacked clips -> [B, d]), cached per clip; `features[name]` after
+  `flush()`. `add` takes a function that returns the clip, so a cached clip is never decoded."""
 
-  def __init__(self, extractor: i3d.I3DFeatures, feature: str, batch_size: int,
+  def __init__(self, compute: Callable[[np.ndarray], np.ndarray], batch_size: int,
                cache: FeatureCache, progress: Any = None):
     if batch_size < 1:
       raise ValueError(f"evaluation.batch_size={batch_size}: expected >= 1")
-    self.extractor, self.feature, self.batch_size = extractor, feature, int(batch_size)
+    self.compute, self.batch_size = compute, int(batch_size)
     self.cache, self.progress = cache, progress
     self.features: dict[str, np.ndarray] = {}
     self.computed = 0
     self._pending: list[tuple[str, str, np.ndarray]] = []
 
-  def add(self, name: str, key: str, frames: Callable[[], np.ndarray]) -> None:
+  def add(self, name: str, key: str, clip: Callable[[], np.ndarray]) -> None:
     cached = self.cache.get(name, key)
     if cached is not None:
       self.features[name] = cached
       return
-    self._pending.append((name, key, np.asarray(frames())))
+    self._pending.append((name, key, np.asarray(clip())))
     if len(self._pending) >= self.batch_size:
       self.flush()
 
   def flush(self) -> None:
     if not self._pending:
       return
-    values = self.extractor(np.stack([frames for _, _, frames in self._pending]))[self.feature]
+    values = self.compute(np.stack([clip for _, _, clip in self._pending]))
     for (name, key, _), value in zip(self._pending, values):
       self.features[name] = value
       self.cache.put(name, key, value)
@@ -173,12 +173,6 @@ def draw_reference(pool_size: int, per_draw: int, draws: int, seed: int
           for _ in range(draws)], False
 
 
-def fvd_kvd(x: np.ndarray, y: np.ndarray) -> dict[str, float | None]:
-  """FVD (Frechet) and KVD (kernel distance) of two feature sets; None when a set has < 2 clips."""
-  scores = frechet.set_distances(x, y)
-  return {"fvd": scores["frechet"], "kvd": scores["kernel"]}
-
-
 def memorisation(generated: np.ndarray, train: np.ndarray, heldout: np.ndarray) -> dict[str, Any]:
   """Nearest-neighbour check on I3D features. Per generated clip: the distance to its nearest
   training clip. Per real held-out clip (never trained on): the same. `memorised_fraction`: the
@@ -196,33 +190,33 @@ def memorisation(generated: np.ndarray, train: np.ndarray, heldout: np.ndarray) 
 
 
 def scores(generated: np.ndarray, pool: np.ndarray, heldout: np.ndarray, protocol: dict[str, Any],
-           draws: list[np.ndarray], disjoint: bool, seed: int, list_file: str | None
-           ) -> dict[str, Any]:
-  """The metrics.json entries: `fvd`, `kvd` (each with its protocol, floor, draws, held-out) and
-  `memorisation_i3d`."""
-  per_draw = [fvd_kvd(generated, pool[indices]) for indices in draws]
-  floor = fvd_kvd(pool[draws[0]], pool[draws[1]]) if len(draws) > 1 else {"fvd": None,
-                                                                          "kvd": None}
-  against_heldout = fvd_kvd(generated, heldout)
+           draws: list[np.ndarray], disjoint: bool, seed: int, list_file: str | None,
+           names: dict[str, str]) -> dict[str, Any]:
+  """metrics.json entries, one per `names` item (key -> 'frechet' or 'kernel', e.g. {"fvd":
+  "frechet", "kvd": "kernel"}): the score against draw 0 of the training pool, with its protocol,
+  the scores against every draw (mean, spread), the real floor (draw 0 vs draw 1) and the score
+  against the held-out clips."""
+  per_draw = [frechet.set_distances(generated, pool[indices]) for indices in draws]
+  floor = (frechet.set_distances(pool[draws[0]], pool[draws[1]]) if len(draws) > 1
+           else {"frechet": None, "kernel": None})
+  against_heldout = frechet.set_distances(generated, heldout)
   counts = {"num_generated": len(generated), "num_real": len(draws[0]),
             "real_split": "train", "num_train_pool": len(pool)}
   result = {}
-  for name in ("fvd", "kvd"):
-    values = [scores_[name] for scores_ in per_draw]
+  for key, distance in names.items():
+    values = [scores_[distance] for scores_ in per_draw]
     known = [v for v in values if v is not None]
-    result[name] = {
+    result[key] = {
         "value": values[0],
         "protocol": dict(protocol, **counts),
         "reference_draws": {"values": values, "mean": float(np.mean(known)) if known else None,
                             "std": float(np.std(known)) if known else None,
                             "count": len(draws), "disjoint": disjoint, "seed": seed,
                             "list_file": list_file},
-        "real_floor": {"value": floor[name], "what": "training draw 0 vs draw 1, same counts"},
-        "heldout": {"value": against_heldout[name], "num_real": len(heldout),
+        "real_floor": {"value": floor[distance], "what": "training draw 0 vs draw 1, same counts"},
+        "heldout": {"value": against_heldout[distance], "num_real": len(heldout),
                     "what": "generated vs held-out clips (never trained on)"},
     }
-  result["memorisation_i3d"] = dict(memorisation(generated, pool, heldout),
-                                    feature=protocol["feature"])
   return result
 
 

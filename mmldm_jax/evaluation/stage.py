@@ -80,6 +80,7 @@ from mmldm_jax.data import audio as audio_lib
 from mmldm_jax.data import video as video_lib
 from mmldm_jax.evaluation import frechet
 from mmldm_jax.evaluation import fvd
+from mmldm_jax.evaluation import panns
 from mmldm_jax.evaluation import sync
 
 METRICS_FILE = "metrics.json"
@@ -186,10 +187,14 @@ def sample_files(config, folder: str) -> tuple[dict[str, Any], list[SampleFile]]
 
 
 def _resample_audio(waveform: np.ndarray, rate: int, target: int) -> np.ndarray:
+  """Sound [..., N] from `rate` to `target` Hz along the last axis (polyphase filter)."""
   from math import gcd
   from scipy import signal
+  if rate == target:
+    return np.asarray(waveform, np.float32)
   common = gcd(int(rate), int(target))
-  return signal.resample_poly(waveform, target // common, rate // common).astype(np.float32)
+  return signal.resample_poly(waveform, target // common, rate // common,
+                              axis=-1).astype(np.float32)
 
 
 def read_sample(item: SampleFile, config) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -338,20 +343,30 @@ FAD_EMBEDDINGS = {
     "fad_panns_cnn14": ("panns_cnn14_path", "Cnn14_mAP=0.431.pth",
                         "the PANNs release on Zenodo, zenodo.org/record/3987831"),
 }
+# The embeddings this version can compute (fad_audioclip_x1e4 has no port yet).
+PORTED_FAD = ("fad_panns_cnn14",)
 
 
 def fad_entries(config) -> dict[str, Any]:
-  """The FAD keys of metrics.json: "not computed" with the weight file and where to get it. A
-  configured file is an error: this version has no port of either embedding network yet."""
+  """The FAD keys of metrics.json that are not computed: no weight file configured (naming the file
+  and where it is published). A configured file of an embedding without a port is an error."""
   entries = {}
   for key, (field, file_name, source) in FAD_EMBEDDINGS.items():
     path = config.evaluation[field]
-    if path:
+    if path and key not in PORTED_FAD:
       raise ValueError(f"evaluation.{field}={path!r}: the {key} embedding network is not in this "
                        f"version of mmldm_jax, so the file cannot be used; leave the field empty")
-    entries[key] = fvd.not_computed(f"no weight file configured: set evaluation.{field} to "
-                                    f"{file_name} (from {source})")
+    if not path:
+      entries[key] = fvd.not_computed(f"no weight file configured: set evaluation.{field} to "
+                                      f"{file_name} (from {source})")
   return entries
+
+
+def panns_protocol(config) -> dict[str, Any]:
+  return {"embedding": "PANNs Cnn14 fc1 + ReLU (2048)", "weights": config.evaluation.panns_cnn14_path,
+          "sample_rate": panns.SAMPLE_RATE, "resampled_from": int(config.audio.sample_rate),
+          "clip_seconds": float(config.data.num_frames) / float(config.data.fps),
+          "distance": "Frechet, unscaled"}
 
 
 def _file_key(*paths: str | None) -> str:
@@ -364,34 +379,76 @@ def _file_key(*paths: str | None) -> str:
   return "|".join(parts)
 
 
-def _real_i3d(config, data_folder: str, split: str, limit: int, features: fvd.ClipFeatures
-              ) -> tuple[list[str], list[int]]:
-  """Adds the non-overlapping clips of a split (at most `limit`, evenly spaced) to `features`;
-  their names and window indices."""
+@dataclasses.dataclass
+class Embedding:
+  """One feature network of the stage: its features, which part of a clip it reads ('frames' or
+  'audio'), its protocol and the metrics.json keys it fills (key -> 'frechet' / 'kernel')."""
+  features: fvd.ClipFeatures
+  reads: str
+  protocol: dict[str, Any]
+  names: dict[str, str]
+
+
+def embeddings(config, work_folder: str | None) -> tuple[dict[str, Embedding], str]:
+  """The I3D and PANNs feature networks the config asks for (with their caches), and why FVD is
+  not computed ('' when it is)."""
+  from tqdm import tqdm
+  result = {}
+  batch_size = int(config.evaluation.batch_size)
+  extractor, not_computed_reason = fvd.load_extractor(config)
+  if extractor is not None:
+    protocol, feature = fvd.protocol_of(config), config.evaluation.i3d_feature
+    result["i3d"] = Embedding(
+        fvd.ClipFeatures(lambda clips: extractor(clips)[feature], batch_size,
+                         fvd.FeatureCache(work_folder, protocol),
+                         tqdm(desc="evaluate: I3D features", unit="clip")),
+        "frames", protocol, {"fvd": "frechet", "kvd": "kernel"})
+  if config.evaluation.panns_cnn14_path:
+    embedder = panns.Cnn14Embeddings(config.evaluation.panns_cnn14_path)
+    rate = int(config.audio.sample_rate)
+    protocol = panns_protocol(config)
+    result["panns"] = Embedding(
+        fvd.ClipFeatures(lambda sounds: embedder(_resample_audio(sounds, rate, panns.SAMPLE_RATE)),
+                         batch_size, fvd.FeatureCache(work_folder, protocol),
+                         tqdm(desc="evaluate: PANNs embeddings", unit="clip")),
+        "audio", protocol, {"fad_panns_cnn14": "frechet"})
+  return result, not_computed_reason
+
+
+def _real_clips(config, data_folder: str, split: str, limit: int,
+                networks: dict[str, Embedding]) -> tuple[list[str], list[int]]:
+  """Adds the non-overlapping clips of a split (at most `limit`, evenly spaced) to every network's
+  features (each clip decoded at most once); their names and window indices."""
   clips = sample_lib.SplitClips(config, data_folder, split, limit=limit)
   index_file = os.path.join(data_folder, "index.json")
   data_key = _file_key(index_file) if os.path.exists(index_file) else os.path.abspath(data_folder)
   names = []
   for i, window in enumerate(clips.indices):
     name = f"real_{split}_{window}"
-    features.add(name, f"{data_key}|{split}|{window}|{config.data.num_frames}|{config.data.fps}|"
-                       f"{config.data.image_size}", lambda i=i: clips[i]["frames"])
+    key = (f"{data_key}|{split}|{window}|{config.data.num_frames}|{config.data.fps}|"
+           f"{config.data.image_size}|{config.audio.sample_rate}")
+    decoded = {}
+
+    def part(field, i=i, decoded=decoded):
+      if not decoded:
+        decoded.update(clips[i])
+      return decoded[field]
+    for network in networks.values():
+      network.features.add(name, key, lambda field=network.reads: part(field))
     names.append(name)
   return names, list(clips.indices)
 
 
-def i3d_scores(config, data_folder: str, features: fvd.ClipFeatures, generated: list[str],
-               work_folder: str | None) -> dict[str, Any]:
-  """FVD / KVD (with floor, draws, held-out) and memorisation on I3D features (`evaluation/fvd.py`),
-  the real clips' list saved in `work_folder`."""
+def reference_scores(config, data_folder: str, networks: dict[str, Embedding],
+                     generated: list[str], work_folder: str | None) -> dict[str, Any]:
+  """Every network's scores against the seeded draws of training clips, the floor and the held-out
+  clips (`fvd.scores`), memorisation on I3D features; the real clips' list saved in `work_folder`."""
   evaluation = config.evaluation
   draws = int(evaluation.num_reference_draws)
-  if draws < 1:
-    raise ValueError(f"evaluation.num_reference_draws={draws}: expected >= 1")
   pool_limit = int(evaluation.train_pool_limit) or draws * len(generated)
-  pool_names, pool_windows = _real_i3d(config, data_folder, "train", pool_limit, features)
-  heldout_names, heldout_windows = _real_i3d(config, data_folder, "heldout", len(generated),
-                                             features)
+  pool_names, pool_windows = _real_clips(config, data_folder, "train", pool_limit, networks)
+  heldout_names, heldout_windows = _real_clips(config, data_folder, "heldout", len(generated),
+                                               networks)
   picks, disjoint = fvd.draw_reference(len(pool_names), len(generated), draws,
                                        int(evaluation.real_seed))
   list_file = None
@@ -403,9 +460,17 @@ def i3d_scores(config, data_folder: str, features: fvd.ClipFeatures, generated: 
                  "train_pool_windows": pool_windows, "heldout_windows": heldout_windows,
                  "draws": [[int(i) for i in pick] for pick in picks]}, f)
     os.replace(list_file + ".tmp", list_file)
-  return fvd.scores(features.stack(generated), features.stack(pool_names),
-                    features.stack(heldout_names), fvd.protocol_of(config), picks, disjoint,
-                    int(evaluation.real_seed), list_file)
+  result = {"features_computed_this_run": {}}
+  for kind, network in networks.items():
+    generated_set, pool, heldout = (network.features.stack(names)
+                                    for names in (generated, pool_names, heldout_names))
+    result.update(fvd.scores(generated_set, pool, heldout, network.protocol, picks, disjoint,
+                             int(evaluation.real_seed), list_file, network.names))
+    result["features_computed_this_run"][kind] = network.features.computed
+    if kind == "i3d":
+      result["memorisation_i3d"] = dict(fvd.memorisation(generated_set, pool, heldout),
+                                        feature=network.protocol["feature"])
+  return result
 
 
 def evaluate(config, samples_folder: str, data_folder: str,
@@ -416,16 +481,10 @@ def evaluate(config, samples_folder: str, data_folder: str,
   fvd.check_config(config)
   fad = fad_entries(config)
   description, files = sample_files(config, samples_folder)
-  extractor, not_computed_reason = fvd.load_extractor(config)
-  features_i3d = None
-  if extractor is not None:
-    if work_folder is not None:
-      os.makedirs(work_folder, exist_ok=True)
-    cache = fvd.FeatureCache(work_folder, fvd.protocol_of(config))
-    features_i3d = fvd.ClipFeatures(extractor, config.evaluation.i3d_feature,
-                                    config.evaluation.batch_size, cache,
-                                    tqdm(desc="evaluate: I3D features", unit="clip"))
-  else:
+  if work_folder is not None:
+    os.makedirs(work_folder, exist_ok=True)
+  networks, not_computed_reason = embeddings(config, work_folder)
+  if "i3d" not in networks:
     logging.warning("evaluate: FVD / KVD not computed: %s", not_computed_reason)
   with_sync = config.data.source == "synthetic"
   num_frames = int(config.data.num_frames)
@@ -450,9 +509,10 @@ def evaluate(config, samples_folder: str, data_folder: str,
     for number, (clip, sound) in enumerate(cut_into_clips(frames, waveform, config)):
       for name, value in clip_features(clip, sound, config).items():
         generated[name].append(value)
-      if features_i3d is not None:
-        generated_names.append(f"generated_{item.name}_clip{number}")
-        features_i3d.add(generated_names[-1], key, lambda clip=clip: clip)
+      generated_names.append(f"generated_{item.name}_clip{number}")
+      for network in networks.values():
+        network.features.add(generated_names[-1], key,
+                             lambda part=(clip if network.reads == "frames" else sound): part)
     if with_sync:
       generated_scores.append(sync.score_clip(frames, waveform, config.data.fps,
                                               config.audio.sample_rate))
@@ -515,11 +575,9 @@ def evaluate(config, samples_folder: str, data_folder: str,
       "notes": "`features` holds distances over simple weight-free features, not FVD / FAD; FVD "
                "and KVD (I3D) are under `fvd` and `kvd` with their protocol.",
   }
-  if features_i3d is not None:
-    metrics.update(i3d_scores(config, data_folder, features_i3d, generated_names, work_folder))
-    # The rest came from the cache of an earlier (interrupted or other) run.
-    metrics["i3d_features_computed_this_run"] = features_i3d.computed
-  else:
+  if networks:
+    metrics.update(reference_scores(config, data_folder, networks, generated_names, work_folder))
+  if "i3d" not in networks:
     metrics["fvd"] = fvd.not_computed(not_computed_reason)
     metrics["kvd"] = fvd.not_computed(not_computed_reason)
   metrics.update(fad)
