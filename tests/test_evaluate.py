@@ -209,7 +209,7 @@ def test_mismatched_and_unreadable_samples(config, workdir, train_copy_metrics, 
   assert any("b_other_rate.mp4: frame rate 20.0 fps, expected 10 (data.fps)" in message
              for message in metrics["samples"]["problems"]["rejected"])
   tiny.evaluation.audioclip_path = "/somewhere/AudioCLIP-Full-Training.pt"
-  with pytest.raises(ValueError, match="evaluation.audioclip_path=.*not in this version"):
+  with pytest.raises(FileNotFoundError, match=r"/somewhere/AudioCLIP-Full-Training\.pt not found"):
     stage.evaluate(tiny, folder, os.path.join(workdir, "data"))
 
 
@@ -234,3 +234,52 @@ def test_fad_panns_cnn14_from_a_weight_file(config, workdir, train_copy_metrics,
   assert metrics["features_computed_this_run"]["panns"] == 4 + 16 + 4
   assert "AudioCLIP-Full-Training.pt" in metrics["fad_audioclip_x1e4"]["not_computed"]
   assert metrics["fvd"]["not_computed"] == "evaluation.fvd='off'"
+
+
+def test_fad_audioclip_from_a_weight_file(config, workdir, train_copy_metrics, tmp_path):
+  """With evaluation.audioclip_path set (here: a random-weight audio head saved in the layout of
+  AudioCLIP-Full-Training.pt), fad_audioclip_x1e4 is computed with its protocol, x 1e4, beside its
+  floor, draws and held-out score; a rerun reads the cached embeddings."""
+  torch = pytest.importorskip("torch", reason="writing an AudioCLIP weight file needs torch")
+  from test_audioclip import TorchAudioHead
+  torch.manual_seed(0)
+  path = str(tmp_path / "AudioCLIP-Full-Training.pt")
+  torch.save({f"audio.{key}": value for key, value in TorchAudioHead().state_dict().items()}, path)
+  tiny = config_lib.load("configs/demo.py:tiny")
+  tiny.evaluation.update(fvd="off", audioclip_path=path, train_pool_limit=12)
+  arguments = (tiny, sample.samples_dir(workdir, tiny.sample.mode), os.path.join(workdir, "data"),
+               str(tmp_path / "evaluate"))
+  metrics = stage.evaluate(*arguments)
+  fad = metrics["fad_audioclip_x1e4"]
+  assert np.isfinite(fad["value"]) and fad["value"] >= -1e-6
+  protocol = fad["protocol"]
+  assert protocol["sample_rate"] == 44100 and protocol["samples"] == 70560
+  assert protocol["resampled_from"] == 16000 and protocol["distance"] == "Frechet x 10000"
+  assert protocol["num_generated"] == 4 and len(fad["reference_draws"]["values"]) == 3
+  assert np.isfinite(fad["real_floor"]["value"]) and np.isfinite(fad["heldout"]["value"])
+  assert metrics["features_computed_this_run"]["audioclip"] == 4 + 12 + 4
+  assert "Cnn14_mAP=0.431.pth" in metrics["fad_panns_cnn14"]["not_computed"]
+  again = stage.evaluate(*arguments)
+  assert again["features_computed_this_run"]["audioclip"] == 0
+  assert again["fad_audioclip_x1e4"]["value"] == pytest.approx(fad["value"], rel=1e-9)
+
+
+def test_scores_multiplier_scales_every_number():
+  """fvd.scores with multiplier 1e4 (the AudioCLIP FAD's scale): the value, every draw, the mean,
+  the spread, the floor and the held-out score are the plain ones times 1e4."""
+  from mmldm_jax.evaluation import fvd
+  rng = np.random.default_rng(0)
+  generated, pool, heldout = (rng.normal(size=(n, 3)) for n in (6, 18, 6))
+  draws, disjoint = fvd.draw_reference(len(pool), len(generated), 3, 0)
+  plain, scaled = (fvd.scores(generated, pool, heldout, {}, draws, disjoint, 0, None,
+                              {"fad": "frechet"}, multiplier)["fad"] for multiplier in (1.0, 1e4))
+  assert plain["value"] > 0
+  for part in ("value",), ("real_floor", "value"), ("heldout", "value"), ("reference_draws",
+                                                                           "mean"):
+    a, b = plain, scaled
+    for key in part:
+      a, b = a[key], b[key]
+    assert b == pytest.approx(1e4 * a, rel=1e-12)
+  assert scaled["reference_draws"]["std"] == pytest.approx(1e4 * plain["reference_draws"]["std"])
+  np.testing.assert_allclose(scaled["reference_draws"]["values"],
+                             1e4 * np.asarray(plain["reference_draws"]["values"]), rtol=1e-12)

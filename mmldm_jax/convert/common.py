@@ -69,6 +69,20 @@ def load_torch_state_dict(path: str, kind: str = "") -> dict[str, np.ndarray]:
   return {k: v.detach().to(torch.float32).numpy() for k, v in obj.items() if hasattr(v, "detach")}
 
 
+def read_weight_file(path: str, what: str, file_name: str, source: str) -> dict[str, np.ndarray]:
+  """The state dict of a user-supplied weight file (`load_torch_state_dict`); a missing file is an
+  error naming it, the file users need (`file_name`) and where it is published (`source`)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{what} {path} not found: get {file_name} from {source} (nothing is "
+                            f"downloaded at run time)")
+  return load_torch_state_dict(path)
+
+
+def batch_norm_counters(state_dict: Mapping[str, Any]) -> list[str]:
+  """The PyTorch BatchNorm step counters of a state dict: present in files, never needed."""
+  return [key for key in state_dict if key.endswith("num_batches_tracked")]
+
+
 # A mapping entry: flax path (tuple of names) -> (torch key, function turning the torch array into the
 # flax array). Several flax entries may read the same torch key.
 Mapping_ = dict[tuple[str, ...], tuple[str, Callable[[np.ndarray], np.ndarray]]]

@@ -191,15 +191,19 @@ def memorisation(generated: np.ndarray, train: np.ndarray, heldout: np.ndarray) 
 
 def scores(generated: np.ndarray, pool: np.ndarray, heldout: np.ndarray, protocol: dict[str, Any],
            draws: list[np.ndarray], disjoint: bool, seed: int, list_file: str | None,
-           names: dict[str, str]) -> dict[str, Any]:
+           names: dict[str, str], multiplier: float = 1.0) -> dict[str, Any]:
   """metrics.json entries, one per `names` item (key -> 'frechet' or 'kernel', e.g. {"fvd":
   "frechet", "kvd": "kernel"}): the score against draw 0 of the training pool, with its protocol,
   the scores against every draw (mean, spread), the real floor (draw 0 vs draw 1) and the score
-  against the held-out clips."""
-  per_draw = [frechet.set_distances(generated, pool[indices]) for indices in draws]
-  floor = (frechet.set_distances(pool[draws[0]], pool[draws[1]]) if len(draws) > 1
+  against the held-out clips; every number times `multiplier` (1e4 for the AudioCLIP FAD, whose
+  published values are scaled so)."""
+  def distances(a, b):
+    return {kind: None if value is None else value * multiplier
+            for kind, value in frechet.set_distances(a, b).items()}
+  per_draw = [distances(generated, pool[indices]) for indices in draws]
+  floor = (distances(pool[draws[0]], pool[draws[1]]) if len(draws) > 1
            else {"frechet": None, "kernel": None})
-  against_heldout = frechet.set_distances(generated, heldout)
+  against_heldout = distances(generated, heldout)
   counts = {"num_generated": len(generated), "num_real": len(draws[0]),
             "real_split": "train", "num_train_pool": len(pool)}
   result = {}

@@ -19,7 +19,6 @@ Inputs need >= 1 s (>= 32 frames survive the five poolings); BatchNorm epsilon 1
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -135,17 +134,15 @@ def convert_cnn14(state_dict: dict[str, np.ndarray], source: str = "checkpoint")
   from mmldm_jax.convert import common
   template = jax.eval_shape(lambda: Cnn14().init(jax.random.key(0),
                                                  jnp.zeros((1, MIN_SAMPLES), jnp.float32)))
-  ignore = [key for key in state_dict if key.endswith("num_batches_tracked")]
-  return common.assign(template, _mapping(), state_dict, source=source, ignore=ignore)
+  return common.assign(template, _mapping(), state_dict, source=source,
+                       ignore=common.batch_norm_counters(state_dict))
 
 
 def load_cnn14(path: str) -> dict:
   """Cnn14 variables from a local `Cnn14_mAP=0.431.pth` (torch, read with weights_only=True)."""
   from mmldm_jax.convert import common
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"PANNs weights {path} not found: get {WEIGHTS_FILE} from "
-                            f"{WEIGHTS_SOURCE} (nothing is downloaded at run time)")
-  return convert_cnn14(common.load_torch_state_dict(path), path)
+  return convert_cnn14(common.read_weight_file(path, "PANNs weights", WEIGHTS_FILE,
+                                               WEIGHTS_SOURCE), path)
 
 
 class Cnn14Embeddings:

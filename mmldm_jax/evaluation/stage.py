@@ -15,7 +15,12 @@ same name or from the mp4), one sample at a time, and real clips of the dataset,
                   is not installed (evaluation.fvd='auto') or evaluation.fvd='off'.
   memorisation_i3d  the nearest-neighbour check on I3D features: the fraction of samples closer to
                   a training clip than every real held-out clip is.
-  fad_audioclip_x1e4, fad_panns_cnn14   "not computed" in this version, naming the weight file and
+  fad_audioclip_x1e4  FAD on AudioCLIP's audio head (`evaluation/audioclip.py`; MM-LDM's FAD: 44.1
+                  kHz, 1.6 s, raw 1024-d embedding, Frechet x 1e4) when evaluation.audioclip_path
+                  names AudioCLIP-Full-Training.pt,
+  fad_panns_cnn14 FAD on PANNs Cnn14 embeddings (`evaluation/panns.py`) when
+                  evaluation.panns_cnn14_path names Cnn14_mAP=0.431.pth; each with the same draws,
+                  floor and held-out score as FVD, or "not computed" naming the weight file and
                   where it is published.
 
   sync            the synthetic-sync metric (`evaluation/sync.py`: bounces in the picture vs onsets in
@@ -78,6 +83,7 @@ from absl import logging
 from mmldm_jax import sample as sample_lib
 from mmldm_jax.data import audio as audio_lib
 from mmldm_jax.data import video as video_lib
+from mmldm_jax.evaluation import audioclip
 from mmldm_jax.evaluation import frechet
 from mmldm_jax.evaluation import fvd
 from mmldm_jax.evaluation import panns
@@ -338,24 +344,18 @@ def _joint(features: dict[str, np.ndarray]) -> np.ndarray:
 
 # FAD embeddings: metrics.json key -> (config field, weight file, where users get it).
 FAD_EMBEDDINGS = {
-    "fad_audioclip_x1e4": ("audioclip_path", "AudioCLIP-Full-Training.pt",
-                           "the v0.1 release of github.com/AndreyGuzhov/AudioCLIP"),
-    "fad_panns_cnn14": ("panns_cnn14_path", "Cnn14_mAP=0.431.pth",
-                        "the PANNs release on Zenodo, zenodo.org/record/3987831"),
+    "fad_audioclip_x1e4": ("audioclip_path", audioclip.WEIGHTS_FILE, audioclip.WEIGHTS_SOURCE),
+    "fad_panns_cnn14": ("panns_cnn14_path", panns.WEIGHTS_FILE, panns.WEIGHTS_SOURCE),
 }
-# The embeddings this version can compute (fad_audioclip_x1e4 has no port yet).
-PORTED_FAD = ("fad_panns_cnn14",)
+AUDIOCLIP_FAD_MULTIPLIER = 1e4   # MM-Diffusion / MM-LDM report the AudioCLIP FAD x 1e4
 
 
 def fad_entries(config) -> dict[str, Any]:
   """The FAD keys of metrics.json that are not computed: no weight file configured (naming the file
-  and where it is published). A configured file of an embedding without a port is an error."""
+  and where it is published)."""
   entries = {}
   for key, (field, file_name, source) in FAD_EMBEDDINGS.items():
     path = config.evaluation[field]
-    if path and key not in PORTED_FAD:
-      raise ValueError(f"evaluation.{field}={path!r}: the {key} embedding network is not in this "
-                       f"version of mmldm_jax, so the file cannot be used; leave the field empty")
     if not path:
       entries[key] = fvd.not_computed(f"no weight file configured: set evaluation.{field} to "
                                       f"{file_name} (from {source})")
@@ -367,6 +367,18 @@ def panns_protocol(config) -> dict[str, Any]:
           "sample_rate": panns.SAMPLE_RATE, "resampled_from": int(config.audio.sample_rate),
           "clip_seconds": float(config.data.num_frames) / float(config.data.fps),
           "distance": "Frechet, unscaled"}
+
+
+def audioclip_protocol(config) -> dict[str, Any]:
+  return {"embedding": "AudioCLIP ESResNeXt-fbsp audio head, raw fc output (1024, not "
+                       "L2-normalised)",
+          "weights": config.evaluation.audioclip_path,
+          "sample_rate": audioclip.SAMPLE_RATE, "resampled_from": int(config.audio.sample_rate),
+          "samples": audioclip.CLIP_SAMPLES,
+          "length": "the first 1.6 s of each clip, zero-padded at the end",
+          "input": "samples in [-1, 1] (not x32768), then the model's own int16 scaling",
+          "channel": "the stage's mono sound (MM-Diffusion's evaluator takes the first channel)",
+          "distance": f"Frechet x {AUDIOCLIP_FAD_MULTIPLIER:g}"}
 
 
 def _file_key(*paths: str | None) -> str:
@@ -387,11 +399,12 @@ class Embedding:
   reads: str
   protocol: dict[str, Any]
   names: dict[str, str]
+  multiplier: float = 1.0
 
 
 def embeddings(config, work_folder: str | None) -> tuple[dict[str, Embedding], str]:
-  """The I3D and PANNs feature networks the config asks for (with their caches), and why FVD is
-  not computed ('' when it is)."""
+  """The I3D, PANNs and AudioCLIP feature networks the config asks for (with their caches), and why
+  FVD is not computed ('' when it is)."""
   from tqdm import tqdm
   result = {}
   batch_size = int(config.evaluation.batch_size)
@@ -412,6 +425,16 @@ def embeddings(config, work_folder: str | None) -> tuple[dict[str, Embedding], s
                          batch_size, fvd.FeatureCache(work_folder, protocol),
                          tqdm(desc="evaluate: PANNs embeddings", unit="clip")),
         "audio", protocol, {"fad_panns_cnn14": "frechet"})
+  if config.evaluation.audioclip_path:
+    audio_head = audioclip.AudioCLIPEmbeddings(config.evaluation.audioclip_path)
+    rate = int(config.audio.sample_rate)
+    protocol = audioclip_protocol(config)
+    result["audioclip"] = Embedding(
+        fvd.ClipFeatures(lambda sounds: audio_head(_resample_audio(sounds, rate,
+                                                                   audioclip.SAMPLE_RATE)),
+                         batch_size, fvd.FeatureCache(work_folder, protocol),
+                         tqdm(desc="evaluate: AudioCLIP embeddings", unit="clip")),
+        "audio", protocol, {"fad_audioclip_x1e4": "frechet"}, AUDIOCLIP_FAD_MULTIPLIER)
   return result, not_computed_reason
 
 
@@ -465,7 +488,8 @@ def reference_scores(config, data_folder: str, networks: dict[str, Embedding],
     generated_set, pool, heldout = (network.features.stack(names)
                                     for names in (generated, pool_names, heldout_names))
     result.update(fvd.scores(generated_set, pool, heldout, network.protocol, picks, disjoint,
-                             int(evaluation.real_seed), list_file, network.names))
+                             int(evaluation.real_seed), list_file, network.names,
+                             network.multiplier))
     result["features_computed_this_run"][kind] = network.features.computed
     if kind == "i3d":
       result["memorisation_i3d"] = dict(fvd.memorisation(generated_set, pool, heldout),
