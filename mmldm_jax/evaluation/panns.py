@@ -19,12 +19,14 @@ Inputs need >= 1 s (>= 32 frames survive the five poolings); BatchNorm epsilon 1
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mmldm_jax.evaluation import devices as devices_lib
 
 SAMPLE_RATE = 32000
 N_FFT = 1024
@@ -146,16 +148,16 @@ def load_cnn14(path: str) -> dict:
 
 
 class Cnn14Embeddings:
-  """Jitted Cnn14 from a weight file: float waveforms [B, N] at 32 kHz -> float64 [B, 2048]."""
+  """Jitted Cnn14 from a weight file: float waveforms [B, N] at 32 kHz -> float64 [B, 2048]; the
+  waveforms of a call are split over `devices` (default: every local device)."""
 
-  def __init__(self, path: str):
-    self.variables = load_cnn14(path)
+  def __init__(self, path: str, devices: Sequence[Any] | None = None):
     model = Cnn14()
 
     def embed(variables, waveform):
       with jax.default_matmul_precision("highest"):
         return model.apply(variables, waveform)["embedding"]
-    self._embed = jax.jit(embed)
+    self._embed = devices_lib.DataParallel(embed, load_cnn14(path), devices)
 
   def __call__(self, waveforms: np.ndarray) -> np.ndarray:
-    return np.asarray(self._embed(self.variables, np.asarray(waveforms, np.float32)), np.float64)
+    return np.asarray(self._embed(np.asarray(waveforms, np.float32)), np.float64)

@@ -407,7 +407,9 @@ def embeddings(config, work_folder: str | None) -> tuple[dict[str, Embedding], s
   FVD is not computed ('' when it is)."""
   from tqdm import tqdm
   result = {}
-  batch_size = int(config.evaluation.batch_size)
+  # A multiple of the local device count, so full batches split evenly (evaluation/devices.py).
+  devices = jax.local_device_count()
+  batch_size = -(-int(config.evaluation.batch_size) // devices) * devices
   extractor, not_computed_reason = fvd.load_extractor(config)
   if extractor is not None:
     protocol, feature = fvd.protocol_of(config), config.evaluation.i3d_feature
@@ -439,9 +441,11 @@ def embeddings(config, work_folder: str | None) -> tuple[dict[str, Embedding], s
 
 
 def _real_clips(config, data_folder: str, split: str, limit: int,
-                networks: dict[str, Embedding]) -> tuple[list[str], list[int]]:
+                networks: dict[str, Embedding], share: tuple[int, int] = (0, 1)
+                ) -> tuple[list[str], list[int]]:
   """Adds the non-overlapping clips of a split (at most `limit`, evenly spaced) to every network's
-  features (each clip decoded at most once); their names and window indices."""
+  features (each clip decoded at most once); their names and window indices. `share` (index,
+  count): only every count-th clip from index is added (a process's share); all are named."""
   clips = sample_lib.SplitClips(config, data_folder, split, limit=limit)
   index_file = os.path.join(data_folder, "index.json")
   data_key = _file_key(index_file) if os.path.exists(index_file) else os.path.abspath(data_folder)
@@ -450,6 +454,9 @@ def _real_clips(config, data_folder: str, split: str, limit: int,
     name = f"real_{split}_{window}"
     key = (f"{data_key}|{split}|{window}|{config.data.num_frames}|{config.data.fps}|"
            f"{config.data.image_size}|{config.audio.sample_rate}")
+    names.append(name)
+    if i % share[1] != share[0]:
+      continue
     decoded = {}
 
     def part(field, i=i, decoded=decoded):
@@ -458,8 +465,56 @@ def _real_clips(config, data_folder: str, split: str, limit: int,
       return decoded[field]
     for network in networks.values():
       network.features.add(name, key, lambda field=network.reads: part(field))
-    names.append(name)
   return names, list(clips.indices)
+
+
+def generated_clips(item: SampleFile, frames: np.ndarray, waveform: np.ndarray, config,
+                    networks: dict[str, Embedding]) -> Iterable[tuple[str, np.ndarray, np.ndarray]]:
+  """(name, frames, sound) of each clip of a generated sample, each added to every network's
+  features (cached under the sample files' identity)."""
+  key = _file_key(item.mp4, item.wav)
+  for number, (clip, sound) in enumerate(cut_into_clips(frames, waveform, config)):
+    name = f"generated_{item.name}_clip{number}"
+    for network in networks.values():
+      network.features.add(name, key, lambda part=(clip if network.reads == "frames" else sound):
+                           part)
+    yield name, clip, sound
+
+
+def _sum_over_processes(value: int) -> int:
+  from jax.experimental import multihost_utils
+  return int(np.sum(multihost_utils.process_allgather(np.asarray(value, np.int64))))
+
+
+def compute_share(config, samples_folder: str, data_folder: str, work_folder: str,
+                  process_index: int, process_count: int) -> int:
+  """Multi-host: this process's share of the network features (every process_count-th generated
+  sample and real clip, from process_index) into the feature cache of `work_folder`, which every
+  process must see (a shared or mounted workdir); then `evaluate` on process 0 finds them there.
+  A sample that cannot be read is skipped here (process 0 counts and reports it). Every process
+  must call it (one all-gather of the generated clip count). Returns the features computed."""
+  _, files = sample_files(config, samples_folder)
+  networks, _ = embeddings(config, work_folder)
+  local_clips = 0
+  for item in files[process_index::process_count]:
+    try:
+      frames, waveform, _ = read_sample(item, config)
+    except (SampleRejected, video_lib.MediaError, wave.Error, EOFError, OSError,
+            ValueError) as error:
+      logging.warning("evaluate (process %d): skipped %s: %s", process_index, item.name, error)
+      continue
+    local_clips += sum(1 for _ in generated_clips(item, frames, waveform, config, networks))
+  generated = _sum_over_processes(local_clips)
+  if networks and generated:
+    evaluation = config.evaluation
+    share = (process_index, process_count)
+    pool_limit = (int(evaluation.train_pool_limit) or
+                  int(evaluation.num_reference_draws) * generated)
+    _real_clips(config, data_folder, "train", pool_limit, networks, share)
+    _real_clips(config, data_folder, "heldout", generated, networks, share)
+  for network in networks.values():
+    network.features.flush()
+  return sum(network.features.computed for network in networks.values())
 
 
 def reference_scores(config, data_folder: str, networks: dict[str, Embedding],
@@ -529,14 +584,10 @@ def evaluate(config, samples_folder: str, data_folder: str,
     if resampled:
       problems["resampled"].append(f"{item.mp4}: {'; '.join(resampled)}")
     evaluated += 1
-    key = _file_key(item.mp4, item.wav)
-    for number, (clip, sound) in enumerate(cut_into_clips(frames, waveform, config)):
+    for clip_name, clip, sound in generated_clips(item, frames, waveform, config, networks):
       for name, value in clip_features(clip, sound, config).items():
         generated[name].append(value)
-      generated_names.append(f"generated_{item.name}_clip{number}")
-      for network in networks.values():
-        network.features.add(generated_names[-1], key,
-                             lambda part=(clip if network.reads == "frames" else sound): part)
+      generated_names.append(clip_name)
     if with_sync:
       generated_scores.append(sync.score_clip(frames, waveform, config.data.fps,
                                               config.audio.sample_rate))
@@ -623,11 +674,12 @@ def evaluate(config, samples_folder: str, data_folder: str,
 
 def run(config, workdir: str) -> None:
   """The stage: writes `<workdir>/metrics.json` (skipped when it exists for the same samples and
-  evaluation settings); features are cached in `<workdir>/evaluate/` so a rerun resumes."""
-  if jax.process_index() != 0:
-    return
+  evaluation settings); features are cached in `<workdir>/evaluate/` so a rerun resumes. With
+  several processes each computes its share of the features first (`compute_share`; the workdir
+  must be shared), then process 0 scores."""
   samples_folder = (config.evaluation.samples_folder or
                     sample_lib.samples_dir(workdir, config.sample.mode))
+  work_folder = os.path.join(workdir, "evaluate")
   path = os.path.join(workdir, METRICS_FILE)
   index = sample_lib.read_index(samples_folder)
   if index is not None and os.path.exists(path):
@@ -638,8 +690,17 @@ def run(config, workdir: str) -> None:
         and previous.get("evaluation_config") == config.evaluation.to_dict()):
       logging.info("evaluate: %s is up to date, skipped", path)
       return
-  metrics = evaluate(config, samples_folder, sample_lib.data_folder(config, workdir),
-                     os.path.join(workdir, "evaluate"))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    os.makedirs(work_folder, exist_ok=True)
+    computed = compute_share(config, samples_folder, sample_lib.data_folder(config, workdir),
+                             work_folder, jax.process_index(), jax.process_count())
+    logging.info("evaluate: process %d computed %d features of its share", jax.process_index(),
+                 computed)
+    multihost_utils.sync_global_devices("mmldm_evaluate_features")
+  if jax.process_index() != 0:
+    return
+  metrics = evaluate(config, samples_folder, sample_lib.data_folder(config, workdir), work_folder)
   with open(path + ".tmp", "w") as f:
     json.dump(metrics, f, indent=1)
   os.replace(path + ".tmp", path)
