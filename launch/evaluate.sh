@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The evaluate stage alone, on an existing workdir (its sample stage's output) or on a folder of mp4
 # files: FVD / KVD (I3D), FAD (AudioCLIP, PANNs) when their weight files are given, the sync and
-# memorisation checks; writes <workdir>/metrics.json.
+# memorisation checks; writes <workdir>/metrics.json and TensorBoard scalars in
+# <workdir>/evaluate/logs/.
 #
 #   launch/evaluate.sh [--dry-run] --config=CONFIG --workdir=DIR [options] [-- MORE ARGS FOR main]
 #

@@ -313,3 +313,41 @@ def test_process_shares_fill_the_cache(config, workdir, train_copy_metrics, tmp_
   assert scored["fad_panns_cnn14"]["value"] == pytest.approx(plain["fad_panns_cnn14"]["value"],
                                                              rel=1e-9)
 
+
+def read_scalars(folder):
+  """{tag: (step, value)} of the scalars in the TensorBoard event files of `folder` (TFRecord
+  framing: length, its CRC, the Event proto, its CRC), read without TensorFlow."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  scalars = {}
+  for name in sorted(os.listdir(folder)):
+    if not name.startswith("events.out.tfevents"):
+      continue
+    with open(os.path.join(folder, name), "rb") as f:
+      data = f.read()
+    offset = 0
+    while offset < len(data):
+      (length,) = struct.unpack("<Q", data[offset:offset + 8])
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      offset += 12 + length + 4
+      for value in event.summary.value:
+        scalars[value.tag] = (event.step, value.simple_value)
+  return scalars
+
+
+def test_scores_go_to_tensorboard(workdir, train_copy_metrics):
+  """The stage writes the headline numbers of metrics.json as TensorBoard scalars in
+  <workdir>/evaluate/logs, at the generator step of the samples (0 here: copies of real clips)."""
+  scalars = read_scalars(os.path.join(workdir, "evaluate", "logs"))
+  assert scalars == {tag: (0, pytest.approx(value, rel=1e-6)) for tag, value in
+                     stage.summary_scalars(train_copy_metrics).items()}
+  features = train_copy_metrics["features"]["video_colour_motion"]
+  assert scalars["evaluate/features/video_colour_motion_frechet"][1] == pytest.approx(
+      features["frechet"], rel=1e-6)
+  assert scalars["evaluate/sync/real_f1"][1] == pytest.approx(
+      train_copy_metrics["sync"]["real"]["f1"], rel=1e-6)
+  if HAS_I3D:
+    assert scalars["evaluate/fvd"][1] == pytest.approx(train_copy_metrics["fvd"]["value"],
+                                                       rel=1e-6)
+    assert "evaluate/kvd_real_floor" in scalars and "evaluate/fvd_draws_std" in scalars
+  assert not any("fad_audioclip" in tag for tag in scalars)   # not computed: left out

@@ -672,8 +672,66 @@ def evaluate(config, samples_folder: str, data_folder: str,
   return metrics
 
 
+REFERENCE_KEYS = ("fvd", "kvd", "fad_audioclip_x1e4", "fad_panns_cnn14")
+SYNC_SETS = ("generated", "generated_shuffled", "real", "real_mismatched", "noise")
+
+
+def summary_scalars(metrics: dict[str, Any]) -> dict[str, float]:
+  """The headline numbers of metrics.json as flat TensorBoard scalars ('evaluate/...'): each score
+  with its floor, held-out score and draw spread, the memorisation fractions, the weight-free
+  distances, the sync F1s and the sample counts. Scores that were not computed are left out."""
+  scalars = {}
+
+  def put(name, value):
+    if value is not None:
+      scalars[f"evaluate/{name}"] = float(value)
+  for key in REFERENCE_KEYS:
+    entry = metrics.get(key, {})
+    if entry.get("value") is None:
+      continue
+    put(key, entry["value"])
+    put(f"{key}_real_floor", entry["real_floor"]["value"])
+    put(f"{key}_heldout", entry["heldout"]["value"])
+    put(f"{key}_draws_mean", entry["reference_draws"]["mean"])
+    put(f"{key}_draws_std", entry["reference_draws"]["std"])
+  if "memorisation_i3d" in metrics:
+    put("memorisation_i3d/memorised_fraction", metrics["memorisation_i3d"]["memorised_fraction"])
+  put("memorisation/ratio_relative_to_reference",
+      metrics["memorisation"]["ratio_relative_to_reference"])
+  for name, values in metrics["features"].items():
+    for kind in ("frechet", "kernel"):
+      put(f"features/{name}_{kind}", values[kind])
+      put(f"features/{name}_real_floor_{kind}", values[f"real_floor_{kind}"])
+  for name in SYNC_SETS:
+    if "sync" in metrics:
+      put(f"sync/{name}_f1", metrics["sync"][name]["f1"])
+  for count in ("count", "unreadable", "rejected"):
+    put(f"samples/{count}", metrics["samples"][count])
+  return scalars
+
+
+def generator_step(metrics: dict[str, Any]) -> int:
+  """The generator checkpoint step the samples came from (0 when unknown, e.g. a folder of mp4s):
+  the TensorBoard step of the evaluation's scalars, so evaluations of successive checkpoints line
+  up."""
+  step = metrics["samples"].get("settings", {}).get("models", {}).get("generator_step")
+  return int(step) if isinstance(step, int) else 0
+
+
+def write_tensorboard(metrics: dict[str, Any], log_dir: str) -> dict[str, float]:
+  """`summary_scalars` to TensorBoard (and metrics.jsonl) under `log_dir`, at `generator_step`."""
+  from mmldm_jax import metrics as metrics_lib
+  step = generator_step(metrics)
+  scalars = summary_scalars(metrics)
+  writer = metrics_lib.MetricsWriter(log_dir, total_steps=step, global_batch_size=1, log_every=1)
+  writer.scalars(step, scalars)
+  writer.close()
+  return scalars
+
+
 def run(config, workdir: str) -> None:
-  """The stage: writes `<workdir>/metrics.json` (skipped when it exists for the same samples and
+  """The stage: writes `<workdir>/metrics.json` and its headline numbers to TensorBoard in
+  `<workdir>/evaluate/logs/` (skipped when metrics.json exists for the same samples and
   evaluation settings); features are cached in `<workdir>/evaluate/` so a rerun resumes. With
   several processes each computes its share of the features first (`compute_share`; the workdir
   must be shared), then process 0 scores."""
@@ -704,6 +762,7 @@ def run(config, workdir: str) -> None:
   with open(path + ".tmp", "w") as f:
     json.dump(metrics, f, indent=1)
   os.replace(path + ".tmp", path)
+  write_tensorboard(metrics, os.path.join(work_folder, "logs"))
   summary = {name: round(values["frechet"], 4) for name, values in metrics["features"].items()
              if values["frechet"] is not None}
   logging.info("evaluate: wrote %s (FVD %s, KVD %s; weight-free Frechet distances %s%s)", path,
