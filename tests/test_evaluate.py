@@ -351,3 +351,20 @@ def test_scores_go_to_tensorboard(workdir, train_copy_metrics):
                                                        rel=1e-6)
     assert "evaluate/kvd_real_floor" in scalars and "evaluate/fvd_draws_std" in scalars
   assert not any("fad_audioclip" in tag for tag in scalars)   # not computed: left out
+
+
+def test_av_align_on_every_set(train_copy_metrics):
+  """AV-Align (audio onsets vs optical-flow peaks) on the samples, the real clips and both re-paired
+  with the next clip's sound; each clip either scored or counted as having no peaks."""
+  pytest.importorskip("cv2", reason="AV-Align needs opencv-python-headless (the metrics extra)")
+  scores = train_copy_metrics["av_align"]
+  real_clips = train_copy_metrics["real_clips"]
+  for name, count in (("generated", 4), ("generated_shuffled", 4),
+                      ("real", real_clips["validation"] + real_clips["heldout"]),
+                      ("real_mismatched", real_clips["validation"] + real_clips["heldout"])):
+    assert scores[name]["clips"] + scores[name]["clips_without_peaks"] == count, name
+    assert scores[name]["mean"] is None or 0.0 <= scores[name]["mean"] <= 1.0
+  assert scores["real"]["mean"] is not None
+  assert scores["real"]["video_peaks_per_second"] > 0
+  assert scores["real"]["audio_peaks_per_second"] > 0
+  assert "Farneback" in scores["definition"]
