@@ -132,7 +132,7 @@ def vae_config() -> ConfigDict:
       pretrained_path="",           # SD VAE weights (diffusers or CompVis format); '' = random init
       # Stage-0 loss (reference: LPIPSWithDiscriminator, encoder frozen).
       kl_weight=1e-6,
-      disc_weight=0.5,
+      disc_weight=0.5,              # 0 = no discriminator (no parameters, no update)
       disc_start=10001,
       disc_channels=64,
       disc_layers=3,
@@ -181,7 +181,7 @@ def autoencoder_config() -> ConfigDict:
       kl_weight=1e-6,
       cls_weight=0.1,
       contrastive_weight=0.03,
-      gan_weight=0.1,
+      gan_weight=0.1,               # 0 = no discriminator (no parameters, no update)
       discriminator=ConfigDict(dict(
           channels=32, channel_mult=(1, 2, 3, 4, 4, 6, 6), num_res_blocks=1, head_channels=32,
           spatial_attention_resolutions=(32,),           # full spatio-temporal attention

@@ -76,6 +76,14 @@ def main(argv) -> None:
   for name in stages:
     run_stage(name, config, workdir)
   logging.info("done: %s in %s", ", ".join(stages), workdir)
+  if "sample" in stages:
+    from mmldm_jax import sample
+    logging.info("samples to watch and listen to: %s/*.mp4 (a .png of each beside it)",
+                 sample.samples_dir(workdir, config.sample.mode))
+  if "evaluate" in stages:
+    logging.info("scores: %s; training curves and quality signals: tensorboard --logdir %s "
+                 "(pictures and sounds also in <stage>/logs/media)",
+                 os.path.join(workdir, "metrics.json"), workdir)
 
 
 if __name__ == "__main__":

@@ -61,3 +61,39 @@ def test_autoencoder_quality_signals_are_computed_and_logged(tmp_path):
   media = sorted(os.listdir(tmp_path / "logs" / "media"))
   assert media == ["eval_autoencoder_audio_image_7.png", "eval_autoencoder_frames_7.png",
                    "eval_autoencoder_sound_0_7.wav", "eval_autoencoder_sound_1_7.wav"]
+
+
+def test_no_discriminator_without_the_adversarial_term(tmp_path):
+  """gan_weight == 0 trains no discriminator: no parameters, no update group, and the one update
+  runs on a batch without one."""
+  config = config_lib.load(os.path.join(REPO, "configs", "demo.py") + ":tiny")
+  assert config.autoencoder.gan_weight == 0.0   # the demo trains without one
+  config.autoencoder.gan_weight = 0.1
+  with_gan = stages.autoencoder_task(config, str(tmp_path))
+  assert with_gan.groups == ("autoencoder", "discriminator")
+  config.autoencoder.gan_weight = 0.0
+  task = stages.autoencoder_task(config, str(tmp_path))
+  assert task.groups == ("autoencoder",)
+  shapes = jax.eval_shape(task.init, loop.init_key(0))
+  assert sorted(shapes) == ["autoencoder"]
+  loss, aux = jax.eval_shape(
+      lambda params, vae, batch: task.loss("autoencoder", params, vae, batch, jax.random.key(0), 0),
+      parallel.unbox(shapes), _vae_shapes(config), _batch_shapes(config))
+  assert loss.shape == () and "generator_gan_loss" not in aux
+
+
+def _vae_shapes(config):
+  from mmldm_jax.models import vae as vae_lib
+  size = config.data.image_size
+  return jax.eval_shape(lambda key: vae_lib.build_vae(config).init(
+      key, jax.numpy.zeros((1, size, size, 3)))["params"], jax.random.key(0))
+
+
+def _batch_shapes(config):
+  size, batch = config.data.image_size, 2
+  frames = lambda count: jax.ShapeDtypeStruct((batch, count, size, size, 3), np.float32)  # noqa: E731
+  return {"key_frames": frames(len(config.data.key_frames)),
+          "target_frames": frames(config.data.num_target_frames),
+          "target_indices": jax.ShapeDtypeStruct((batch, config.data.num_target_frames), np.float32),
+          "audio": jax.ShapeDtypeStruct((batch, config_lib.clip_samples(config)), np.float32),
+          "label": jax.ShapeDtypeStruct((batch,), np.int32)}

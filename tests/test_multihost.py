@@ -73,7 +73,7 @@ def _run_two_processes(workdir: str, num_steps: int) -> list[str]:
                f"--workdir={workdir}", "--config.stages=generator",
                f"--config.train_generator.num_steps={num_steps}",
                "--config.train_generator.checkpoint_every=2", "--config.train_generator.lr=0.001",
-               "--config.train_generator.log_every=1"]
+               "--config.train_generator.log_every=1", "--config.train_generator.eval_every=0"]
     processes.append(subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
   outputs = []

@@ -146,9 +146,21 @@ def test_generator_loss_terms_and_frozen_encoder(config, loss_setup, frozen_step
   assert not any(jax.tree_util.tree_leaves(mask["encoder"]))
   assert all(jax.tree_util.tree_leaves(mask["decoder"]))
   # Before disc_start the GAN term is off.
-  (loss, aux), _ = frozen_step(params, disc_params, images, config.vae.disc_start - 1)
+  (loss, aux), plain_grads = frozen_step(params, disc_params, images, config.vae.disc_start - 1)
   assert float(aux["disc_factor"]) == 0.0
   np.testing.assert_allclose(loss, aux["nll"] + config.vae.kl_weight * aux["kl"], rtol=1e-6)
+  # disc_weight == 0 has no discriminator: the same loss and gradients as before disc_start.
+  no_gan = config.copy_and_resolve_references()
+  no_gan.vae.disc_weight = 0.0
+  (loss_no_gan, aux_no_gan), grads_no_gan = _loss_and_grads(no_gan)(
+      params, None, images, config.vae.disc_start - 1)
+  assert "g_loss" not in aux_no_gan
+  np.testing.assert_allclose(loss_no_gan, loss, rtol=1e-6)
+  for ours, reference in zip(jax.tree_util.tree_leaves(grads_no_gan),
+                             jax.tree_util.tree_leaves(plain_grads)):
+    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-7)
+  with pytest.raises(ValueError, match="disc_weight=0.0 but disc_params=given"):
+    vae_lib.generator_loss(params, disc_params, images, jax.random.key(5), 0, config=no_gan)
 
 
 def test_unfrozen_encoder_gets_gradients(config, loss_setup):
@@ -224,3 +236,4 @@ def test_perceptual_term_is_added_per_pixel(config, loss_setup):
   assert float(aux["d_weight"]) != float(plain["d_weight"])  # the adaptive weight sees it too
   with pytest.raises(ValueError, match="lpips_path"):
     vae_lib.generator_loss(params, disc_params, images, rng, 0, config=with_lpips)
+

@@ -304,13 +304,19 @@ def generator_loss(vae_params: Any, disc_params: Any, images: Array, rng: Array,
   clip(|grad nll| / (|grad g_loss| + 1e-4), 0, 1e4) * disc_weight with both gradients taken on the
   decoder's last conv kernel, and disc_factor = 1 from `disc_start` on.
   `perceptual`: `(distance_fn, lpips_params)` from `models.lpips.load_lpips_distance(config)`; required
-  when `config.vae.lpips_path` is set, refused otherwise. Returns (loss, aux); aux holds the scalars to
-  log and `reconstructions` (gradient-stopped) for `discriminator_loss`.
+  when `config.vae.lpips_path` is set, refused otherwise. With `config.vae.disc_weight == 0` there is
+  no adversarial term (pass disc_params=None): loss = nll + kl_weight * kl. Returns (loss, aux); aux
+  holds the scalars to log and `reconstructions` (gradient-stopped) for `discriminator_loss`.
   """
   if bool(config.vae.lpips_path) != (perceptual is not None):
     raise ValueError(f"config.vae.lpips_path={config.vae.lpips_path!r} but perceptual="
                      f"{'given' if perceptual is not None else 'None'}: pass perceptual="
                      "mmldm_jax.models.lpips.load_lpips_distance(config) exactly when the path is set")
+  adversarial = config.vae.disc_weight > 0
+  if adversarial != (disc_params is not None):
+    raise ValueError(f"config.vae.disc_weight={config.vae.disc_weight} but disc_params="
+                     f"{'given' if disc_params is not None else 'None'}: the discriminator's "
+                     f"parameters are needed exactly when disc_weight > 0")
   vae = vae or build_vae(config)
   disc = disc or build_discriminator(config)
   params = dict(vae_params)
@@ -343,6 +349,11 @@ def generator_loss(vae_params: Any, disc_params: Any, images: Array, rng: Array,
   reconstructions = reconstruct(features, last_kernel)
   nll = nll_of(reconstructions)
   kl = jnp.sum(posterior.kl()) / batch
+  l1 = jnp.mean(jnp.abs(images - reconstructions))
+  if not adversarial:   # vae.disc_weight == 0: no discriminator, no adaptive weight to compute
+    loss = nll + config.vae.kl_weight * kl
+    return loss, dict(loss=loss, nll=nll, kl=kl, l1=l1,
+                      reconstructions=jax.lax.stop_gradient(reconstructions))
   g_loss = g_loss_of(reconstructions)
   # The last layer's gradients only pass through its own conv, so the features can be held fixed.
   fixed = jax.lax.stop_gradient(features)
@@ -354,7 +365,7 @@ def generator_loss(vae_params: Any, disc_params: Any, images: Array, rng: Array,
   disc_factor = _disc_factor(step, config)
   loss = nll + config.vae.kl_weight * kl + d_weight * disc_factor * g_loss
   aux = dict(loss=loss, nll=nll, kl=kl, g_loss=g_loss, d_weight=d_weight, disc_factor=disc_factor,
-             l1=jnp.mean(jnp.abs(images - reconstructions)),
+             l1=l1,
              reconstructions=jax.lax.stop_gradient(reconstructions))
   return loss, aux
 

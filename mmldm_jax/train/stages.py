@@ -80,12 +80,17 @@ def vae_task(config, workdir: str) -> loop.Task:
   vae = vae_lib.build_vae(config, dtype=dtype)
   disc = vae_lib.build_discriminator(config, dtype=dtype)
   size = config.data.image_size
+  # disc_weight == 0: no discriminator at all. Its update (a fresh VAE forward, then the PatchGAN
+  # forward and backward) runs every step even before disc_start, where its loss is multiplied by 0.
+  adversarial = config.vae.disc_weight > 0
 
   def init(rng):
     vae_rng, disc_rng = jax.random.split(rng)
     image = jnp.zeros((1, size, size, 3))
-    return {"vae": vae.init(vae_rng, image)["params"],
-            "discriminator": disc.init(disc_rng, image)["params"]}
+    params = {"vae": vae.init(vae_rng, image)["params"]}
+    if adversarial:
+      params["discriminator"] = disc.init(disc_rng, image)["params"]
+    return params
 
   images_of = lambda batch: _vae_images(config, batch)
   perceptual = None
@@ -97,8 +102,9 @@ def vae_task(config, workdir: str) -> loop.Task:
     del frozen
     images = images_of(batch)
     if group == "vae":
-      value, aux = vae_lib.generator_loss(params["vae"], params["discriminator"], images, rng, step,
-                                          config=config, vae=vae, disc=disc, perceptual=perceptual)
+      value, aux = vae_lib.generator_loss(params["vae"], params.get("discriminator"), images, rng,
+                                          step, config=config, vae=vae, disc=disc,
+                                          perceptual=perceptual)
       aux.pop("reconstructions")
       return value, aux
     # As the reference's second optimiser: a fresh reconstruction by the just-updated VAE.
@@ -108,7 +114,7 @@ def vae_task(config, workdir: str) -> loop.Task:
 
   return loop.Task(
       name="vae", train_config=config.train_vae, rules_family="conv",
-      groups=("vae", "discriminator"), init=init, loss=loss,
+      groups=("vae", "discriminator") if adversarial else ("vae",), init=init, loss=loss,
       make_dataset=clip_dataset_factory(config, workdir),
       to_model_batch=_select(("target_frames", "audio")),
       pretrained=(lambda: {"vae": _pretrained_vae(config)}) if config.vae.pretrained_path else None,
@@ -282,21 +288,30 @@ def autoencoder_system(config):
 
 def autoencoder_task(config, workdir: str) -> loop.Task:
   """The multi-modal autoencoder and its discriminator, updated in turn on each batch (the reference's
-  two AdamW optimisers, alternating every step), with the VAE frozen."""
+  two AdamW optimisers, alternating every step), with the VAE frozen. With
+  `autoencoder.gan_weight == 0` there is no discriminator at all (no parameters, no update): its
+  update re-runs the whole forward and VAE-decodes six images per clip, half of a step's cost on a
+  CPU."""
   system = autoencoder_system(config)
+  adversarial = config.autoencoder.gan_weight > 0
 
   def loss(group, params, frozen_vae, batch, rng, step):
     del step
     if group == "autoencoder":
-      return system.generator_loss(params["autoencoder"], params["discriminator"], frozen_vae,
-                                   batch, rng)
+      return system.generator_loss(params["autoencoder"], params.get("discriminator"),
+                                   frozen_vae, batch, rng)
     return system.discriminator_loss(params["discriminator"], params["autoencoder"], frozen_vae,
                                      batch, rng)
+
+  def init(rng):
+    params = system.init(rng)
+    return params if adversarial else {"autoencoder": params["autoencoder"]}
 
   fields = _AUTOENCODER_FIELDS
   return loop.Task(
       name="autoencoder", train_config=config.train_autoencoder, rules_family="conv",
-      groups=("autoencoder", "discriminator"), init=system.init, loss=loss,
+      groups=("autoencoder", "discriminator") if adversarial else ("autoencoder",), init=init,
+      loss=loss,
       make_dataset=clip_dataset_factory(config, workdir),
       to_model_batch=_select(fields),
       pretrained=(lambda: {"autoencoder": _pretrained_unet(config)})
@@ -522,6 +537,13 @@ def run_generator(config, workdir: str) -> None:
   """Trains the DiT; writes the latents first (the `latents` stage) when they are missing."""
   from mmldm_jax.train import latents as latents_lib
   finished = loop.is_complete(workdir, "generator", config.train_generator.num_steps)
+  if (not finished and config.train_generator.eval_every > 0
+      and not loop.has_checkpoint(workdir, "autoencoder")):
+    raise ValueError(
+        f"config.train_generator.eval_every={config.train_generator.eval_every}: the generator's "
+        f"quality signals decode samples with the autoencoder, and "
+        f"{loop.checkpoint_dir(workdir, 'autoencoder')} has no checkpoint; run the autoencoder "
+        f"stage first or set --config.train_generator.eval_every=0")
   if not finished and not latents_lib.is_complete(workdir):
     logging.info("generator: no latents in %s yet, running the latents stage first",
                  latents_lib.latents_dir(workdir))
