@@ -3,15 +3,16 @@
 Run:
   python -m mmldm_jax.main --config=configs/demo.py --workdir=runs/demo
 
-Cost: about 6 minutes on 2 idle CPU cores with an empty compile cache (4 with a filled one), most of
-it XLA compiling the autoencoder's training step, 6.3 GB of memory and a few hundred MB of disk. The
-step counts are a smoke run of the whole chain: the samples it writes are still noise; raise
-`--config.train_*.num_steps` for real results. The synthetic
+Cost: about 15 minutes on 2 idle CPU cores with an empty compile cache (install included), 5 GB
+of memory and a few hundred MB of disk. The samples show the scene classes' backgrounds and ambient
+sounds, not yet the bouncing objects (the VAE does not reconstruct them at this length). The synthetic
 clips (coloured objects bouncing over a class-dependent background; every wall hit is a tone whose
 pitch is the object's colour) are generated from a seed, so nothing is downloaded. Frames are 64x64
-at 10 fps, audio 16 kHz; every network is the `tiny` size of the paper configs. Outputs:
-`samples/joint/*.mp4|wav|png` and `metrics.json` (sync F1 of the samples, beside its chance level
-`real_mismatched`, the samples' shuffled pairs and noise clips).
+at 10 fps, audio 16 kHz; every network is the `tiny` size of the paper configs, trained from scratch
+without discriminators. Outputs: `samples/joint/*.mp4|wav|png`, `metrics.json` (sync F1 of the
+samples, beside its chance level `real_mismatched`, the samples' shuffled pairs and noise clips;
+distances with their real floor and noise ceiling) and each stage's quality signals under
+`<stage>/logs` (`media/` holds them as PNG and WAV files).
 
 `--config.stages` picks stages (comma-separated, run in order). The default runs every stage this
 version implements; `data` writes the shards plus `preview.mp4` and `preview.png` into the workdir.
