@@ -237,3 +237,20 @@ def test_perceptual_term_is_added_per_pixel(config, loss_setup):
   with pytest.raises(ValueError, match="lpips_path"):
     vae_lib.generator_loss(params, disc_params, images, rng, 0, config=with_lpips)
 
+
+
+def test_pixel_loss_l2_squares_the_error(config, loss_setup):
+  """vae.pixel_loss='l2': nll is the summed squared error per image (the reconstruction the loss
+  makes is recomputed here from the same posterior sample); anything else is refused."""
+  params, _, images = loss_setup
+  squared = config.copy_and_resolve_references()
+  squared.vae.update(pixel_loss="l2", disc_weight=0.0)
+  _, aux = vae_lib.generator_loss(params, None, images, jax.random.key(5), 0, config=squared)
+  model = vae_lib.build_vae(squared)
+  posterior = model.apply({"params": params}, images, method=model.encode)
+  recon = model.apply({"params": params}, posterior.sample(jax.random.key(5)), method=model.decode)
+  np.testing.assert_allclose(aux["nll"], jnp.sum((images - recon) ** 2) / images.shape[0],
+                             rtol=1e-5)
+  squared.vae.pixel_loss = "l3"
+  with pytest.raises(ValueError, match="pixel_loss='l3'"):
+    vae_lib.generator_loss(params, None, images, jax.random.key(5), 0, config=squared)

@@ -300,9 +300,10 @@ def generator_loss(vae_params: Any, disc_params: Any, images: Array, rng: Array,
 
   loss = nll + kl_weight * kl + d_weight * disc_factor * g_loss, where
   nll = sum over pixels of (|x - x_rec| + perceptual_weight * LPIPS(x, x_rec)) / B (LDM adds the
-  per-image LPIPS to every pixel), kl = sum KL / B, g_loss = -mean(D(x_rec)), d_weight =
-  clip(|grad nll| / (|grad g_loss| + 1e-4), 0, 1e4) * disc_weight with both gradients taken on the
-  decoder's last conv kernel, and disc_factor = 1 from `disc_start` on.
+  per-image LPIPS to every pixel; `config.vae.pixel_loss='l2'` squares the error instead of |.|),
+  kl = sum KL / B, g_loss = -mean(D(x_rec)), d_weight = clip(|grad nll| / (|grad g_loss| + 1e-4),
+  0, 1e4) * disc_weight with both gradients taken on the decoder's last conv kernel, and
+  disc_factor = 1 from `disc_start` on.
   `perceptual`: `(distance_fn, lpips_params)` from `models.lpips.load_lpips_distance(config)`; required
   when `config.vae.lpips_path` is set, refused otherwise. With `config.vae.disc_weight == 0` there is
   no adversarial term (pass disc_params=None): loss = nll + kl_weight * kl. Returns (loss, aux); aux
@@ -336,13 +337,18 @@ def generator_loss(vae_params: Any, disc_params: Any, images: Array, rng: Array,
   batch = images.shape[0]
   pixels_per_image = images[0].size
 
+  pixel_loss = config.vae.pixel_loss
+  if pixel_loss not in ("l1", "l2"):
+    raise ValueError(f"config.vae.pixel_loss={pixel_loss!r}: expected 'l1' or 'l2'")
+
   def nll_of(recon):
-    l1 = jnp.sum(jnp.abs(images.astype(jnp.float32) - recon.astype(jnp.float32)))
+    error = images.astype(jnp.float32) - recon.astype(jnp.float32)
+    pixels = jnp.sum(jnp.abs(error) if pixel_loss == "l1" else jnp.square(error))
     if perceptual is None:
-      return l1 / batch
+      return pixels / batch
     distance_fn, lpips_params = perceptual
     lpips = jnp.sum(distance_fn(lpips_params, images, recon).astype(jnp.float32))
-    return (l1 + config.vae.perceptual_weight * pixels_per_image * lpips) / batch
+    return (pixels + config.vae.perceptual_weight * pixels_per_image * lpips) / batch
 
   g_loss_of = lambda recon: -jnp.mean(disc.apply({"params": disc_params}, recon).astype(jnp.float32))
   last_kernel = nn.meta.unbox(params["decoder"]["conv_out"]["kernel"])
