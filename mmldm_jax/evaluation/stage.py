@@ -293,28 +293,6 @@ def noise_clips(config, count: int, seed: int = 0) -> Iterable[tuple[np.ndarray,
            rng.normal(0.0, 0.1, config_lib.clip_samples(config)).astype(np.float32))
 
 
-def event_rates(scored: list, fps: float) -> dict[str, float]:
-  """Bounces found in the pictures and onsets found in the sounds, per second of clip."""
-  seconds = sum(detections.num_frames for _, detections in scored) / fps
-  if not seconds:
-    return {"video_per_second": 0.0, "audio_per_second": 0.0}
-  return {"video_per_second": sum(len(d.video_times) for _, d in scored) / seconds,
-          "audio_per_second": sum(len(d.audio_times) for _, d in scored) / seconds}
-
-
-def mismatched_sync(scored: list) -> sync.SyncScore:
-  """The sync metric's chance level: each real clip's picture against the NEXT clip's sound (the
-  detections of `score_clip`, re-paired). What a model that ignores the other modality scores."""
-  total = sync.SyncScore()
-  for index, (_, video_side) in enumerate(scored):
-    sound_side = scored[(index + 1) % len(scored)][1]
-    score, _ = sync.score_detections(video_side.video_times, video_side.video_colours,
-                                     sound_side.audio_times, sound_side.audio_pitches,
-                                     video_side.num_frames)
-    total = total + score
-  return total
-
-
 # ------------------------------------------------------------------------------------------------
 # Scores
 # ------------------------------------------------------------------------------------------------
@@ -691,13 +669,13 @@ def evaluate(config, samples_folder: str, data_folder: str,
     fps = float(config.data.fps)
     metrics["sync"] = {
         "generated": sync.aggregate(score for score, _ in generated_scores).as_dict(),
-        "generated_shuffled": mismatched_sync(generated_scores).as_dict(),
+        "generated_shuffled": sync.mismatched_sync(generated_scores).as_dict(),
         "real": sync.aggregate(score for score, _ in real_scored).as_dict(),
-        "real_mismatched": mismatched_sync(real_scored).as_dict(),
+        "real_mismatched": sync.mismatched_sync(real_scored).as_dict(),
         "noise": sync.aggregate(score for score, _ in noise_scores).as_dict(),
-        "event_rates": {"generated": event_rates(generated_scores, fps),
-                        "real": event_rates(real_scored, fps),
-                        "noise": event_rates(noise_scores, fps)},
+        "event_rates": {"generated": sync.event_rates(generated_scores, fps),
+                        "real": sync.event_rates(real_scored, fps),
+                        "noise": sync.event_rates(noise_scores, fps)},
         "tolerance_frames": 1.0}
   return metrics
 

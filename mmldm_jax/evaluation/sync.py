@@ -384,3 +384,25 @@ def aggregate(scores: Iterable[SyncScore]) -> SyncScore:
   for score in scores:
     total = total + score
   return total
+
+
+def event_rates(scored: list, fps: float) -> dict[str, float]:
+  """Bounces found in the pictures and onsets found in the sounds, per second of clip."""
+  seconds = sum(detections.num_frames for _, detections in scored) / fps
+  if not seconds:
+    return {"video_per_second": 0.0, "audio_per_second": 0.0}
+  return {"video_per_second": sum(len(d.video_times) for _, d in scored) / seconds,
+          "audio_per_second": sum(len(d.audio_times) for _, d in scored) / seconds}
+
+
+def mismatched_sync(scored: list) -> SyncScore:
+  """The sync metric's chance level: each real clip's picture against the NEXT clip's sound (the
+  detections of `score_clip`, re-paired). What a model that ignores the other modality scores."""
+  total = SyncScore()
+  for index, (_, video_side) in enumerate(scored):
+    sound_side = scored[(index + 1) % len(scored)][1]
+    score, _ = score_detections(video_side.video_times, video_side.video_colours,
+                                     sound_side.audio_times, sound_side.audio_pitches,
+                                     video_side.num_frames)
+    total = total + score
+  return total

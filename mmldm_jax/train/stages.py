@@ -461,7 +461,6 @@ def generator_quality_signals(config, workdir: str, model):
   Images: the samples' contact sheet (frames and audio image per row). Sounds: the first samples.
   The autoencoder and VAE are restored from the workdir once, at the first call."""
   from mmldm_jax import sample as sample_lib   # (sample restores stages' tasks: imported lazily)
-  from mmldm_jax.evaluation import stage as evaluation_stage
   from mmldm_jax.evaluation import sync
   held = {}
   fps, rate = float(config.data.fps), int(config.audio.sample_rate)
@@ -480,7 +479,7 @@ def generator_quality_signals(config, workdir: str, model):
     held["chain"] = sample_lib.Chain(joint, models)   # built once: its jitted functions compile once
     if with_sync:
       clips = validation_clips(config, workdir)
-      held["real"] = evaluation_stage.event_rates(
+      held["real"] = sync.event_rates(
           [sync.score_clip(clip["frames"], clip["audio"], fps, rate) for clip in clips], fps)
 
   def evaluate(params, frozen, mesh):
@@ -499,8 +498,8 @@ def generator_quality_signals(config, workdir: str, model):
     if with_sync:
       scored = [sync.score_clip(clip, wave, fps, rate) for clip, wave in zip(frames, waveforms)]
       scalars["sync_f1"] = sync.aggregate(score for score, _ in scored).f1
-      scalars["sync_f1_shuffled"] = evaluation_stage.mismatched_sync(scored).f1
-      rates = evaluation_stage.event_rates(scored, fps)
+      scalars["sync_f1_shuffled"] = sync.mismatched_sync(scored).f1
+      rates = sync.event_rates(scored, fps)
       scalars.update({f"{name.replace('_per_second', '')}_events_per_second": value
                       for name, value in rates.items()})
       scalars.update({f"real_{name.replace('_per_second', '')}_events_per_second": value
