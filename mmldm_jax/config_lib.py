@@ -194,6 +194,9 @@ def autoencoder_config() -> ConfigDict:
       decode_steps=50,
       decode_guidance_audio=2.5,
       decode_guidance_video=2.5,
+      # Every frame of a clip starts its decoding from the same noise: a weakly conditioned
+      # decoder then draws one background for the whole clip instead of one per frame.
+      decode_shared_frame_noise=True,
   ))
 
 

@@ -501,6 +501,8 @@ class AutoencoderSystem:
     noise_rng, sample_rng = jax.random.split(rng)
     x_init = samplers.initial_noise(noise_rng, dict(
         audio=self._latent(b).shape, video=self._latent(b, num_frames).shape))
+    if ae.decode_shared_frame_noise:
+      x_init["video"] = jnp.broadcast_to(x_init["video"][:, :1], x_init["video"].shape)
     x = samplers.ddim_sample(
         model_fn, self.schedule, x_init, sample_rng, steps=ae.decode_steps, eta=0.0, cond=cond,
         uncond=uncond, guidance=dict(audio=ae.decode_guidance_audio,
