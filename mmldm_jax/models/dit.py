@@ -40,34 +40,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmldm_jax import config_lib
+from mmldm_jax.models import layers
 
 Array = jax.Array
 Dtype = Any
 ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
 
-xavier = nn.initializers.xavier_uniform()
-zeros = nn.initializers.zeros
+XAVIER = nn.initializers.xavier_uniform()   # timm's init of the DiT's linear layers
 
 
-def torch_conv_default(key, shape, dtype=jnp.float32):
-  """PyTorch's default Conv2d/Linear weight init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kernel [in, out])."""
-  bound = 1.0 / np.sqrt(shape[0])
-  return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
-def torch_conv_bias(fan_in: int):
-  def init(key, shape, dtype=jnp.float32):
-    bound = 1.0 / np.sqrt(fan_in)
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-  return init
-
-
-def dense(features, names, kernel_init=xavier, bias_init=zeros, use_bias=True, dtype=jnp.float32,
-          param_dtype=jnp.float32, name=None) -> nn.Dense:
-  """nn.Dense whose kernel carries `names` (in, out) and whose bias carries (out,)."""
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
-                  kernel_init=nn.with_logical_partitioning(kernel_init, names),
-                  bias_init=nn.with_logical_partitioning(bias_init, names[1:]))
+def dense(features, names, **kwargs) -> layers.Dense:
+  """`layers.Dense` with kernel axes `names` and timm's Xavier kernel init (the DiT's default)."""
+  return layers.Dense(features, kernel_axes=names, kernel_init=XAVIER, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -92,28 +76,12 @@ def sincos_2d(embed_dim: int, height: int, width: int) -> np.ndarray:
                         axis=1).astype(np.float32)
 
 
-def timestep_frequencies(t: Array, dim: int = 256, max_period: float = 10000.0) -> Array:
-  """[B, dim] DiT/GLIDE frequency embedding: cos first, then sin; t may be fractional."""
-  half = dim // 2
-  freqs = jnp.exp(-np.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-  args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
-  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
-
-
 def modulate(x: Array, shift: Array, scale: Array) -> Array:
   return x * (1 + scale[:, None]) + shift[:, None]
 
 
 def constrain(x: Array) -> Array:
   return nn.with_logical_constraint(x, ACTIVATION_AXES)
-
-
-def plain_layer_norm(x: Array) -> Array:
-  """LayerNorm without affine parameters, eps 1e-6, statistics in float32."""
-  x32 = x.astype(jnp.float32)
-  mean = jnp.mean(x32, axis=-1, keepdims=True)
-  var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-  return ((x32 - mean) * jax.lax.rsqrt(var + 1e-6)).astype(x.dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -138,21 +106,18 @@ class DiTBlock(nn.Module):
   def __call__(self, x: Array, c: Array, residuals: Array | None, layer: Array):
     width, heads = self.hidden_size, self.num_heads
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    modulation = dense(6 * width, ("embed", "mlp"), kernel_init=zeros, name="adaLN_modulation",
+    modulation = dense(6 * width, ("embed", "mlp"), zero_init=True, name="adaLN_modulation",
                        **kw)(nn.silu(c))
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(modulation, 6, -1)
 
-    h = modulate(plain_layer_norm(x), shift_msa, scale_msa)
+    h = modulate(layers.layer_norm(x, 1e-6), shift_msa, scale_msa)
     # One fused (H, 3H) projection, laid out [q | k | v] like timm's qkv Linear (same Xavier fan).
     qkv = dense(3 * width, ("embed", "heads"), name="qkv", **kw)(h)
-    batch, length = x.shape[:2]
-    qkv = qkv.reshape(batch, length, 3, heads, width // heads)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    attended = jax.nn.dot_product_attention(q, k, v).reshape(batch, length, width)
+    attended = layers.dot_product_attention(*jnp.split(qkv, 3, axis=-1), num_heads=heads)
     attended = dense(width, ("heads", "embed"), name="proj", **kw)(attended)
     x = constrain(x + gate_msa[:, None] * attended)
 
-    h = modulate(plain_layer_norm(x), shift_mlp, scale_mlp)
+    h = modulate(layers.layer_norm(x, 1e-6), shift_mlp, scale_mlp)
     h = dense(int(width * self.mlp_ratio), ("embed", "mlp"), name="fc1", **kw)(h)
     h = dense(width, ("mlp", "embed"), name="fc2", **kw)(nn.gelu(h, approximate=True))
     x = constrain(x + gate_mlp[:, None] * h)
@@ -163,20 +128,9 @@ class DiTBlock(nn.Module):
       x = x + jnp.where(layer < count, 1.0, 0.0).astype(x.dtype) * extra.astype(x.dtype)
     emitted = None
     if self.emit_residual:
-      emitted = dense(width, ("embed", "mlp"), kernel_init=zeros, use_bias=False,
+      emitted = dense(width, ("embed", "mlp"), zero_init=True, use_bias=False,
                       name="zero_layer", **kw)(x)
     return x, emitted
-
-
-def remat_policy(name: str):
-  """`jax.checkpoint_policies.<name>`, or None for 'none' (no rematerialisation)."""
-  if name == "none":
-    return None
-  policy = getattr(jax.checkpoint_policies, name, None)
-  if policy is None:
-    raise ValueError(f"config.dit.remat_policy={name!r}: expected 'none' or a "
-                     f"jax.checkpoint_policies name (e.g. 'nothing_saveable', 'dots_saveable')")
-  return policy
 
 
 class BlockStack(nn.Module):
@@ -196,7 +150,7 @@ class BlockStack(nn.Module):
     block_args = dict(hidden_size=self.hidden_size, num_heads=self.num_heads,
                       mlp_ratio=self.mlp_ratio, emit_residual=self.emit_residual,
                       dtype=self.dtype, param_dtype=self.param_dtype)
-    policy = remat_policy(self.remat)
+    policy = layers.remat_policy(self.remat, "dit.remat_policy")
     block_cls = DiTBlock
     if self.remat != "none":
       block_cls = nn.remat(DiTBlock, policy=policy, prevent_cse=not self.scan_layers)
@@ -222,10 +176,10 @@ class FinalLayer(nn.Module):
   def __call__(self, x: Array, c: Array) -> Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     shift, scale = jnp.split(
-        dense(2 * x.shape[-1], ("embed", "mlp"), kernel_init=zeros, name="adaLN_modulation",
+        dense(2 * x.shape[-1], ("embed", "mlp"), zero_init=True, name="adaLN_modulation",
               **kw)(nn.silu(c)), 2, -1)
-    x = modulate(plain_layer_norm(x), shift, scale)
-    return dense(self.channels, ("embed", None), kernel_init=zeros, name="linear", **kw)(x)
+    x = modulate(layers.layer_norm(x, 1e-6), shift, scale)
+    return dense(self.channels, ("embed", None), zero_init=True, name="linear", **kw)(x)
 
 
 class TokenEmbedder(nn.Module):
@@ -246,20 +200,14 @@ class TokenEmbedder(nn.Module):
     return tokens + positions + modality.astype(self.dtype)
 
 
-class TimestepEmbedder(nn.Module):
-  """256-d frequency embedding -> Dense -> SiLU -> Dense (weights normal(0.02), biases zero)."""
-  hidden_size: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, t: Array) -> Array:
-    init = nn.initializers.normal(0.02)
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = dense(self.hidden_size, (None, "embed"), kernel_init=init, name="mlp_0",
-              **kw)(timestep_frequencies(t).astype(self.dtype))
-    return dense(self.hidden_size, ("embed", "mlp"), kernel_init=init, name="mlp_2", **kw)(
-        nn.silu(h))
+def embed_timesteps(t: Array, hidden_size: int, dtype: Dtype, param_dtype: Dtype) -> Array:
+  """DiT's `t_embedder`: the 256-d frequency embedding (cos first) -> mlp_0 -> SiLU -> mlp_2
+  (weights normal(0.02), biases zero). Call it inside a compact method; t may be fractional."""
+  frequencies = layers.timestep_embedding(t, 256).astype(dtype)
+  return layers.TimestepEmbedding(
+      hidden_size, layer_names=("mlp_0", "mlp_2"), kernel_axes=((None, "embed"), ("embed", "mlp")),
+      kernel_init=nn.initializers.normal(0.02), dtype=dtype, param_dtype=param_dtype,
+      name="t_embedder")(frequencies)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -310,17 +258,17 @@ class MMDiT(nn.Module):
     if self.continuation:
       context = jnp.concatenate([context, self.previous_context(cond, audio, video)], axis=1)
     context_tokens = dense(self.hidden_size, (None, "embed"), name="c_embedder", **kw)(context)
-    t_emb = TimestepEmbedder(self.hidden_size, name="t_embedder", **kw)(t)
+    t_emb = embed_timesteps(t, self.hidden_size, **kw)
 
     tokens = {}
     for name, latent in (("audio", audio), ("video", video)):
       clean = cond.get(f"cond_{name}")
       clean = jnp.zeros_like(latent) if clean is None else clean.astype(self.dtype)
       side = clean.shape[1] * clean.shape[2]
-      cond_tokens = nn.Dense(
-          self.hidden_size, name=f"cond_embedder_{name}", **kw,
-          kernel_init=nn.with_logical_partitioning(torch_conv_default, (None, "embed")),
-          bias_init=nn.with_logical_partitioning(torch_conv_bias(clean.shape[-1]), ("embed",)))(
+      # A 1x1 conv in the reference: torch's default init, bias included.
+      cond_tokens = layers.Dense(
+          self.hidden_size, kernel_axes=(None, "embed"),
+          bias_init=layers.torch_bias_init(clean.shape[-1]), name=f"cond_embedder_{name}", **kw)(
               clean.reshape(batch, side, clean.shape[-1]))
       tokens[name] = TokenEmbedder(self.hidden_size, name=f"embed_{name}", **kw)(latent) + cond_tokens
     sequence = self._sequence(tokens["audio"], tokens["video"], context_tokens, "")
@@ -395,7 +343,7 @@ class PreviousEncoder(nn.Module):
       tokens[name] = TokenEmbedder(model.hidden_size, name=f"embed_{name}", **kw)(
           jnp.concatenate([prev, latent], axis=-1))
     context_tokens = dense(model.hidden_size, (None, "embed"), name="c_embedder", **kw)(context)
-    t_emb = TimestepEmbedder(model.hidden_size, name="t_embedder", **kw)(t)
+    t_emb = embed_timesteps(t, model.hidden_size, **kw)
     batch = audio.shape[0]
     eos = [self.param(f"eos_{name}", nn.with_logical_partitioning(
         nn.initializers.normal(1.0), (None, "embed")), (1, model.hidden_size), model.param_dtype)

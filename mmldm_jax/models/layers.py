@@ -4,8 +4,9 @@ Every block matches the computation of its diffusers counterpart, and its parame
 (`norm1`, `conv1`, `time_emb_proj`, `to_q`, ...), so the checkpoint converters are plain renames.
 
   GroupNorm, LayerNorm       normalisation with 'norm' parameters; statistics in float32
+  layer_norm                 LayerNorm without parameters (the DiT's adaLN blocks)
   Conv                       1-, 2- or 3-D convolution (kernel (*k, in, out)), torch-style padding
-  Dense                      linear layer with configurable logical axis names
+  Dense                      linear layer with configurable logical axis names and initialisers
   ResBlock                   diffusers ResnetBlock2D (+ optional time embedding, LDM-style up/down)
   Downsample, Upsample       SD U-Net style (stride-2 conv pad 1 / nearest x2 + conv) and VAE style
                              (asymmetric pad (0, 1) + stride-2 conv)
@@ -13,8 +14,10 @@ Every block matches the computation of its diffusers counterpart, and its parame
   Attention                  multi-head (cross-)attention through `jax.nn.dot_product_attention`
   TransformerBlock           LayerNorm -> self-attn -> LayerNorm -> cross-attn -> LayerNorm -> GEGLU FF
   SpatialTransformer         GroupNorm, proj_in, transformer blocks, proj_out, residual (SD-1.5 layout)
-  timestep_embedding         sinusoidal embedding (diffusers `get_timestep_embedding` semantics)
-  TimestepEmbedding          the time MLP (linear_1 -> SiLU -> linear_2)
+  timestep_embedding         sinusoidal embedding (diffusers `get_timestep_embedding` semantics; also
+                             the DiT's frequency embedding)
+  TimestepEmbedding          the time MLP (linear_1 -> SiLU -> linear_2; the DiT names them mlp_0, mlp_2)
+  remat_policy               a `jax.checkpoint_policies` policy by name ('none' = no remat)
 
 Layout: activations are channels-last, `[B, *spatial, C]`; the spatial rank (1, 2 or 3) is taken from the
 input. Every module has `dtype` (computation) and `param_dtype` (storage) attributes; every parameter
@@ -24,7 +27,7 @@ carries logical axis names (see the working agreement): conv kernels `(None, ...
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -43,6 +46,26 @@ def torch_default_init(scale: float = 1.0):
   if scale == 0.0:
     return nn.initializers.zeros
   return nn.initializers.variance_scaling(scale * scale / 3.0, "fan_in", "uniform")
+
+
+def torch_bias_init(fan_in: int):
+  """PyTorch's default Linear/Conv bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  def init(key, shape, dtype=jnp.float32):
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def remat_policy(name: str, field: str = "remat_policy"):
+  """`jax.checkpoint_policies.<name>`, or None for 'none' (no rematerialisation). `field` names the
+  config entry in the error (e.g. 'dit.remat_policy')."""
+  if name == "none":
+    return None
+  policy = getattr(jax.checkpoint_policies, name, None)
+  if policy is None:
+    raise ValueError(f"config.{field}={name!r}: expected 'none' or a "
+                     f"jax.checkpoint_policies name (e.g. 'nothing_saveable', 'dots_saveable')")
+  return policy
 
 
 def _spatial_rank(x: Array) -> int:
@@ -97,11 +120,17 @@ class LayerNorm(nn.Module):
                        (features,), self.param_dtype)
     bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
                       (features,), self.param_dtype)
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    normed = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+    normed = layer_norm(x.astype(jnp.float32), self.epsilon)
     return (normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+def layer_norm(x: Array, epsilon: float = 1e-5) -> Array:
+  """Layer normalisation over the last axis without affine parameters (torch
+  `LayerNorm(elementwise_affine=False)`); statistics in float32, result in x's dtype."""
+  x32 = x.astype(jnp.float32)
+  mean = jnp.mean(x32, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+  return ((x32 - mean) * jax.lax.rsqrt(var + epsilon)).astype(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -198,24 +227,32 @@ class Conv(nn.Module):
 
 
 class Dense(nn.Module):
-  """Linear layer `x @ kernel + bias` with logical axis names `kernel_axes` (input, output)."""
+  """Linear layer `x @ kernel + bias` with logical axis names `kernel_axes` (input, output).
+
+  Initialisation: PyTorch's default kernel init and a zero bias, unless `kernel_init` / `bias_init`
+  are given (e.g. Xavier for the DiT, as timm); `zero_init=True` zeroes both.
+  """
   features: int
   kernel_axes: tuple[str | None, str | None] = ("embed", "mlp")
   use_bias: bool = True
   zero_init: bool = False
+  kernel_init: Callable | None = None
+  bias_init: Callable | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    kernel = self.param(
-        "kernel", nn.with_logical_partitioning(torch_default_init(0.0 if self.zero_init else 1.0),
-                                               self.kernel_axes),
-        (x.shape[-1], self.features), self.param_dtype)
+    if self.zero_init:
+      kernel_init, bias_init = nn.initializers.zeros, nn.initializers.zeros
+    else:
+      kernel_init = self.kernel_init or torch_default_init()
+      bias_init = self.bias_init or nn.initializers.zeros
+    kernel = self.param("kernel", nn.with_logical_partitioning(kernel_init, self.kernel_axes),
+                        (x.shape[-1], self.features), self.param_dtype)
     y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
     if self.use_bias:
-      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
-                                                             (self.kernel_axes[1],)),
+      bias = self.param("bias", nn.with_logical_partitioning(bias_init, (self.kernel_axes[1],)),
                         (self.features,), self.param_dtype)
       y = y + bias.astype(self.dtype)
     return y
@@ -502,15 +539,23 @@ def timestep_embedding(timesteps: Array, dim: int, *, flip_sin_to_cos: bool = Tr
 
 
 class TimestepEmbedding(nn.Module):
-  """The time MLP: linear_1 (-> features) -> SiLU -> linear_2 (-> features), diffusers naming."""
+  """The time MLP: linear_1 (-> features) -> SiLU -> linear_2 (-> features), diffusers naming.
+
+  The DiT's `t_embedder` is the same MLP with timm's names and init: `layer_names=('mlp_0',
+  'mlp_2')`, `kernel_axes=((None, 'embed'), ('embed', 'mlp'))`, `kernel_init=normal(0.02)`.
+  """
   features: int
   zero_init_out: bool = False
+  layer_names: tuple[str, str] = ("linear_1", "linear_2")
+  kernel_axes: tuple[tuple[str | None, str | None], ...] = (("embed", "mlp"), ("mlp", "embed"))
+  kernel_init: Callable | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = Dense(self.features, kernel_axes=("embed", "mlp"), name="linear_1", **kwargs)(x)
-    return Dense(self.features, kernel_axes=("mlp", "embed"), zero_init=self.zero_init_out,
-                 name="linear_2", **kwargs)(nn.silu(h))
+    kwargs = dict(kernel_init=self.kernel_init, dtype=self.dtype, param_dtype=self.param_dtype)
+    h = Dense(self.features, kernel_axes=self.kernel_axes[0], name=self.layer_names[0],
+              **kwargs)(x)
+    return Dense(self.features, kernel_axes=self.kernel_axes[1], zero_init=self.zero_init_out,
+                 name=self.layer_names[1], **kwargs)(nn.silu(h))
