@@ -23,6 +23,7 @@ def get_config(arg=None):
   config.data.generator_hflip_prob = 0.5
   config.autoencoder.kl_weight = 1e-7
   config.autoencoder.cls_weight = 0.0
+  config.autoencoder.classifier_head = False
   config.autoencoder.gan_weight = 0.0
   config.autoencoder.decode_guidance_audio = 1.5
   config.autoencoder.decode_guidance_video = 3.0

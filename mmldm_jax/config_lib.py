@@ -183,6 +183,9 @@ def autoencoder_config() -> ConfigDict:
       cfg_dropout=0.1,              # per-sample prompt + encoder-input dropout for guidance
       # Loss weights (AIST++ / Landscape values differ only in kl_weight).
       kl_weight=1e-6,
+      # The classification head over the semantic maps exists when this is True and
+      # data.num_classes > 0 (its parameters are in the checkpoint); cls_weight > 0 needs it.
+      classifier_head=True,
       cls_weight=0.1,
       contrastive_weight=0.03,
       gan_weight=0.1,               # 0 = no discriminator (no parameters, no update)
@@ -476,6 +479,9 @@ def validate(config: ConfigDict) -> None:
     fail("unet.context_dim", config.unet.context_dim,
          f"autoencoder.semantic_dim={config.autoencoder.semantic_dim} (the decoder cross-attends "
          f"to semantic tokens)")
+  if config.autoencoder.cls_weight > 0 and not config.autoencoder.classifier_head:
+    fail("autoencoder.cls_weight", config.autoencoder.cls_weight,
+         "0 with autoencoder.classifier_head=False (the classification loss needs the head)")
   if config.dit.continuation and config.data.generator_hflip_prob > 0:
     fail("data.generator_hflip_prob", config.data.generator_hflip_prob,
          "0 with dit.continuation=True (clips flipped independently would disagree with the "
@@ -530,12 +536,13 @@ def read_scale_factor(path: str) -> float:
   return float(factor)
 
 
-def use_measured_scale_factor(config: ConfigDict, workdir: str) -> None:
-  """With config.vae.measure_scale_factor, sets config.vae.scale_factor to the factor the `vae`
-  stage measured; fails naming the file when that stage has not written it. The stages that build
-  the VAE (autoencoder, latents, sample) call it first."""
+def resolve_scale_factor(config: ConfigDict, workdir: str) -> float:
+  """The VAE scale factor a run uses: the one the `vae` stage measured into
+  `<workdir>/vae/scale_factor.json` when config.vae.measure_scale_factor, else
+  config.vae.scale_factor. Reads only; fails naming the file when the `vae` stage has not written
+  it. The stages that build the VAE (autoencoder, latents, sample) pass the value on to it."""
   if not config.vae.measure_scale_factor:
-    return
+    return float(config.vae.scale_factor)
   path = os.path.join(workdir, SCALE_FACTOR_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(
@@ -543,9 +550,8 @@ def use_measured_scale_factor(config: ConfigDict, workdir: str) -> None:
         f"first (it writes the file when it finishes), or set --config.vae.scale_factor and "
         f"--config.vae.measure_scale_factor=False")
   factor = read_scale_factor(path)
-  if factor != config.vae.scale_factor:
-    logging.info("vae.scale_factor: %.6g measured by the vae stage (%s)", factor, path)
-  config.vae.scale_factor = float(factor)
+  logging.info("vae.scale_factor: %.6g measured by the vae stage (%s)", factor, path)
+  return factor
 
 
 def stage_list(config: ConfigDict) -> list[str]:

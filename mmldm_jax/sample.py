@@ -98,11 +98,13 @@ def load_models(config, workdir: str) -> Models:
   dtype = loop.compute_dtype(config)
   generator = stages.generator_task(config, workdir)
   dit_params = loop.restore_params(config, workdir, generator, mesh)["dit"]
+  scale_factor = config_lib.resolve_scale_factor(config, workdir)
   autoencoder_params = loop.restore_params(
-      config, workdir, stages.autoencoder_task(config, workdir), mesh)["autoencoder"]
+      config, workdir, stages.autoencoder_task(config, workdir, scale_factor), mesh)["autoencoder"]
   vae_params = stages.frozen_vae_params(config, workdir, mesh)
   return Models(dit=dit_lib.build_dit(config, dtype=dtype), dit_params=dit_params,
-                system=stages.autoencoder_system(config), autoencoder_params=autoencoder_params,
+                system=stages.autoencoder_system(config, scale_factor),
+                autoencoder_params=autoencoder_params,
                 vae_params=vae_params, vocoder=load_vocoder_if_set(config),
                 description=models_description(config, workdir))
 
@@ -453,7 +455,6 @@ def write_samples(config, models: Models, folder: str, *, clips: SplitClips | No
 def run(config, workdir: str) -> None:
   """The stage: restores the trained models and writes `<workdir>/samples/<mode>/` (module doc);
   skipped when every sample exists with the same settings."""
-  config_lib.use_measured_scale_factor(config, workdir)
   mode = check_mode(config)
   folder = samples_dir(workdir, mode)
   index = read_index(folder)

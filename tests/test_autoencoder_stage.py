@@ -25,8 +25,8 @@ def test_autoencoder_quality_signals_are_computed_and_logged(tmp_path):
   config.train_vae.update(num_steps=1, checkpoint_every=1, eval_every=0)
   workdir = str(tmp_path)
   stages.run_vae(config, workdir)
-  config_lib.use_measured_scale_factor(config, workdir)
-  task = stages.autoencoder_task(config, workdir)
+  factor = config_lib.resolve_scale_factor(config, workdir)    # measured by the vae stage
+  task = stages.autoencoder_task(config, workdir, factor)
   mesh = parallel.create_mesh(config)
   params = jax.jit(lambda key: parallel.unbox(task.init(key)))(loop.init_key(0))
   frozen = task.frozen(mesh)
@@ -69,10 +69,10 @@ def test_no_discriminator_without_the_adversarial_term(tmp_path):
   config = config_lib.load(os.path.join(REPO, "configs", "demo.py") + ":tiny")
   assert config.autoencoder.gan_weight == 0.0   # the demo trains without one
   config.autoencoder.gan_weight = 0.1
-  with_gan = stages.autoencoder_task(config, str(tmp_path))
+  with_gan = stages.autoencoder_task(config, str(tmp_path), config.vae.scale_factor)
   assert with_gan.groups == ("autoencoder", "discriminator")
   config.autoencoder.gan_weight = 0.0
-  task = stages.autoencoder_task(config, str(tmp_path))
+  task = stages.autoencoder_task(config, str(tmp_path), config.vae.scale_factor)
   assert task.groups == ("autoencoder",)
   shapes = jax.eval_shape(task.init, loop.init_key(0))
   assert sorted(shapes) == ["autoencoder"]

@@ -30,7 +30,7 @@ def test_paper_numbers():
   assert config_lib.clip_samples(aist) == 70560
   audioset = config_lib.load(os.path.join(CONFIGS, "audioset.py"))
   assert audioset.data.fps == 4.0 and config_lib.clip_samples(audioset) == 176400
-  assert audioset.autoencoder.cls_weight == 0.0
+  assert audioset.autoencoder.cls_weight == 0.0 and not audioset.autoencoder.classifier_head
 
 
 def test_locked_config_rejects_unknown_field():
@@ -53,6 +53,8 @@ def test_locked_config_rejects_unknown_field():
     ("dit.remat_policy", "everything", "config.dit.remat_policy='everything'"),
     ("audio.image_size", 32, "config.audio.image_size=32: expected data.image_size=64"),
     ("unet.context_dim", 16, "config.unet.context_dim=16: expected autoencoder.semantic_dim=32"),
+    ("autoencoder.classifier_head", False, "config.autoencoder.cls_weight=0.1: expected 0 with "
+     "autoencoder.classifier_head=False"),
 ])
 def test_validate_names_field(field, value, message):
   config = config_lib.load(os.path.join(CONFIGS, "demo.py"))
@@ -89,3 +91,19 @@ def test_main_refuses_a_bad_value_before_any_stage_runs(tmp_path):
   assert result.returncode != 0
   assert "config.sample.mode='jiont'" in result.stderr
   assert not workdir.exists()
+
+
+def test_classifier_head_is_an_explicit_switch_not_a_loss_weight():
+  from mmldm_jax.models import autoencoder as autoencoder_lib
+  config = config_lib.load(os.path.join(CONFIGS, "aist.py:tiny"))
+  assert autoencoder_lib.use_classifier(config)
+  with config.unlocked():
+    config.autoencoder.cls_weight = 0.0          # the head stays: its parameters are still there
+  config_lib.validate(config)
+  assert autoencoder_lib.use_classifier(config)
+  with config.unlocked():
+    config.autoencoder.classifier_head = False
+  config_lib.validate(config)
+  assert not autoencoder_lib.use_classifier(config)
+  audioset = config_lib.load(os.path.join(CONFIGS, "audioset.py:tiny"))
+  assert not autoencoder_lib.use_classifier(audioset)

@@ -59,7 +59,7 @@ def test_converted_files_load_for_the_stages(tmp_path):
   for loaded, saved in ((loaded_vae, vae_values), (loaded_unet, unet_values)):
     jax.tree.map(np.testing.assert_array_equal, loaded, saved)
   # The U-Net sits under 'unet' in the autoencoder's parameters, with the same tree.
-  abstract = jax.eval_shape(stages.autoencoder_system(config).init, jax.random.key(0))
+  abstract = jax.eval_shape(stages.autoencoder_system(config, config.vae.scale_factor).init, jax.random.key(0))
   ae_unet = common.unbox(abstract["autoencoder"]["unet"])
   assert jax.tree.structure(ae_unet) == jax.tree.structure(unet_values)
   assert jax.tree.map(lambda a: a.shape, ae_unet) == jax.tree.map(np.shape, unet_values)

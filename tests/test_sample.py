@@ -184,7 +184,8 @@ def test_stage_restores_checkpoints_and_matches_the_chain(config, models, joint_
   synthetic.write_dataset(config, os.path.join(workdir, "data"), progress=False)
   save_checkpoint(config, workdir, stages.generator_task(config, workdir),
                   {"dit": models.dit_params}, 4)
-  save_checkpoint(config, workdir, stages.autoencoder_task(config, workdir),
+  save_checkpoint(config, workdir,
+                  stages.autoencoder_task(config, workdir, config.vae.scale_factor),
                   {"autoencoder": models.autoencoder_params}, 4)
   save_checkpoint(config, workdir, stages.vae_task(config, workdir), {"vae": models.vae_params}, 4)
   sample.run(config, workdir)
@@ -211,7 +212,8 @@ def test_generator_quality_signals_are_the_sample_stage_samples_scored(config, m
   from mmldm_jax.train import stages
   workdir = str(tmp_path)
   synthetic.write_dataset(config, os.path.join(workdir, "data"), progress=False)
-  save_checkpoint(config, workdir, stages.autoencoder_task(config, workdir),
+  save_checkpoint(config, workdir,
+                  stages.autoencoder_task(config, workdir, config.vae.scale_factor),
                   {"autoencoder": models.autoencoder_params}, 4)
   save_checkpoint(config, workdir, stages.vae_task(config, workdir), {"vae": models.vae_params}, 4)
   task = stages.generator_task(config, workdir)
@@ -242,7 +244,8 @@ def test_latents_stage_writes_every_clip_window_with_its_place(config, models, t
   from mmldm_jax.train import stages
   workdir = str(tmp_path)
   synthetic.write_dataset(config, os.path.join(workdir, "data"), progress=False)
-  save_checkpoint(config, workdir, stages.autoencoder_task(config, workdir),
+  save_checkpoint(config, workdir,
+                  stages.autoencoder_task(config, workdir, config.vae.scale_factor),
                   {"autoencoder": models.autoencoder_params}, 4)
   save_checkpoint(config, workdir, stages.vae_task(config, workdir), {"vae": models.vae_params}, 4)
   latents_lib.run(config, workdir)

@@ -34,7 +34,7 @@ def test_from_scratch_vae_measures_the_scale_factor_later_stages_use(tmp_path):
   config, workdir = demo_config(), str(tmp_path)
   assert config.vae.measure_scale_factor and not config.vae.freeze_encoder
   with pytest.raises(FileNotFoundError, match="vae/scale_factor.json does not exist"):
-    config_lib.use_measured_scale_factor(config.copy_and_resolve_references(), workdir)
+    config_lib.resolve_scale_factor(config, workdir)
 
   stages.run_vae(config, workdir)
   # Quality signals at the last step (eval_every is larger than the run): reconstruction PSNR and
@@ -63,13 +63,14 @@ def test_from_scratch_vae_measures_the_scale_factor_later_stages_use(tmp_path):
       {"params": params}, images[:16], method="encode_scaled")
   np.testing.assert_allclose(float(jnp.std(scaled)), 1.0, rtol=1e-3)
 
-  later = config.copy_and_resolve_references()
-  config_lib.use_measured_scale_factor(later, workdir)
-  assert later.vae.scale_factor == factor
+  # Later stages resolve the factor from the file; the config itself is never rewritten.
+  assert config_lib.resolve_scale_factor(config, workdir) == factor
+  assert config.vae.scale_factor == 0.18215
+  system = stages.autoencoder_system(config, factor)
+  assert system.vae.scale_factor == factor and config.vae.scale_factor == 0.18215
   unmeasured = config.copy_and_resolve_references()
   unmeasured.vae.measure_scale_factor = False
-  config_lib.use_measured_scale_factor(unmeasured, workdir)
-  assert unmeasured.vae.scale_factor == 0.18215
+  assert config_lib.resolve_scale_factor(unmeasured, workdir) == 0.18215
 
   # A rerun skips the finished stage and keeps the file; a broken file is named in the error.
   before = path.read_text()
@@ -77,10 +78,10 @@ def test_from_scratch_vae_measures_the_scale_factor_later_stages_use(tmp_path):
   assert path.read_text() == before
   path.write_text(json.dumps({"scale_factor": -1.0}))
   with pytest.raises(ValueError, match="field 'scale_factor' is -1.0"):
-    config_lib.use_measured_scale_factor(config.copy_and_resolve_references(), workdir)
+    config_lib.resolve_scale_factor(config, workdir)
   path.write_text('{"scale_factor": 5.2')           # cut short
   with pytest.raises(ValueError, match="scale_factor.json: not valid JSON"):
-    config_lib.use_measured_scale_factor(config.copy_and_resolve_references(), workdir)
+    config_lib.resolve_scale_factor(config, workdir)
 
 
 def test_psnr_is_capped_for_identical_images_and_falls_with_noise():

@@ -268,8 +268,9 @@ class ZeroOutMLP(nn.Module):
 
 
 def use_classifier(config) -> bool:
-  """The classification head exists when classes are configured and its weight is non-zero."""
-  return config.data.num_classes > 0 and config.autoencoder.cls_weight > 0
+  """The classification head exists when config.autoencoder.classifier_head is set and classes
+  are configured (config_lib.validate: cls_weight > 0 needs the head)."""
+  return config.data.num_classes > 0 and bool(config.autoencoder.classifier_head)
 
 
 class AutoencoderSystem:

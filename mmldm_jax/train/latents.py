@@ -212,10 +212,10 @@ def run(config, workdir: str) -> None:
   if is_complete(workdir):
     logging.info("stage latents: %s exists, skipping", _index_path(folder, "train"))
     return
-  config_lib.use_measured_scale_factor(config, workdir)
   mesh = parallel.create_mesh(config)
-  task = stages.autoencoder_task(config, workdir)
-  system = stages.autoencoder_system(config)
+  scale_factor = config_lib.resolve_scale_factor(config, workdir)
+  task = stages.autoencoder_task(config, workdir, scale_factor)
+  system = stages.autoencoder_system(config, scale_factor)
   params = loop.restore_params(config, workdir, task, mesh)["autoencoder"]
   vae_params = stages.frozen_vae_params(config, workdir, mesh)
   per_host = parallel.per_process_batch_size(config.train_autoencoder.batch_size, mesh,

@@ -281,18 +281,23 @@ def frozen_vae_params(config, workdir: str, mesh):
 # ------------------------------------------------------------------------------------------------
 # autoencoder
 # ------------------------------------------------------------------------------------------------
-def autoencoder_system(config):
+def autoencoder_system(config, scale_factor: float):
+  """The autoencoder system whose frozen VAE scales its latents by `scale_factor` (from
+  `config_lib.resolve_scale_factor`). AutoencoderSystem sizes its VAE from the config's vae
+  section, so it gets its own copy with that field set; the caller's config is left as it is."""
   from mmldm_jax.models import autoencoder as autoencoder_lib
-  return autoencoder_lib.AutoencoderSystem(config, dtype=loop.compute_dtype(config))
+  own = config.copy_and_resolve_references()
+  own.vae.scale_factor = float(scale_factor)
+  return autoencoder_lib.AutoencoderSystem(own, dtype=loop.compute_dtype(config))
 
 
-def autoencoder_task(config, workdir: str) -> loop.Task:
+def autoencoder_task(config, workdir: str, scale_factor: float) -> loop.Task:
   """The multi-modal autoencoder and its discriminator, updated in turn on each batch (the reference's
   two AdamW optimisers, alternating every step), with the VAE frozen. With
   `autoencoder.gan_weight == 0` there is no discriminator at all (no parameters, no update): its
   update re-runs the whole forward and VAE-decodes six images per clip, half of a step's cost on a
-  CPU."""
-  system = autoencoder_system(config)
+  CPU. `scale_factor`: the VAE's (`config_lib.resolve_scale_factor`)."""
+  system = autoencoder_system(config, scale_factor)
   adversarial = config.autoencoder.gan_weight > 0
 
   def loss(group, params, frozen_vae, batch, rng, step):
@@ -469,9 +474,10 @@ def generator_quality_signals(config, workdir: str, model):
   def setup(dit_params, mesh):
     joint = config.copy_and_resolve_references()
     joint.sample.update(mode="joint", num_clips=1)
-    system = autoencoder_system(joint)
-    autoencoder_params = loop.restore_params(joint, workdir, autoencoder_task(joint, workdir),
-                                             mesh)["autoencoder"]
+    scale_factor = config_lib.resolve_scale_factor(joint, workdir)
+    system = autoencoder_system(joint, scale_factor)
+    autoencoder_params = loop.restore_params(
+        joint, workdir, autoencoder_task(joint, workdir, scale_factor), mesh)["autoencoder"]
     models = sample_lib.Models(
         dit=model, dit_params=dit_params, system=system, autoencoder_params=autoencoder_params,
         vae_params=frozen_vae_params(joint, workdir, mesh),
@@ -528,8 +534,8 @@ def run_vae(config, workdir: str) -> None:
 
 
 def run_autoencoder(config, workdir: str) -> None:
-  config_lib.use_measured_scale_factor(config, workdir)
-  loop.train(config, workdir, autoencoder_task(config, workdir))
+  scale_factor = config_lib.resolve_scale_factor(config, workdir)
+  loop.train(config, workdir, autoencoder_task(config, workdir, scale_factor))
 
 
 def run_generator(config, workdir: str) -> None:
