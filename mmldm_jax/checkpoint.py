@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-from typing import Any
 
 import grain
 import jax
@@ -36,7 +35,8 @@ class Checkpointer:
   """Saves and restores one stage's checkpoints in `directory`.
 
   Args:
-    directory: the checkpoint folder (local path or gs://...), created when missing.
+    directory: the checkpoint folder, a local path (made absolute; only local folders are
+      tested), created when missing.
     save_every: save when `step % save_every == 0` (0 = only forced saves).
     keep: how many of the newest checkpoints to keep.
     async_save: write arrays in the background (the next save or `close` waits for it).
@@ -111,11 +111,6 @@ class Checkpointer:
       ) from error
     logging.info("checkpoint: restored step %d from %s", step, path)
     return restored["state"]
-
-  def restore_config(self, step: int) -> dict[str, Any]:
-    """The config JSON saved with `step` (for tools and checks)."""
-    return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
-        "config"]
 
 
 class PreemptionWatcher:

@@ -1,8 +1,9 @@
 """Shared pieces of the experiment configs in `configs/`.
 
-Every config file in `configs/` builds on `base_config()`: the paper-size model (MM-LDM as described in
-`reference-mmldm.md`) with one section per concern. Dataset configs change the data section and the
-per-dataset loss weights; presets after a colon (`configs/aist.py:tiny`) shrink the model for tests.
+Every config file in `configs/` builds on `base_config()`: the paper-size model (MM-LDM, Sun et al.,
+ACM Multimedia 2024, sized as its released code; "reference" below means that code) with one section
+per concern. Dataset configs change the data section and the per-dataset loss weights; presets after
+a colon (`configs/aist.py:tiny`) shrink the model for tests.
 
 Sections (each a `ConfigDict`):
   data         clip geometry, frame selection, where the records live
@@ -297,7 +298,6 @@ def train_config(*, lr: float, batch_size: int, num_steps: int) -> ConfigDict:
       log_every=50,
       checkpoint_every=1000,
       keep_checkpoints=3,
-      sample_every=0,               # 0 = no periodic samples
       # Quality signals on fixed validation clips every this many steps (and at the last step),
       # to metrics.jsonl, TensorBoard and <stage>/logs/media; 0 = off.
       eval_every=1000,

@@ -16,7 +16,6 @@ uninterrupted one.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import time
@@ -59,8 +58,9 @@ class Task:
       [N, H, W, 3]}, sounds {name: float waveform [N] at config.audio.sample_rate}): quality
       signals on fixed validation clips, called every `train_config.eval_every` steps and at the
       last step; None = none.
-    activation_constraints: trace the step under `parallel.activation_rules` (the models'
-      `nn.with_logical_constraint` calls take effect); False leaves activations to GSPMD.
+
+  The step is traced under `parallel.activation_rules`, so the models' `nn.with_logical_constraint`
+  calls take effect.
   """
   name: str
   train_config: Any
@@ -76,7 +76,6 @@ class Task:
   flops_per_example: float | None = None
   evaluate: Callable[[Any, Any, Any], tuple[dict[str, Any], dict[str, np.ndarray],
                                             dict[str, np.ndarray]]] | None = None
-  activation_constraints: bool = True
 
 
 def stage_dir(workdir: str, name: str) -> str:
@@ -361,8 +360,7 @@ def train(config, workdir: str, task: Task, devices=None) -> dict[str, Any]:
       host_batch = task.to_model_batch(next(data_iterator))
       batch = parallel.global_batch(host_batch, mesh)
       data_wait = time.perf_counter() - wait_start
-      with (parallel.activation_rules(mesh, rules) if task.activation_constraints
-            else contextlib.nullcontext()):
+      with parallel.activation_rules(mesh, rules):
         if compiled_step is None:
           compiled_step = parallel.compile_in_step(step_fn, state, frozen, batch,
                                                    name=f"{task.name}_step")
