@@ -158,6 +158,13 @@ def test_zero_initialised_paths_make_the_decoder_the_plain_unet(system, config, 
   np.testing.assert_allclose(np.asarray(ours["audio"]), np.asarray(plain[:2]), atol=1e-5)
   np.testing.assert_allclose(np.asarray(ours["video"]).reshape(6, latent, latent, 4),
                              np.asarray(plain[2:]), atol=1e-5)
+  # With the frame-index path still zero, only the starting noise can tell a clip's frames
+  # apart: `decode_shared_frame_noise` (on) gives every frame the same noise, so the decoded
+  # frames are the same computation and must be equal.
+  assert config.autoencoder.decode_shared_frame_noise
+  frames, _ = system.decode(ae, params["vae"], z_audio, z_video, jax.random.PRNGKey(3))
+  np.testing.assert_array_equal(np.asarray(frames), np.asarray(frames[:, :1]).repeat(
+      frames.shape[1], axis=1))
 
 
 def test_gradient_routing(system, params, batch, all_grads):
