@@ -10,6 +10,8 @@ version does not implement is refused before anything runs.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import logging as std_logging
 import os
 
 from absl import app
@@ -34,6 +36,39 @@ STAGES = {
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py[:tiny].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for datasets, checkpoints, samples, logs.")
+_LIBRARY_LOGS = flags.DEFINE_bool(
+    "library_logs", False, "Show the INFO logs of the libraries (Orbax, Grain, etils, JAX): every "
+    "checkpoint save alone logs about 20 lines. Warnings and errors are always shown.")
+
+# Packages whose INFO lines are left out of the console unless --library_logs. They log through
+# absl (as we do, into the same 'absl' logger) or through their own Python loggers.
+QUIET_PACKAGES = ("orbax", "grain", "etils", "jax")
+
+
+class LibraryInfoFilter(std_logging.Filter):
+  """Drops records below WARNING that were logged from inside one of `folders`."""
+
+  def __init__(self, folders):
+    super().__init__()
+    self.folders = tuple(os.path.join(f, "") for f in folders)
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or not record.pathname.startswith(self.folders)
+
+
+def quiet_library_logs(packages=QUIET_PACKAGES) -> LibraryInfoFilter:
+  """Leaves the libraries' INFO logs out of the console (our own INFO lines stay): a filter on the
+  'absl' logger for records logged from the packages' folders, and WARNING for their own Python
+  loggers. Returns the filter (remove it from logging.getLogger('absl') to undo)."""
+  folders = []
+  for package in packages:
+    spec = importlib.util.find_spec(package)
+    if spec is not None:
+      folders.extend(spec.submodule_search_locations or [])
+    std_logging.getLogger(package).setLevel(std_logging.WARNING)
+  library_filter = LibraryInfoFilter(folders)
+  std_logging.getLogger("absl").addFilter(library_filter)
+  return library_filter
 
 
 def resolve_stages(config) -> list[str]:
@@ -69,6 +104,8 @@ def main(argv) -> None:
                          "files with the local filesystem; mount a bucket, e.g. with gcsfuse)")
   workdir = os.path.abspath(workdir)
   stages = resolve_stages(config)
+  if not _LIBRARY_LOGS.value:
+    quiet_library_logs()
   parallel.maybe_initialize_distributed(config)  # before anything touches the devices
   cache = config_lib.enable_compilation_cache(config)
   logging.info("XLA compilation cache: %s", cache or "off (config.compilation_cache_dir='')")
