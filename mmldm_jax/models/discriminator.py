@@ -23,8 +23,9 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmldm_jax.models.perceptual import (ConvNd, Norm, ResBlock, SpatioTemporalAttention,
-                                         TemporalAttention, dense)
+from mmldm_jax.models import layers
+from mmldm_jax.models.layers import ConvNd, FittedGroupNorm, FrameResBlock
+from mmldm_jax.models.perceptual import SpatioTemporalAttention, TemporalAttention
 
 Dtype = jnp.dtype
 
@@ -54,7 +55,8 @@ class Discriminator3D(nn.Module):
     ds = 1
     for level, mult in enumerate(self.channel_mult):
       for index in range(self.num_res_blocks):
-        h = ResBlock(mult * self.channels, self.norm_groups, name=f"res_{level}_{index}", **kw)(h)
+        h = FrameResBlock(mult * self.channels, self.norm_groups, name=f"res_{level}_{index}",
+                          **kw)(h)
         if ds in self.spatial_attention_resolutions:
           h = SpatioTemporalAttention(self.head_channels, self.norm_groups,
                                       name=f"attn_{level}_{index}", **kw)(h)
@@ -65,9 +67,10 @@ class Discriminator3D(nn.Module):
         h = ConvNd(h.shape[-1], stride=2, name=f"down_{level}", **kw)(h)
         ds *= 2
     h = ConvNd(self.channels, name="head_conv", **kw)(h)
-    h = nn.silu(Norm(self.norm_groups, name="head_norm", **kw)(h))
+    h = nn.silu(FittedGroupNorm(self.norm_groups, name="head_norm", **kw)(h))
     h = jnp.mean(h, axis=(1, 2, 3))
-    return dense(1, ("embed", None), name="logit", **kw)(h)[:, 0].astype(jnp.float32)
+    return layers.Dense(1, kernel_axes=("embed", None), name="logit", **kw)(h)[:, 0].astype(
+        jnp.float32)
 
 
 def discriminator_from_config(config, dtype=jnp.float32) -> Discriminator3D:

@@ -8,6 +8,9 @@ Every block matches the computation of its diffusers counterpart, and its parame
   Conv                       1-, 2- or 3-D convolution (kernel (*k, in, out)), torch-style padding
   Dense                      linear layer with configurable logical axis names and initialisers
   ResBlock                   diffusers ResnetBlock2D (+ optional time embedding, LDM-style up/down)
+  FittedGroupNorm, ConvNd,   the multi-modal autoencoder's wrapped layers (perceptual encoders,
+  FrameResBlock              projectors, heads, discriminator): GroupNorm with gcd groups, a conv whose
+                             rank follows the input, a per-frame ResBlock resampling by 2^n
   Downsample, Upsample       SD U-Net style (stride-2 conv pad 1 / nearest x2 + conv) and VAE style
                              (asymmetric pad (0, 1) + stride-2 conv)
   AttentionBlock             the VAE mid-block self-attention (GroupNorm, one head, residual)
@@ -372,6 +375,96 @@ class ResBlock(nn.Module):
     if in_channels != out_channels:
       x = Conv(out_channels, (1,) * rank, name="conv_shortcut", **kwargs)(x)
     return x.astype(self.dtype) + h
+
+
+# ---------------------------------------------------------------------------------------------------
+# The multi-modal autoencoder's wrapped layers. Its perceptual encoders, feature injectors,
+# projectors, heads and discriminator hold these layers one module level deeper than the calls
+# above (`conv_in/conv/kernel`, `norm_out/norm/scale`, `res_0_0/block/conv1/kernel`); the wrappers
+# keep that checkpoint layout.
+
+
+def fitted_groups(norm_groups: int, *channels: int) -> int:
+  """Groups for GroupNorms over `channels`: the configured count when it divides, else the gcd (so
+  that narrow layers, e.g. a 16-channel latent head under 32 groups, stay valid)."""
+  return math.gcd(norm_groups, *channels)
+
+
+def per_frame(fn, x: Array) -> Array:
+  """Applies a function of [N, H, W, C] to every frame of [B, T, H, W, C] (4-D input: directly)."""
+  if x.ndim == 4:
+    return fn(x)
+  batch, frames = x.shape[:2]
+  y = fn(x.reshape((batch * frames,) + x.shape[2:]))
+  return y.reshape((batch, frames) + y.shape[1:])
+
+
+class FittedGroupNorm(nn.Module):
+  """`GroupNorm` (child 'norm') with fitted_groups(norm_groups, channels) groups. Statistics cover
+  every non-batch axis of the input ([B*T, H, W, C] normalises per frame, [B, T, H, W, C] per clip)."""
+  norm_groups: int = 32
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    return GroupNorm(fitted_groups(self.norm_groups, x.shape[-1]), dtype=self.dtype,
+                     param_dtype=self.param_dtype, name="norm")(x)
+
+
+class ConvNd(nn.Module):
+  """`Conv` (child 'conv') whose rank follows the input: 5-D [B, T, H, W, C] -> 3-D conv with kernel
+  (temporal_kernel, kernel, kernel) and stride (1, stride, stride) (time is never strided);
+  4-D -> 2-D conv. Padding is symmetric (kernel // 2), as in PyTorch."""
+  features: int
+  kernel: int = 3
+  stride: int = 1
+  temporal_kernel: int = 3
+  zero_init: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    if x.ndim == 5:
+      kernel = (self.temporal_kernel, self.kernel, self.kernel)
+      strides = (1, self.stride, self.stride)
+    elif x.ndim == 4:
+      kernel = (self.kernel, self.kernel)
+      strides = (self.stride, self.stride)
+    else:
+      raise ValueError(f"ConvNd expects [B, H, W, C] or [B, T, H, W, C]; got shape {x.shape}")
+    return Conv(self.features, kernel, strides=strides, zero_init=self.zero_init,
+                dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
+
+
+class FrameResBlock(nn.Module):
+  """Per-frame `ResBlock` (child 'block'): GN-SiLU-conv3x3 (+ embedding), GN-SiLU-zero-init conv3x3,
+  1x1 skip when the width changes, fitted GroupNorm groups. `resample_steps` = n != 0 resizes by
+  2^|n| (nearest up for n > 0, average-pool down for n < 0) on both branches: MM-LDM's ResBlock /
+  ResBlock2n. 5-D input [B, T, H, W, C] is run frame by frame (2-D convs), as its ResBlockwoEmb."""
+  out_channels: int
+  norm_groups: int = 32
+  resample_steps: int = 0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, emb: Array | None = None) -> Array:
+    factor = 2 ** abs(self.resample_steps)
+    block = ResBlock(
+        self.out_channels, use_temb=emb is not None,
+        norm_groups=fitted_groups(self.norm_groups, x.shape[-1], self.out_channels),
+        zero_init_out=True,
+        resample="none" if self.resample_steps == 0 else (
+            "up" if self.resample_steps > 0 else "down"),
+        resample_factors=(factor, factor), dtype=self.dtype, param_dtype=self.param_dtype,
+        name="block")
+    if x.ndim == 5:
+      if emb is not None:
+        raise ValueError("FrameResBlock: an embedding needs 4-D input [N, H, W, C] (one per item)")
+      return per_frame(block, x)
+    return block(x, emb)
 
 
 # ---------------------------------------------------------------------------------------------------

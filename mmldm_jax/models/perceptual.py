@@ -1,10 +1,9 @@
 """Perceptual encoders of the multi-modal autoencoder and their decoder-side feature blocks.
 
 What is here (reference section 2.1 / 2.2 of `reference-mmldm.md`):
-  * the autoencoder-specific building blocks: a per-frame ResBlock (optionally conditioned on an
-    embedding and resampling by 2^n, the reference's `ResBlock2n`), spatial / temporal /
-    spatio-temporal self-attention with a zero-initialised output projection, and N-d convolutions
-    (3-D for video, 2-D for audio);
+  * spatial / temporal / spatio-temporal self-attention with a zero-initialised output projection
+    (the autoencoder's other blocks, N-d convolutions, gcd-group norms and the per-frame ResBlock
+    resampling by 2^n, are `layers.ConvNd`, `layers.FittedGroupNorm`, `layers.FrameResBlock`);
   * `PerceptualEncoder`: video key-frame latents [B, T, h, w, 4] (or the audio image latent
     [B, h, w, 4]) -> the mean and log-variance of a diagonal Gaussian over the perceptual latent
     (video z_v [B, h/2, w/2, z], audio z_a [B, h/4, w/4, z]);
@@ -14,9 +13,9 @@ What is here (reference section 2.1 / 2.2 of `reference-mmldm.md`):
 Layout is channels-last: video features are [B, T, H, W, C], images [B, H, W, C].
 
 Limits / choices:
-  * GroupNorm uses gcd(norm_groups, channels) groups, so that narrow layers (the 16-channel
-    latent head) stay valid; the reference's 32-group norm over 16 channels cannot be built as
-    written.
+  * GroupNorm uses gcd(norm_groups, channels) groups (`layers.fitted_groups`), so that narrow
+    layers (the 16-channel latent head) stay valid; the reference's 32-group norm over 16 channels
+    cannot be built as written.
   * Resampling in the feature blocks is nearest-neighbour up / average-pool down (the reference's
     `Upsample`/`Downsample` without conv), applied to both branches of the residual block.
 """
@@ -31,97 +30,9 @@ import jax.numpy as jnp
 
 
 from mmldm_jax.models import layers
+from mmldm_jax.models.layers import ConvNd, FittedGroupNorm, FrameResBlock
 
 Dtype = jnp.dtype
-
-
-def num_groups(norm_groups: int, *channels: int) -> int:
-  """Groups for GroupNorms over `channels`: the configured count when it divides, else the gcd."""
-  return math.gcd(norm_groups, *channels)
-
-
-class Norm(nn.Module):
-  """`layers.GroupNorm` with gcd(norm_groups, channels) groups. Statistics cover every non-batch
-  axis of the input ([B*T, H, W, C] normalises per frame, [B, T, H, W, C] per clip)."""
-  norm_groups: int = 32
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    return layers.GroupNorm(num_groups(self.norm_groups, x.shape[-1]), dtype=self.dtype,
-                            param_dtype=self.param_dtype, name="norm")(x)
-
-
-class ConvNd(nn.Module):
-  """`layers.Conv` whose rank follows the input: 5-D [B, T, H, W, C] -> 3-D conv with kernel
-  (temporal_kernel, kernel, kernel) and stride (1, stride, stride) (time is never strided);
-  4-D -> 2-D conv. Padding is symmetric (kernel // 2), as in PyTorch."""
-  features: int
-  kernel: int = 3
-  stride: int = 1
-  temporal_kernel: int = 3
-  zero_init: bool = False
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    if x.ndim == 5:
-      kernel = (self.temporal_kernel, self.kernel, self.kernel)
-      strides = (1, self.stride, self.stride)
-    elif x.ndim == 4:
-      kernel = (self.kernel, self.kernel)
-      strides = (self.stride, self.stride)
-    else:
-      raise ValueError(f"ConvNd expects [B, H, W, C] or [B, T, H, W, C]; got shape {x.shape}")
-    return layers.Conv(self.features, kernel, strides=strides, zero_init=self.zero_init,
-                       dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
-
-
-def dense(features: int, names: tuple, *, zero_init: bool = False, dtype=jnp.float32,
-          param_dtype=jnp.float32, name: str | None = None) -> layers.Dense:
-  """`layers.Dense` with the given logical axis names (input, output)."""
-  return layers.Dense(features, kernel_axes=names, zero_init=zero_init, dtype=dtype,
-                      param_dtype=param_dtype, name=name)
-
-
-def _per_frame(fn, x):
-  """Applies a 4-D function to every frame of a 5-D tensor."""
-  if x.ndim == 4:
-    return fn(x)
-  batch, frames = x.shape[:2]
-  y = fn(x.reshape((batch * frames,) + x.shape[2:]))
-  return y.reshape((batch, frames) + y.shape[1:])
-
-
-class ResBlock(nn.Module):
-  """Per-frame `layers.ResBlock` (GN-SiLU-conv3x3 (+ embedding), GN-SiLU-zero-init conv3x3, 1x1
-  skip when the width changes). `resample_steps` = n != 0 resizes by 2^|n| (nearest up for n > 0,
-  average-pool down for n < 0) on both branches: the reference's ResBlock / ResBlock2n. 5-D input
-  [B, T, H, W, C] is run frame by frame (2-D convs), as the reference's ResBlockwoEmb does."""
-  out_channels: int
-  norm_groups: int = 32
-  resample_steps: int = 0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, emb=None):
-    factor = 2 ** abs(self.resample_steps)
-    block = layers.ResBlock(
-        self.out_channels, use_temb=emb is not None,
-        norm_groups=num_groups(self.norm_groups, x.shape[-1], self.out_channels),
-        zero_init_out=True,
-        resample="none" if self.resample_steps == 0 else (
-            "up" if self.resample_steps > 0 else "down"),
-        resample_factors=(factor, factor), dtype=self.dtype, param_dtype=self.param_dtype,
-        name="block")
-    if x.ndim == 5:
-      if emb is not None:
-        raise ValueError("ResBlock: an embedding needs 4-D input [N, H, W, C] (one per item)")
-      return _per_frame(block, x)
-    return block(x, emb)
 
 
 class SelfAttention(nn.Module):
@@ -141,10 +52,11 @@ class SelfAttention(nn.Module):
       raise ValueError(f"attention width {channels} is not a multiple of head_channels "
                        f"{self.head_channels}")
     heads = channels // self.head_channels
-    h = Norm(self.norm_groups, name="norm", **kw)(x)
-    qkv = dense(3 * channels, ("embed", "heads"), name="qkv", **kw)(h)
+    h = FittedGroupNorm(self.norm_groups, name="norm", **kw)(x)
+    qkv = layers.Dense(3 * channels, kernel_axes=("embed", "heads"), name="qkv", **kw)(h)
     h = layers.dot_product_attention(*jnp.split(qkv, 3, axis=-1), num_heads=heads)
-    return x + dense(channels, ("heads", "embed"), zero_init=True, name="proj_out", **kw)(h)
+    return x + layers.Dense(channels, kernel_axes=("heads", "embed"), zero_init=True,
+                            name="proj_out", **kw)(h)
 
 
 class SpatialAttention(nn.Module):
@@ -161,7 +73,7 @@ class SpatialAttention(nn.Module):
     def frames(f):
       n, hgt, wid, ch = f.shape
       return attend(f.reshape(n, hgt * wid, ch)).reshape(f.shape)
-    return _per_frame(frames, x)
+    return layers.per_frame(frames, x)
 
 
 class TemporalAttention(nn.Module):
@@ -240,8 +152,8 @@ class PerceptualEncoder(nn.Module):
     ds = 1
     for level, mult in enumerate(self.channel_mult):
       for index in range(self.num_res_blocks):
-        h = ResBlock(mult * self.model_channels, self.norm_groups, name=f"res_{level}_{index}",
-                     **kw)(h)
+        h = FrameResBlock(mult * self.model_channels, self.norm_groups,
+                          name=f"res_{level}_{index}", **kw)(h)
         if ds in self.attention_resolutions:
           h = SpatialAttention(self.head_channels, self.norm_groups,
                                name=f"spatial_attn_{level}_{index}", **kw)(h)
@@ -260,7 +172,7 @@ class PerceptualEncoder(nn.Module):
   def _head(self, h, *, zero_last: bool, name: str):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = ConvNd(self.z_channels, name=f"{name}_conv", **kw)(h)
-    h = nn.silu(Norm(self.norm_groups, name=f"{name}_norm", **kw)(h))
+    h = nn.silu(FittedGroupNorm(self.norm_groups, name=f"{name}_norm", **kw)(h))
     return ConvNd(self.z_channels, kernel=1, temporal_kernel=1, zero_init=zero_last,
                   name=f"{name}_out", **kw)(h)
 
@@ -286,8 +198,8 @@ class FeatureInjector(nn.Module):
     features = []
     for index, (channels, factor) in enumerate(zip(self.block_channels, self.block_factors)):
       steps = int(round(math.log2(self.latent_factor / factor)))
-      h = ResBlock(channels, self.norm_groups, resample_steps=steps, name=f"block_{index}",
-                   **kw)(z, emb)
+      h = FrameResBlock(channels, self.norm_groups, resample_steps=steps, name=f"block_{index}",
+                        **kw)(z, emb)
       features.append(ConvNd(channels, kernel=1, zero_init=True, name=f"zero_conv_{index}",
                              **kw)(h))
     return features

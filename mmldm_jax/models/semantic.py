@@ -25,7 +25,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 import optax
 
-from mmldm_jax.models.perceptual import ConvNd, Norm, ResBlock, SpatialAttention, dense
+from mmldm_jax.models import layers
+from mmldm_jax.models.layers import ConvNd, FittedGroupNorm, FrameResBlock
+from mmldm_jax.models.perceptual import SpatialAttention
 
 Dtype = jnp.dtype
 MIN_TEMPERATURE = 0.01
@@ -48,13 +50,13 @@ class Projector(nn.Module):
     h = ConvNd(self.model_channels, name="conv_in", **kw)(z)
     for level, mult in enumerate(self.channel_mult):
       for index in range(self.num_res_blocks):
-        h = ResBlock(mult * self.model_channels, self.norm_groups, name=f"res_{level}_{index}",
-                     **kw)(h)
+        h = FrameResBlock(mult * self.model_channels, self.norm_groups,
+                          name=f"res_{level}_{index}", **kw)(h)
         h = SpatialAttention(self.head_channels, self.norm_groups,
                              name=f"attn_{level}_{index}", **kw)(h)
       if level != len(self.channel_mult) - 1:
         h = ConvNd(h.shape[-1], stride=2, name=f"down_{level}", **kw)(h)
-    h = nn.silu(Norm(self.norm_groups, name="norm_out", **kw)(h))
+    h = nn.silu(FittedGroupNorm(self.norm_groups, name="norm_out", **kw)(h))
     return ConvNd(self.semantic_dim, name="conv_out", **kw)(h)
 
 
@@ -82,9 +84,10 @@ class ClassificationHead(nn.Module):
       x = nn.silu(ConvNd(dim, name=f"{name}_conv1", **kw)(x))
       return tokens(ConvNd(dim, name=f"{name}_conv2", **kw)(x))
     h = jnp.concatenate([branch(audio_map, "audio"), branch(video_map, "video")], axis=1)
-    h = dense(dim, ("embed", "mlp"), name="mix", **kw)(h)
-    h = nn.silu(Norm(self.norm_groups, name="norm", **kw)(h))
-    return dense(self.num_classes, ("mlp", "classes"), name="logits", **kw)(jnp.mean(h, axis=1))
+    h = layers.Dense(dim, kernel_axes=("embed", "mlp"), name="mix", **kw)(h)
+    h = nn.silu(FittedGroupNorm(self.norm_groups, name="norm", **kw)(h))
+    return layers.Dense(self.num_classes, kernel_axes=("mlp", "classes"), name="logits",
+                        **kw)(jnp.mean(h, axis=1))
 
 
 class ContrastiveHead(nn.Module):
@@ -102,9 +105,10 @@ class ContrastiveHead(nn.Module):
     def branch(x, name):
       dim = x.shape[-1]
       x = ConvNd(dim, name=f"{name}_conv1", **kw)(x)
-      x = nn.silu(Norm(self.norm_groups, name=f"{name}_norm", **kw)(x))
+      x = nn.silu(FittedGroupNorm(self.norm_groups, name=f"{name}_norm", **kw)(x))
       x = jnp.mean(ConvNd(dim, name=f"{name}_conv2", **kw)(x), axis=(1, 2))
-      x = dense(self.contrastive_dim, ("embed", "mlp"), name=f"{name}_proj", **kw)(x)
+      x = layers.Dense(self.contrastive_dim, kernel_axes=("embed", "mlp"), name=f"{name}_proj",
+                       **kw)(x)
       x = x.astype(jnp.float32)
       return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
