@@ -141,30 +141,35 @@ def layer_norm(x: Array, epsilon: float = 1e-5) -> Array:
 
 
 def _native_convolution(x: Array, kernel: Array, strides: tuple[int, ...],
-                        padding: tuple[tuple[int, int], ...]) -> Array:
+                        padding: tuple[tuple[int, int], ...], dilation: tuple[int, ...] | None = None,
+                        precision: Any = None) -> Array:
   rank = kernel.ndim - 2
   spatial = "DHW"[-rank:]
   return jax.lax.conv_general_dilated(
-      x, kernel, window_strides=strides, padding=padding,
-      dimension_numbers=("N" + spatial + "C", spatial + "IO", "N" + spatial + "C"))
+      x, kernel, window_strides=strides, padding=padding, rhs_dilation=dilation,
+      dimension_numbers=("N" + spatial + "C", spatial + "IO", "N" + spatial + "C"),
+      precision=precision)
 
 
 def convolution(x: Array, kernel: Array, strides: tuple[int, ...],
-                padding: tuple[tuple[int, int], ...]) -> Array:
-  """Channels-last N-D convolution `[N, *spatial, C] x [*k, C, O] -> [N, *out, O]`.
+                padding: tuple[tuple[int, int], ...], dilation: tuple[int, ...] | None = None,
+                precision: Any = None) -> Array:
+  """Channels-last N-D convolution `[N, *spatial, C] x [*k, C, O] -> [N, *out, O]`, optionally with
+  kernel `dilation` (torch's `dilation=`) and a `jax.lax.Precision`.
 
-  On CPU a 3-D convolution runs as 2-D convolutions of time-shifted frames summed over the temporal
-  taps: XLA:CPU's 3-D convolution (Eigen's volume patches) took about 30% of the demo autoencoder's
-  step time, and the step went from 3.7 s to 2.6 s without it. Same products, another summation
-  order. Elsewhere it is XLA's convolution.
+  On CPU an undilated 3-D convolution runs as 2-D convolutions of time-shifted frames summed over
+  the temporal taps: XLA:CPU's 3-D convolution (Eigen's volume patches) took about 30% of the demo
+  autoencoder's step time, and the step went from 3.7 s to 2.6 s without it. Same products, another
+  summation order. Elsewhere it is XLA's convolution.
   """
-  if kernel.ndim == 5 and jax.default_backend() == "cpu":
-    return _convolution_3d_as_2d(x, kernel, strides, padding)
-  return _native_convolution(x, kernel, strides, padding)
+  dilated = dilation is not None and any(d != 1 for d in dilation)
+  if kernel.ndim == 5 and jax.default_backend() == "cpu" and not dilated:
+    return _convolution_3d_as_2d(x, kernel, strides, padding, precision)
+  return _native_convolution(x, kernel, strides, padding, dilation, precision)
 
 
 def _convolution_3d_as_2d(x: Array, kernel: Array, strides: tuple[int, ...],
-                          padding: tuple[tuple[int, int], ...]) -> Array:
+                          padding: tuple[tuple[int, int], ...], precision: Any = None) -> Array:
   """A 3-D convolution as the sum over the temporal taps of 2-D convolutions of time-shifted
   frames (time folded into the batch)."""
   taps = kernel.shape[0]
@@ -176,7 +181,7 @@ def _convolution_3d_as_2d(x: Array, kernel: Array, strides: tuple[int, ...],
     frames = jax.lax.slice_in_dim(padded, tap, tap + (frames_out - 1) * strides[0] + 1,
                                   strides[0], axis=1)
     y = convolution(frames.reshape((-1,) + frames.shape[2:]), kernel[tap], strides[1:],
-                    padding[1:])
+                    padding[1:], precision=precision)
     total = y if total is None else total + y
   return total.reshape((x.shape[0], frames_out) + total.shape[1:])
 
@@ -185,18 +190,23 @@ class Conv(nn.Module):
   """N-D convolution, channels last, kernel `(*kernel_size, in, out)` (torch `(out, in, *k)` transposed).
 
   `padding`: an int (same on every side of every spatial axis, as torch's `padding=`), or one
-  `(low, high)` pair per spatial axis. The default pads `k // 2`, which keeps the size at stride 1.
+  `(low, high)` pair per spatial axis. The default pads `dilation * (k - 1) // 2` (`k // 2` without
+  dilation), which keeps the size of odd kernels at stride 1. `dilation`: torch's `dilation=`.
   `zero_init=True` zero-initialises kernel and bias (ControlNet-style zero convs, zeroed last convs);
   `init_std` > 0 draws the kernel from N(0, init_std^2) (e.g. 0.02 for PatchGAN discriminators);
-  otherwise the kernel gets PyTorch's default init.
+  `kernel_init` sets another initialiser; otherwise the kernel gets PyTorch's default init.
+  `precision`: the `jax.lax.Precision` of the convolution (None: the backend default).
   """
   features: int
   kernel_size: Sequence[int] = (3, 3)
   strides: Sequence[int] | int = 1
   padding: int | Sequence[tuple[int, int]] | None = None
+  dilation: Sequence[int] | int = 1
   use_bias: bool = True
   zero_init: bool = False
   init_std: float = 0.0
+  kernel_init: Callable | None = None
+  precision: Any = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -206,22 +216,27 @@ class Conv(nn.Module):
     if _spatial_rank(x) != rank:
       raise ValueError(f"Conv with kernel {tuple(self.kernel_size)} got input of shape {x.shape}")
     kernel_axes = (None,) * rank + ("conv_in", "conv_out")
-    if self.init_std > 0 and not self.zero_init:
+    if self.zero_init:
+      kernel_init = nn.initializers.zeros
+    elif self.init_std > 0:
       kernel_init = nn.initializers.normal(self.init_std)
     else:
-      kernel_init = torch_default_init(0.0 if self.zero_init else 1.0)
+      kernel_init = self.kernel_init or torch_default_init()
     kernel = self.param(
         "kernel", nn.with_logical_partitioning(kernel_init, kernel_axes),
         tuple(self.kernel_size) + (x.shape[-1], self.features), self.param_dtype)
     strides = (self.strides,) * rank if isinstance(self.strides, int) else tuple(self.strides)
+    dilation = (self.dilation,) * rank if isinstance(self.dilation, int) else tuple(self.dilation)
     if self.padding is None:
-      padding = [(k // 2, k // 2) for k in self.kernel_size]
+      padding = [(d * (k - 1) // 2 if d > 1 else k // 2,) * 2
+                 for k, d in zip(self.kernel_size, dilation)]
     elif isinstance(self.padding, int):
       padding = [(self.padding, self.padding)] * rank
     else:
       padding = [tuple(p) for p in self.padding]
     y = convolution(x.astype(self.dtype), kernel.astype(self.dtype), strides,
-                    tuple(tuple(p) for p in padding))
+                    tuple(tuple(p) for p in padding),
+                    dilation if any(d != 1 for d in dilation) else None, self.precision)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
                         (self.features,), self.param_dtype)

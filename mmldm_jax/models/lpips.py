@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mmldm_jax.models import layers
+
 # lpips.pretrained_networks ScalingLayer constants (RGB).
 SHIFT = (-0.030, -0.088, -0.188)
 SCALE = (0.458, 0.448, 0.450)
@@ -40,14 +42,11 @@ EPS = 1e-10
 
 
 def _conv(features: int, kernel_size: int, name: str, use_bias: bool, dtype: Any,
-          param_dtype: Any, precision: Any) -> nn.Conv:
-  return nn.Conv(
-      features, (kernel_size, kernel_size), padding=[(kernel_size // 2, kernel_size // 2)] * 2,
-      use_bias=use_bias,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                               (None, None, "conv_in", "conv_out")),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
-      dtype=dtype, param_dtype=param_dtype, precision=precision, name=name)
+          param_dtype: Any, precision: Any) -> layers.Conv:
+  """A 'same' Conv2d (padding k // 2); the weights are always loaded, so any init serves."""
+  return layers.Conv(features, (kernel_size, kernel_size), use_bias=use_bias,
+                     kernel_init=nn.initializers.lecun_normal(), precision=precision, dtype=dtype,
+                     param_dtype=param_dtype, name=name)
 
 
 class VGG16Features(nn.Module):

@@ -33,22 +33,26 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mmldm_jax.models import layers
+
 # LeakyReLU slope between layers; the last activation uses torch's default 0.01 (F.leaky_relu(x)).
 LRELU_SLOPE = 0.1
 FINAL_LRELU_SLOPE = 0.01
 
 # The original initialises every conv weight from N(0, 0.01) (`init_weights`).
-_KERNEL_INIT = nn.with_logical_partitioning(nn.initializers.normal(0.01), (None, "conv_in", "conv_out"))
+_KERNEL_STD = 0.01
+_KERNEL_INIT = nn.with_logical_partitioning(nn.initializers.normal(_KERNEL_STD),
+                                            (None, "conv_in", "conv_out"))
 _BIAS_INIT = nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",))
 
 
 def _conv(features: int, kernel_size: int, dilation: int, name: str, dtype: Any, param_dtype: Any,
-          precision: Optional[lax.Precision]) -> nn.Conv:
+          precision: Optional[lax.Precision]) -> layers.Conv:
   """A stride-1 'same' Conv1d with PyTorch's symmetric padding (k * d - d) // 2."""
   pad = (kernel_size * dilation - dilation) // 2
-  return nn.Conv(features, (kernel_size,), kernel_dilation=(dilation,), padding=[(pad, pad)],
-                 kernel_init=_KERNEL_INIT, bias_init=_BIAS_INIT, dtype=dtype,
-                 param_dtype=param_dtype, precision=precision, name=name)
+  return layers.Conv(features, (kernel_size,), padding=[(pad, pad)], dilation=dilation,
+                     init_std=_KERNEL_STD, precision=precision, dtype=dtype,
+                     param_dtype=param_dtype, name=name)
 
 
 class TransposedConv1d(nn.Module):
