@@ -23,7 +23,53 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
+
+
+def saved_steps(directory: str) -> list[int]:
+  """The steps of the checkpoints in `directory` (folders named by their step; Orbax's unfinished
+  saves carry a suffix and are not counted), [] when the folder does not exist."""
+  directory = os.path.abspath(os.fspath(directory))
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+
+
+def restore_params(directory: str, abstract_params, *, use_ema: bool = True,
+                   step: int | None = None):
+  """Only the parameters of a checkpoint in `directory`, without its optimiser state or iterator:
+  the EMA parameters when the checkpoint has them and `use_ema`, else the parameters, read by
+  Orbax's partial restore into the shardings `abstract_params` carries (ShapeDtypeStructs, see
+  `abstract_with_shardings`). `abstract_params` may hold only some groups of the saved ones
+  ({'autoencoder': ...} of {'autoencoder', 'discriminator'}). `step`: default the newest.
+  Raises FileNotFoundError naming the folder when it has no checkpoint, RuntimeError naming the
+  step when it cannot be read."""
+  directory = os.path.abspath(os.fspath(directory))
+  steps = saved_steps(directory)
+  if step is None and not steps:
+    raise FileNotFoundError(f"no checkpoint in {directory}")
+  step = max(steps) if step is None else int(step)
+  path = os.path.join(directory, str(step))
+  # (read_only=True would log three warnings per restore; create=False never writes either.)
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
+                                  item_names=("state", "data", "config"))
+  try:
+    saved = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path) / "state").tree
+    key = "ema" if use_ema and "ema" in saved else "params"
+    target = {key: abstract_params}
+    restore = ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)
+    restored = manager.restore(step, args=ocp.args.Composite(state=restore))["state"][key]
+  except Exception as error:  # noqa: BLE001 - re-raised with the step and path, never swallowed
+    raise RuntimeError(
+        f"cannot restore the parameters of step {step} in {path}: {type(error).__name__}: "
+        f"{error}") from error
+  finally:
+    manager.close()
+  logging.info("checkpoint: restored the %s of step %d from %s", key, step, path)
+  return restored
 
 
 def abstract_with_shardings(tree, shardings):

@@ -89,23 +89,21 @@ def load_vocoder_if_set(config):
 def load_models(config, workdir: str) -> Models:
   """The latest `generator`, `autoencoder` and `vae` parameters of the workdir (EMA when kept).
 
-  Raises FileNotFoundError naming the folder when a stage has no checkpoint."""
+  Only the parameters are read (no training Task, optimiser or dataset is built), so no training
+  setting can break sampling. Raises FileNotFoundError naming the folder when a stage has no
+  checkpoint."""
   from mmldm_jax import parallel
   from mmldm_jax.models import dit as dit_lib
   from mmldm_jax.train import loop
   from mmldm_jax.train import stages
   mesh = parallel.create_mesh(config)
-  dtype = loop.compute_dtype(config)
-  generator = stages.generator_task(config, workdir)
-  dit_params = loop.restore_params(config, workdir, generator, mesh)["dit"]
-  scale_factor = config_lib.resolve_scale_factor(config, workdir)
-  autoencoder_params = loop.restore_params(
-      config, workdir, stages.autoencoder_task(config, workdir, scale_factor), mesh)["autoencoder"]
-  vae_params = stages.frozen_vae_params(config, workdir, mesh)
-  return Models(dit=dit_lib.build_dit(config, dtype=dtype), dit_params=dit_params,
-                system=stages.autoencoder_system(config, scale_factor),
-                autoencoder_params=autoencoder_params,
-                vae_params=vae_params, vocoder=load_vocoder_if_set(config),
+  dit = dit_lib.build_dit(config, dtype=loop.compute_dtype(config))
+  system = stages.autoencoder_system(config, config_lib.resolve_scale_factor(config, workdir))
+  return Models(dit=dit, dit_params=stages.restore_dit_params(config, workdir, mesh, dit),
+                system=system,
+                autoencoder_params=stages.restore_autoencoder_params(config, workdir, mesh, system),
+                vae_params=stages.frozen_vae_params(config, workdir, mesh),
+                vocoder=load_vocoder_if_set(config),
                 description=models_description(config, workdir))
 
 
@@ -114,7 +112,7 @@ def models_description(config, workdir: str) -> dict[str, Any]:
   from mmldm_jax.train import loop
   description = {}
   for name in ("generator", "autoencoder", "vae"):
-    found = loop._saved_steps(workdir, name)  # noqa: SLF001 - the loop's own listing of steps
+    found = loop.saved_steps(workdir, name)
     description[f"{name}_step"] = max(found) if found else None
   if description["vae_step"] is None:
     description["vae_step"] = f"pretrained:{config.vae.pretrained_path}"

@@ -93,3 +93,49 @@ def test_relative_directory_saves_where_the_user_ran(tmp_path, monkeypatch):
   assert checkpointer.directory == str(tmp_path / "runs" / "ckpt")
   assert checkpoint_lib.Checkpointer(str(tmp_path / "runs" / "ckpt"), save_every=1,
                                      keep=1).latest_step() == 1
+
+
+def _train_state(mesh, with_ema):
+  """A train state as the loop saves it: two parameter groups, optimiser state, optional EMA."""
+  sharded = NamedSharding(mesh, P("fsdp"))
+  params = {"model": {"w": jax.device_put(jnp.arange(64 * 4, dtype=jnp.float32).reshape(64, 4),
+                                          sharded), "b": jnp.ones(3)},
+            "discriminator": {"w": jnp.full((8, 2), 5.0)}}
+  state = {"step": jnp.array(4, jnp.int32), "params": params,
+           "opt_state": jax.tree.map(lambda x: (x * 0, x * 0 + 1), params)}
+  if with_ema:
+    state["ema"] = jax.tree.map(lambda x: x * 0.5, params)
+  return state
+
+
+@pytest.mark.parametrize("with_ema", [False, True])
+def test_params_only_restore_equals_the_params_of_a_full_restore(tmp_path, with_ema):
+  mesh8 = Mesh(np.array(jax.devices()).reshape(1, 8, 1), ("data", "fsdp", "tensor"))
+  state = _train_state(mesh8, with_ema)
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), save_every=1, keep=2, async_save=False)
+  checkpointer.save(4, state, force=True)
+  checkpointer.close()
+  assert checkpoint_lib.saved_steps(str(tmp_path)) == [4]
+
+  mesh4 = Mesh(np.array(jax.devices()[:4]).reshape(2, 2, 1), ("data", "fsdp", "tensor"))
+  shardings = jax.tree.map(lambda x: NamedSharding(mesh4, P("fsdp") if x.shape[:1] == (64,) else P()),
+                           state)
+  full_target = checkpoint_lib.abstract_with_shardings(jax.eval_shape(lambda: state), shardings)
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), save_every=1, keep=2)
+  full = checkpointer.restore(4, full_target)
+  checkpointer.close()
+  kept = "ema" if with_ema else "params"
+  # Only one group of the two, no optimiser state: the others are never read.
+  only = {"model": full_target[kept]["model"]}
+  restored = checkpoint_lib.restore_params(str(tmp_path), only)
+  assert set(restored) == {"model"}
+  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves({"model": full[kept]["model"]})):
+    assert got.sharding == want.sharding
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  raw = checkpoint_lib.restore_params(str(tmp_path), only, use_ema=False)
+  np.testing.assert_array_equal(np.asarray(raw["model"]["w"]),
+                                np.asarray(full["params"]["model"]["w"]))
+
+  with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+    checkpoint_lib.restore_params(str(tmp_path / "missing"), only)
+  assert not os.path.exists(tmp_path / "missing")     # a read never creates the folder

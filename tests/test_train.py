@@ -100,6 +100,29 @@ def test_fsdp8_parameter_bytes_per_device(reference_run):
   assert per_device <= (total - exempt) / 8 * 1.05 + exempt
 
 
+def test_params_only_restore_equals_the_params_of_a_full_restore(reference_run):
+  """What sampling and the latents stage read (parameters only, no Task: the DiT's init and its
+  rule family) equals the parameters of the whole train state restored as a resume does."""
+  from mmldm_jax import checkpoint as checkpoint_lib
+  workdir, config = reference_run
+  mesh = parallel.create_mesh(config)
+  task = stages.generator_task(config, workdir)
+  init_state, _ = loop.make_state_init(task)
+  target, _, _ = loop.abstract_state(init_state, task, mesh, config)
+  checkpointer = checkpoint_lib.Checkpointer(loop.checkpoint_dir(workdir, "generator"),
+                                             save_every=0, keep=1, async_save=False)
+  full = checkpointer.restore(NUM_STEPS, target)
+  checkpointer.close()
+  model = dit_lib.build_dit(config, dtype=loop.compute_dtype(config))
+  only = stages.restore_dit_params(config, workdir, mesh, model)
+  want = (full["ema"] if "ema" in full else full["params"])["dit"]
+  assert jax.tree.structure(only) == jax.tree.structure(want)
+  for got, expected in zip(jax.tree.leaves(only), jax.tree.leaves(want)):
+    assert got.sharding == expected.sharding
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+  assert loop.saved_steps(workdir, "generator")[-1] == NUM_STEPS
+
+
 def test_loss_goes_down_and_logs_are_written(reference_run):
   workdir, _ = reference_run
   rows = read_metrics(workdir)

@@ -31,7 +31,6 @@ from jax.experimental import multihost_utils
 from mmldm_jax import config_lib
 from mmldm_jax import parallel
 from mmldm_jax.data import pipeline
-from mmldm_jax.train import loop
 
 FIELDS = ("audio_latent", "video_latent", "label", "video_index", "clip_start")
 INT_FIELDS = ("label", "video_index", "clip_start")
@@ -213,10 +212,8 @@ def run(config, workdir: str) -> None:
     logging.info("stage latents: %s exists, skipping", _index_path(folder, "train"))
     return
   mesh = parallel.create_mesh(config)
-  scale_factor = config_lib.resolve_scale_factor(config, workdir)
-  task = stages.autoencoder_task(config, workdir, scale_factor)
-  system = stages.autoencoder_system(config, scale_factor)
-  params = loop.restore_params(config, workdir, task, mesh)["autoencoder"]
+  system = stages.autoencoder_system(config, config_lib.resolve_scale_factor(config, workdir))
+  params = stages.restore_autoencoder_params(config, workdir, mesh, system)
   vae_params = stages.frozen_vae_params(config, workdir, mesh)
   per_host = parallel.per_process_batch_size(config.train_autoencoder.batch_size, mesh,
                                              "train_autoencoder.batch_size")

@@ -96,20 +96,18 @@ def compute_dtype(config) -> jnp.dtype:
   return jnp.dtype(precision)
 
 
-def _saved_steps(workdir: str, task_name: str) -> list[int]:
-  directory = checkpoint_dir(workdir, task_name)
-  if not os.path.isdir(directory):
-    return []
-  return [int(n) for n in os.listdir(directory) if n.isdigit()]
+def saved_steps(workdir: str, name: str) -> list[int]:
+  """The steps of stage `name`'s checkpoints in the workdir, oldest first ([] when none)."""
+  return checkpoint_lib.saved_steps(checkpoint_dir(workdir, name))
 
 
 def has_checkpoint(workdir: str, task_name: str) -> bool:
-  return bool(_saved_steps(workdir, task_name))
+  return bool(saved_steps(workdir, task_name))
 
 
 def is_complete(workdir: str, task_name: str, num_steps: int) -> bool:
   """Whether the stage's final checkpoint exists."""
-  return max(_saved_steps(workdir, task_name), default=-1) >= num_steps
+  return max(saved_steps(workdir, task_name), default=-1) >= num_steps
 
 
 # ------------------------------------------------------------------------------------------------
@@ -159,26 +157,36 @@ def abstract_state(init_state, task: Task, mesh, config):
   return checkpoint_lib.abstract_with_shardings(parallel.unbox(boxed), shardings), shardings, boxed
 
 
+def abstract_params(config, init, rules_family: str, mesh):
+  """Abstract (shape-only) parameters {group: tree} of `init` (rng -> {group: boxed params}),
+  carrying the shardings `train` gives them on `mesh` (the rules of `rules_family`)."""
+  boxed = jax.eval_shape(init, jax.random.key(0))
+  rules = parallel.logical_rules(config, rules_family)
+  shardings = parallel.tree_shardings(boxed, mesh, rules, config.mesh.min_sharded_bytes)
+  return checkpoint_lib.abstract_with_shardings(parallel.unbox(boxed), shardings)
+
+
+def restore_stage_params(config, workdir: str, name: str, init, rules_family: str, mesh, *,
+                         use_ema: bool = True, step: int | None = None):
+  """The parameters {group: params} of stage `name`'s newest checkpoint (or `step`), placed on
+  `mesh`: the EMA parameters when the stage kept them and `use_ema`. Reads only the parameters
+  (no optimiser, data pipeline or train state is built); `init` (rng -> {group: boxed params},
+  traced under jax.eval_shape only) names the groups wanted and their shapes. Raises
+  FileNotFoundError naming the folder when the stage has no checkpoint."""
+  directory = checkpoint_dir(workdir, name)
+  if step is None and not saved_steps(workdir, name):
+    raise FileNotFoundError(f"stage {name!r} has no checkpoint in {directory}: run the {name} "
+                            f"stage first")
+  target = abstract_params(config, init, rules_family, mesh)
+  return checkpoint_lib.restore_params(directory, target, use_ema=use_ema, step=step)
+
+
 def restore_params(config, workdir: str, task: Task, mesh, *, use_ema: bool = True,
                    step: int | None = None):
-  """The parameters of a finished (or the latest) checkpoint of `task`, placed on `mesh`.
-
-  Returns {group: params}; the EMA parameters when the stage kept them and `use_ema`.
-  Raises FileNotFoundError naming the folder when the stage has no checkpoint.
-  """
-  directory = checkpoint_dir(workdir, task.name)
-  checkpointer = checkpoint_lib.Checkpointer(directory, save_every=0, keep=1, async_save=False)
-  try:
-    step = checkpointer.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"stage {task.name!r} has no checkpoint in {directory}: run the "
-                              f"{task.name} stage first")
-    init_state, _ = make_state_init(task)
-    target, _, _ = abstract_state(init_state, task, mesh, config)
-    state = checkpointer.restore(step, target)
-  finally:
-    checkpointer.close()
-  return state["ema"] if use_ema and "ema" in state else state["params"]
+  """`restore_stage_params` of `task`'s stage, groups and rules (its optimisers and dataset are
+  not built)."""
+  return restore_stage_params(config, workdir, task.name, task.init, task.rules_family, mesh,
+                              use_ema=use_ema, step=step)
 
 
 def _with_pretrained(state, values, shardings):

@@ -224,9 +224,8 @@ def write_measured_scale_factor(config, workdir: str, max_images: int = 16) -> f
   path = os.path.join(workdir, config_lib.SCALE_FACTOR_FILE)
   if os.path.exists(path):
     return config_lib.read_scale_factor(path)
-  task = vae_task(config, workdir)
   mesh = parallel.create_mesh(config)
-  params = loop.restore_params(config, workdir, task, mesh)["vae"]
+  params = restore_vae_params(config, workdir, mesh)
   params = jax.tree_util.tree_map(_host_copy, params)
   processes = jax.process_count()
   per_host = max(1, int(config.train_vae.batch_size) // processes)
@@ -265,11 +264,40 @@ def _pretrained_unet(config):
   return {"unet": convert_unet.load_unet_params(config.unet.pretrained_path, config)}
 
 
+# ------------------------------------------------------------------------------------------------
+# Parameters only, for frozen use and inference: no Task, optimiser or dataset is built
+# ------------------------------------------------------------------------------------------------
+def restore_vae_params(config, workdir: str, mesh):
+  """The `vae` stage's newest VAE parameters (EMA when kept) on `mesh`; its discriminator, if it
+  trained one, is not read."""
+  from mmldm_jax.models import vae as vae_lib
+  vae = vae_lib.build_vae(config, dtype=loop.compute_dtype(config))
+  image = jnp.zeros((1, config.data.image_size, config.data.image_size, 3))
+  init = lambda rng: {"vae": vae.init(rng, image)["params"]}  # noqa: E731 - as vae_task's
+  return loop.restore_stage_params(config, workdir, "vae", init, "conv", mesh)["vae"]
+
+
+def restore_autoencoder_params(config, workdir: str, mesh, system):
+  """The `autoencoder` stage's newest autoencoder parameters (EMA when kept) on `mesh`, shaped by
+  `system` (`autoencoder_system`); its discriminator is not read."""
+  init = lambda rng: {"autoencoder": system.init(rng)["autoencoder"]}  # noqa: E731
+  return loop.restore_stage_params(config, workdir, "autoencoder", init, "conv",
+                                   mesh)["autoencoder"]
+
+
+def restore_dit_params(config, workdir: str, mesh, model):
+  """The `generator` stage's newest DiT parameters (EMA when kept) on `mesh`, shaped by `model`
+  (`models.dit.build_dit`)."""
+  from mmldm_jax.models import dit as dit_lib
+  init = lambda rng: {"dit": dit_lib.init_params(model, rng)}  # noqa: E731 - as generator_task's
+  return loop.restore_stage_params(config, workdir, "generator", init, "dit", mesh)["dit"]
+
+
 def frozen_vae_params(config, workdir: str, mesh):
   """The `vae` stage's final parameters on `mesh`, or (no vae checkpoint in the workdir) the pretrained
   SD VAE of config.vae.pretrained_path, replicated. Fails naming both when neither exists."""
   if loop.has_checkpoint(workdir, "vae"):
-    return loop.restore_params(config, workdir, vae_task(config, workdir), mesh)["vae"]
+    return restore_vae_params(config, workdir, mesh)
   if config.vae.pretrained_path:
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.device_put(_pretrained_vae(config), replicated)
@@ -476,8 +504,7 @@ def generator_quality_signals(config, workdir: str, model):
     joint.sample.update(mode="joint", num_clips=1)
     scale_factor = config_lib.resolve_scale_factor(joint, workdir)
     system = autoencoder_system(joint, scale_factor)
-    autoencoder_params = loop.restore_params(
-        joint, workdir, autoencoder_task(joint, workdir, scale_factor), mesh)["autoencoder"]
+    autoencoder_params = restore_autoencoder_params(joint, workdir, mesh, system)
     models = sample_lib.Models(
         dit=model, dit_params=dit_params, system=system, autoencoder_params=autoencoder_params,
         vae_params=frozen_vae_params(joint, workdir, mesh),
