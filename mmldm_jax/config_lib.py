@@ -160,6 +160,7 @@ def unet_config() -> ConfigDict:
       context_dim=768,
       norm_groups=32,
       pretrained_path="",           # SD-1.5 U-Net weights; '' = random init
+      remat_policy="none",          # ResBlocks/transformers: a jax.checkpoint_policies name, or 'none'
   ))
 
 
@@ -467,10 +468,11 @@ def validate(config: ConfigDict) -> None:
   if not 0.0 <= config.sample.eta <= 1.0:
     fail("sample.eta", config.sample.eta, "a DDIM eta in [0, 1]")
   import jax  # the remat policy names are jax's
-  if config.dit.remat_policy != "none" and not hasattr(jax.checkpoint_policies,
-                                                       config.dit.remat_policy):
-    fail("dit.remat_policy", config.dit.remat_policy,
-         "'none' or a jax.checkpoint_policies name (e.g. 'nothing_saveable', 'dots_saveable')")
+  for section in ("dit", "unet"):
+    policy = config[section].remat_policy
+    if policy != "none" and not hasattr(jax.checkpoint_policies, policy):
+      fail(f"{section}.remat_policy", policy,
+           "'none' or a jax.checkpoint_policies name (e.g. 'nothing_saveable', 'dots_saveable')")
   if config.audio.image_size != config.data.image_size:
     fail("audio.image_size", config.audio.image_size,
          f"data.image_size={config.data.image_size} (the audio image and the frames share the VAE "

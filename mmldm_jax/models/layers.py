@@ -21,6 +21,7 @@ Every block matches the computation of its diffusers counterpart, and its parame
                              the DiT's frequency embedding)
   TimestepEmbedding          the time MLP (linear_1 -> SiLU -> linear_2; the DiT names them mlp_0, mlp_2)
   remat_policy               a `jax.checkpoint_policies` policy by name ('none' = no remat)
+  rematerialised             a module class under that policy (same parameter names)
 
 Layout: activations are channels-last, `[B, *spatial, C]`; the spatial rank (1, 2 or 3) is taken from the
 input. Every module has `dtype` (computation) and `param_dtype` (storage) attributes; every parameter
@@ -69,6 +70,14 @@ def remat_policy(name: str, field: str = "remat_policy"):
     raise ValueError(f"config.{field}={name!r}: expected 'none' or a "
                      f"jax.checkpoint_policies name (e.g. 'nothing_saveable', 'dots_saveable')")
   return policy
+
+
+def rematerialised(module_cls, policy: str, field: str = "remat_policy", **kwargs):
+  """`module_cls` under `nn.remat` with the policy named `policy` (kwargs: e.g. static_argnums),
+  or `module_cls` itself for 'none'. Parameter names are unchanged either way."""
+  if policy == "none":
+    return module_cls
+  return nn.remat(module_cls, policy=remat_policy(policy, field), **kwargs)
 
 
 def _spatial_rank(x: Array) -> int:
@@ -348,7 +357,8 @@ class ResBlock(nn.Module):
   `resample='up'|'down'` gives LDM's ResBlock(up=True / down=True): after SiLU(norm1(x)) both the
   branch and the input are resampled by x2 nearest / 2x2 average pooling (per `resample_factors`).
   `zero_init_out=True` zero-initialises conv2 (LDM's zero_module; the block starts as the shortcut).
-  `use_temb=True` creates `time_emb_proj`; then `temb` must be passed.
+  `use_temb=True` creates `time_emb_proj`; then `temb` must be passed. `deterministic` (dropout
+  off) may be passed by position, so that `nn.remat(ResBlock, static_argnums=(3,))` keeps it static.
   """
   out_channels: int | None = None
   use_temb: bool = False
@@ -362,7 +372,7 @@ class ResBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, temb: Array | None = None, *, deterministic: bool = True) -> Array:
+  def __call__(self, x: Array, temb: Array | None = None, deterministic: bool = True) -> Array:
     rank = _spatial_rank(x)
     in_channels = x.shape[-1]
     out_channels = self.out_channels or in_channels

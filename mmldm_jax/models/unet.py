@@ -17,6 +17,10 @@ Two entry points for MM-LDM's signal decoder (ControlNet-like conditioning):
                    downsampler, in LDM `input_blocks` order), added to h right after that block, so they
                    also flow into the skip connections;
   extra_embedding  `[B, 4 * model_channels]`, added to the time embedding after the time MLP.
+
+Memory: `remat` (config.unet.remat_policy) names a `jax.checkpoint_policies` policy under which every
+ResBlock and SpatialTransformer is rematerialised in the backward pass ('none': no remat). It changes
+neither the parameters nor the function computed.
 """
 from __future__ import annotations
 
@@ -67,6 +71,7 @@ class UNet(nn.Module):
   norm_groups: int = 32
   linear_projection: bool = False
   dropout: float = 0.0
+  remat: str = "none"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -77,17 +82,23 @@ class UNet(nn.Module):
   def _kwargs(self) -> dict:
     return dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
+  def _remat(self, block_cls, **kwargs):
+    """`block_cls`, rematerialised under the policy `self.remat` unless it is 'none'."""
+    return layers.rematerialised(block_cls, self.remat, "unet.remat_policy", **kwargs)
+
   def _resblock(self, channels: int, name: str) -> layers.ResBlock:
-    return layers.ResBlock(channels, use_temb=True, dropout=self.dropout, norm_groups=self.norm_groups,
-                           epsilon=1e-5, name=name, **self._kwargs())
+    """Called as block(h, temb, deterministic): `deterministic` by position, static under remat."""
+    block_cls = self._remat(layers.ResBlock, static_argnums=(3,))
+    return block_cls(channels, use_temb=True, dropout=self.dropout, norm_groups=self.norm_groups,
+                     epsilon=1e-5, name=name, **self._kwargs())
 
   def _transformer(self, channels: int, name: str) -> layers.SpatialTransformer:
     if channels % self.num_heads:
       raise ValueError(f"U-Net: {channels} channels are not divisible by num_heads={self.num_heads}")
-    return layers.SpatialTransformer(self.num_heads, channels // self.num_heads,
-                                     depth=self.transformer_depth, norm_groups=self.norm_groups,
-                                     linear_projection=self.linear_projection, name=name,
-                                     **self._kwargs())
+    return self._remat(layers.SpatialTransformer)(
+        self.num_heads, channels // self.num_heads, depth=self.transformer_depth,
+        norm_groups=self.norm_groups, linear_projection=self.linear_projection, name=name,
+        **self._kwargs())
 
   def _time_embedding(self, timesteps: Array, batch: int, extra_embedding: Array | None) -> Array:
     timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (batch,))
@@ -141,7 +152,7 @@ class UNet(nn.Module):
       channels = self.model_channels * mult
       for index in range(self.num_res_blocks):
         h = self._resblock(channels, f"down_blocks_{level}_resnets_{index}")(
-            h, temb, deterministic=deterministic)
+            h, temb, deterministic)
         if attention[level]:
           h = self._transformer(channels, f"down_blocks_{level}_attentions_{index}")(h, context)
         h = add_residual(h)
@@ -153,9 +164,9 @@ class UNet(nn.Module):
         skips.append(h)
 
     channels = h.shape[-1]
-    h = self._resblock(channels, "mid_block_resnets_0")(h, temb, deterministic=deterministic)
+    h = self._resblock(channels, "mid_block_resnets_0")(h, temb, deterministic)
     h = self._transformer(channels, "mid_block_attentions_0")(h, context)
-    h = self._resblock(channels, "mid_block_resnets_1")(h, temb, deterministic=deterministic)
+    h = self._resblock(channels, "mid_block_resnets_1")(h, temb, deterministic)
 
     for up_index, mult in enumerate(reversed(self.channel_mult)):
       level = levels - 1 - up_index
@@ -163,7 +174,7 @@ class UNet(nn.Module):
       for index in range(self.num_res_blocks + 1):
         h = jnp.concatenate([h, skips.pop().astype(h.dtype)], axis=-1)
         h = self._resblock(channels, f"up_blocks_{up_index}_resnets_{index}")(
-            h, temb, deterministic=deterministic)
+            h, temb, deterministic)
         if attention[level]:
           h = self._transformer(channels, f"up_blocks_{up_index}_attentions_{index}")(h, context)
       if level > 0:
@@ -173,11 +184,14 @@ class UNet(nn.Module):
     return layers.Conv(self.out_channels, (3, 3), name="conv_out", **self._kwargs())(h)
 
 
-def build_unet(config, dtype: Dtype = jnp.float32) -> UNet:
-  """The U-Net sized by `config.unet`."""
+def build_unet(config, dtype: Dtype = jnp.float32, **overrides) -> UNet:
+  """The U-Net sized by `config.unet` (remat policy `config.unet.remat_policy`)."""
   u = config.unet
-  return UNet(in_channels=u.in_channels, out_channels=u.out_channels,
+  args = dict(in_channels=u.in_channels, out_channels=u.out_channels,
               model_channels=u.model_channels, channel_mult=tuple(u.channel_mult),
               num_res_blocks=u.num_res_blocks, attention_resolutions=tuple(u.attention_resolutions),
               num_heads=u.num_heads, transformer_depth=u.transformer_depth,
-              context_dim=u.context_dim, norm_groups=u.norm_groups, dtype=dtype)
+              context_dim=u.context_dim, norm_groups=u.norm_groups,
+              remat=u.remat_policy, dtype=dtype)
+  args.update(overrides)
+  return UNet(**args)
