@@ -29,6 +29,8 @@ from typing import Any
 import ml_collections
 from absl import logging
 
+from mmldm_jax import workdir as workdir_lib
+
 ConfigDict = ml_collections.ConfigDict
 
 # Stages `main` knows, in the order they run.
@@ -520,9 +522,6 @@ def enable_compilation_cache(config: ConfigDict) -> str | None:
   return folder
 
 
-SCALE_FACTOR_FILE = os.path.join("vae", "scale_factor.json")
-
-
 def read_scale_factor(path: str) -> float:
   """The factor in a `vae` stage's scale_factor.json; a clear error for a damaged file."""
   try:
@@ -545,7 +544,7 @@ def resolve_scale_factor(config: ConfigDict, workdir: str) -> float:
   it. The stages that build the VAE (autoencoder, latents, sample) pass the value on to it."""
   if not config.vae.measure_scale_factor:
     return float(config.vae.scale_factor)
-  path = os.path.join(workdir, SCALE_FACTOR_FILE)
+  path = workdir_lib.scale_factor_file(workdir)
   if not os.path.exists(path):
     raise FileNotFoundError(
         f"config.vae.measure_scale_factor=True but {path} does not exist: run the `vae` stage "

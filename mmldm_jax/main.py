@@ -21,13 +21,14 @@ from ml_collections import config_flags
 
 from mmldm_jax import config_lib
 from mmldm_jax import parallel
+from mmldm_jax import workdir as workdir_lib
 
 # Implemented stages: name -> "module:function". A stage appears here once it works end to end.
 STAGES = {
     "data": "mmldm_jax.data.stage:run",
     "vae": "mmldm_jax.train.stages:run_vae",
     "autoencoder": "mmldm_jax.train.stages:run_autoencoder",
-    "latents": "mmldm_jax.train.latents:run",
+    "latents": "mmldm_jax.train.stages:run_latents",
     "generator": "mmldm_jax.train.stages:run_generator",
     "sample": "mmldm_jax.sample:run",
     "evaluate": "mmldm_jax.evaluation.stage:run",
@@ -114,13 +115,12 @@ def main(argv) -> None:
     run_stage(name, config, workdir)
   logging.info("done: %s in %s", ", ".join(stages), workdir)
   if "sample" in stages:
-    from mmldm_jax import sample
     logging.info("samples to watch and listen to: %s/*.mp4 (a .png of each beside it)",
-                 sample.samples_dir(workdir, config.sample.mode))
+                 workdir_lib.samples_dir(workdir, config.sample.mode))
   if "evaluate" in stages:
     logging.info("scores: %s; training curves and quality signals: tensorboard --logdir %s "
                  "(pictures and sounds also in <stage>/logs/media)",
-                 os.path.join(workdir, "metrics.json"), workdir)
+                 workdir_lib.metrics_file(workdir), workdir)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ import numpy as np
 from absl import logging
 
 from mmldm_jax import config_lib
+from mmldm_jax import workdir as workdir_lib
 from mmldm_jax.data import audio as audio_lib
 from mmldm_jax.data import video as video_lib
 
@@ -291,18 +292,9 @@ class SplitClips:
     return self.source[self.indices[i]]
 
 
-def data_folder(config, workdir: str) -> str:
-  from mmldm_jax.data import stage as data_stage
-  return data_stage.data_folder(config, workdir)
-
-
 # ------------------------------------------------------------------------------------------------
 # Files
 # ------------------------------------------------------------------------------------------------
-def samples_dir(workdir: str, mode: str) -> str:
-  return os.path.join(workdir, "samples", mode)
-
-
 def sample_name(number: int) -> str:
   return f"sample_{number:04d}"
 
@@ -454,7 +446,7 @@ def run(config, workdir: str) -> None:
   """The stage: restores the trained models and writes `<workdir>/samples/<mode>/` (module doc);
   skipped when every sample exists with the same settings."""
   mode = check_mode(config)
-  folder = samples_dir(workdir, mode)
+  folder = workdir_lib.samples_dir(workdir, mode)
   index = read_index(folder)
   if index is not None:
     _check_settings(folder, index, sample_settings(config, models_description(config, workdir)))
@@ -466,6 +458,6 @@ def run(config, workdir: str) -> None:
   models = load_models(config, workdir)
   clips = None
   if mode in ("a2v", "v2a"):
-    clips = SplitClips(config, data_folder(config, workdir), CONDITIONING_SPLIT)
+    clips = SplitClips(config, workdir_lib.data_folder(config, workdir), CONDITIONING_SPLIT)
   write_samples(config, models, folder, clips=clips)
   logging.info("sample: wrote %s (open the .mp4 files; index.json lists them)", folder)

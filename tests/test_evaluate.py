@@ -18,6 +18,7 @@ import pytest
 
 from mmldm_jax import config_lib
 from mmldm_jax import sample
+from mmldm_jax import workdir as workdir_lib
 from mmldm_jax.data import audio
 from mmldm_jax.data import synthetic
 from mmldm_jax.evaluation import stage
@@ -61,9 +62,9 @@ def write_copies(config, data_folder, split, folder, count):
 @pytest.fixture(scope="module")
 def train_copy_metrics(config, workdir):
   write_copies(config, os.path.join(workdir, "data"), "train",
-               sample.samples_dir(workdir, config.sample.mode), 4)
+               workdir_lib.samples_dir(workdir, config.sample.mode), 4)
   stage.run(config, workdir)
-  with open(os.path.join(workdir, stage.METRICS_FILE)) as f:
+  with open(workdir_lib.metrics_file(workdir)) as f:
     return json.load(f)
 
 
@@ -161,7 +162,7 @@ def test_memorisation_flags_training_copies(config, workdir, train_copy_metrics)
 
 
 def test_rerun_skips_and_feature_checks(config, workdir, train_copy_metrics):
-  path = os.path.join(workdir, stage.METRICS_FILE)
+  path = workdir_lib.metrics_file(workdir)
   mtime = os.path.getmtime(path)
   stage.run(config, workdir)
   assert os.path.getmtime(path) == mtime
@@ -230,7 +231,7 @@ def test_fad_panns_cnn14_from_a_weight_file(config, workdir, train_copy_metrics,
   path = cnn14_weight_file(tmp_path)
   tiny = config_lib.load("configs/demo.py:tiny")
   tiny.evaluation.update(fvd="off", panns_cnn14_path=path, train_pool_limit=16)
-  metrics = stage.evaluate(tiny, sample.samples_dir(workdir, tiny.sample.mode),
+  metrics = stage.evaluate(tiny, workdir_lib.samples_dir(workdir, tiny.sample.mode),
                            os.path.join(workdir, "data"), str(tmp_path / "evaluate"))
   fad = metrics["fad_panns_cnn14"]
   assert np.isfinite(fad["value"]) and fad["value"] >= -1e-6
@@ -253,7 +254,7 @@ def test_fad_audioclip_from_a_weight_file(config, workdir, train_copy_metrics, t
   torch.save({f"audio.{key}": value for key, value in TorchAudioHead().state_dict().items()}, path)
   tiny = config_lib.load("configs/demo.py:tiny")
   tiny.evaluation.update(fvd="off", audioclip_path=path, train_pool_limit=12)
-  arguments = (tiny, sample.samples_dir(workdir, tiny.sample.mode), os.path.join(workdir, "data"),
+  arguments = (tiny, workdir_lib.samples_dir(workdir, tiny.sample.mode), os.path.join(workdir, "data"),
                str(tmp_path / "evaluate"))
   metrics = stage.evaluate(*arguments)
   fad = metrics["fad_audioclip_x1e4"]
@@ -300,7 +301,7 @@ def test_process_shares_fill_the_cache(config, workdir, train_copy_metrics, tmp_
   path = cnn14_weight_file(tmp_path)
   tiny = config_lib.load("configs/demo.py:tiny")
   tiny.evaluation.update(fvd="off", panns_cnn14_path=path, train_pool_limit=12)
-  samples, data = sample.samples_dir(workdir, tiny.sample.mode), os.path.join(workdir, "data")
+  samples, data = workdir_lib.samples_dir(workdir, tiny.sample.mode), os.path.join(workdir, "data")
   plain = stage.evaluate(tiny, samples, data, str(tmp_path / "plain"))
   monkeypatch.setattr(stage, "_sum_over_processes", lambda value: 4)   # 4 samples of one clip
   shared = str(tmp_path / "shared")

@@ -12,6 +12,7 @@ from PIL import Image
 
 from mmldm_jax import config_lib
 from mmldm_jax import parallel
+from mmldm_jax import workdir as workdir_lib
 from mmldm_jax import sample
 from mmldm_jax.data import audio
 from mmldm_jax.data import synthetic
@@ -170,8 +171,8 @@ def save_checkpoint(config, workdir, task, params, step):
   state = jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), abstract)
   for group, values in params.items():
     state["params"][group] = jax.tree.map(np.asarray, values)
-  checkpointer = checkpoint_lib.Checkpointer(loop.checkpoint_dir(workdir, task.name), save_every=0,
-                                             keep=1, async_save=False)
+  checkpointer = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(workdir, task.name),
+                                             save_every=0, keep=1, async_save=False)
   checkpointer.save(step, state, force=True)
   checkpointer.close()
 
@@ -189,7 +190,7 @@ def test_stage_restores_checkpoints_and_matches_the_chain(config, models, joint_
                   {"autoencoder": models.autoencoder_params}, 4)
   save_checkpoint(config, workdir, stages.vae_task(config, workdir), {"vae": models.vae_params}, 4)
   sample.run(config, workdir)
-  folder = sample.samples_dir(workdir, "joint")
+  folder = workdir_lib.samples_dir(workdir, "joint")
   index = sample.read_index(folder)
   assert index["settings"]["models"] == {"generator_step": 4, "autoencoder_step": 4,
                                          "vae_step": 4}
@@ -248,10 +249,10 @@ def test_latents_stage_writes_every_clip_window_with_its_place(config, models, t
                   stages.autoencoder_task(config, workdir, config.vae.scale_factor),
                   {"autoencoder": models.autoencoder_params}, 4)
   save_checkpoint(config, workdir, stages.vae_task(config, workdir), {"vae": models.vae_params}, 4)
-  latents_lib.run(config, workdir)
+  stages.run_latents(config, workdir)
   clips = pipeline.clip_source(config, "train", pipeline.RecordVideos(
       os.path.join(workdir, "data"), "train"))
-  source = latents_lib.LatentSource(latents_lib.latents_dir(workdir))
+  source = latents_lib.LatentSource(workdir_lib.latents_dir(workdir))
   assert len(source) == len(clips)
   for row in (0, 1, len(clips) // 2, len(clips) - 1):
     item = source[row]

@@ -18,6 +18,7 @@ import pytest
 from conftest import CONFIGS, REPO_ROOT
 from mmldm_jax import config_lib
 from mmldm_jax import parallel
+from mmldm_jax import workdir as workdir_lib
 from mmldm_jax.models import dit as dit_lib
 from mmldm_jax.train import latents as latents_lib
 from mmldm_jax.train import loop
@@ -44,7 +45,7 @@ def write_latents(workdir, config, count=40, seed=0, clips_per_video=20):
   shapes = dit_lib.latent_shapes(config)
   shapes = {"audio_latent": shapes["audio"], "video_latent": shapes["video"]}
   rng = np.random.default_rng(seed)
-  folder = latents_lib.latents_dir(workdir)
+  folder = workdir_lib.latents_dir(workdir)
   writer = latents_lib.ShardWriter(folder, "train", 0, 1, count, shapes)
   rows = np.arange(count, dtype=np.int32)
   writer.write({"audio_latent": rng.normal(size=(count,) + shapes["audio_latent"]),
@@ -109,7 +110,7 @@ def test_params_only_restore_equals_the_params_of_a_full_restore(reference_run):
   task = stages.generator_task(config, workdir)
   init_state, _ = loop.make_state_init(task)
   target, _, _ = loop.abstract_state(init_state, task, mesh, config)
-  checkpointer = checkpoint_lib.Checkpointer(loop.checkpoint_dir(workdir, "generator"),
+  checkpointer = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(workdir, "generator"),
                                              save_every=0, keep=1, async_save=False)
   full = checkpointer.restore(NUM_STEPS, target)
   checkpointer.close()
@@ -170,7 +171,7 @@ def test_sigkill_and_resume_is_bit_identical(reference_run, tmp_path):
   script.write_text(KILLED_RUN.format(tests=os.path.join(REPO_ROOT, "tests")))
   process = subprocess.Popen([sys.executable, str(script), workdir], cwd=REPO_ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-  checkpoints = loop.checkpoint_dir(workdir, "generator")
+  checkpoints = workdir_lib.checkpoint_dir(workdir, "generator")
   deadline = time.time() + 120
   rng = np.random.default_rng()
   wait_after = rng.uniform(0.0, 0.8)  # a random point after the first checkpoint
@@ -201,7 +202,7 @@ def test_saved_on_8_devices_continues_on_2x2(reference_run, tmp_path):
   ref_workdir, _ = reference_run
   workdir = str(tmp_path / "reshard")
   shutil.copytree(ref_workdir, workdir)
-  checkpoints = loop.checkpoint_dir(workdir, "generator")
+  checkpoints = workdir_lib.checkpoint_dir(workdir, "generator")
   shutil.rmtree(os.path.join(checkpoints, str(NUM_STEPS)))  # latest is now step 4
   with open(os.path.join(workdir, "generator", "logs", "metrics.jsonl"), "w") as f:
     f.write("")
@@ -272,7 +273,7 @@ def test_unreadable_checkpoint_is_an_error_not_a_fresh_start(reference_run, tmp_
   ref_workdir, config = reference_run
   workdir = str(tmp_path / "broken")
   shutil.copytree(ref_workdir, workdir)
-  checkpoints = loop.checkpoint_dir(workdir, "generator")
+  checkpoints = workdir_lib.checkpoint_dir(workdir, "generator")
   shutil.rmtree(os.path.join(checkpoints, str(NUM_STEPS)))
   for root, _, files in os.walk(os.path.join(checkpoints, "4", "state")):
     for name in files:
@@ -310,7 +311,7 @@ def test_continuation_trains_on_consecutive_clip_pairs(tmp_path):
   config.dit.continuation = True
   workdir = str(tmp_path)
   write_latents(workdir, config)               # 2 videos x 20 windows of 16 frames
-  folder = latents_lib.latents_dir(workdir)
+  folder = workdir_lib.latents_dir(workdir)
   source = latents_lib.LatentSource(folder)
   pairs = latents_lib.ContinuationPairs(source, config.data.num_frames)
   assert len(pairs) == 2 * (20 - 16)           # windows starting at frames 16..19 of each video
@@ -332,8 +333,9 @@ def test_continuation_trains_on_consecutive_clip_pairs(tmp_path):
   short = str(tmp_path / "short")
   write_latents(short, config, count=8, clips_per_video=4)
   with pytest.raises(ValueError, match="no clip has a previous clip"):
-    latents_lib.ContinuationPairs(latents_lib.LatentSource(latents_lib.latents_dir(short)), 16)
+    latents_lib.ContinuationPairs(latents_lib.LatentSource(workdir_lib.latents_dir(short)), 16)
   # Latents of the previous format (no video_index / clip_start files) are named, not half-read.
-  os.remove(os.path.join(latents_lib.latents_dir(short), "train-process_0-of-1.clip_start.npy"))
+  os.remove(os.path.join(workdir_lib.latents_dir(short),
+                         "train-process_0-of-1.clip_start.npy"))
   with pytest.raises(FileNotFoundError, match=r"clip_start.npy is missing .* rerun the `latents`"):
-    latents_lib.LatentSource(latents_lib.latents_dir(short))
+    latents_lib.LatentSource(workdir_lib.latents_dir(short))

@@ -19,10 +19,12 @@ import collections
 import os
 from typing import Any
 
+import jax
 import numpy as np
 from absl import logging
 
 from mmldm_jax import config_lib
+from mmldm_jax import workdir as workdir_lib
 from mmldm_jax.data import records
 from mmldm_jax.data import synthetic
 
@@ -30,14 +32,20 @@ PREVIEW_FRAMES = 8
 _GAP = 4
 
 
-def data_folder(config: Any, workdir: str) -> str:
-  """Where the dataset lives: config.data.data_dir, or <workdir>/data for the synthetic set."""
-  if config.data.data_dir:
-    return config.data.data_dir
-  if config.data.source == "synthetic":
-    return os.path.join(workdir, "data")
-  raise ValueError("config.data.data_dir is empty: expected the folder written by "
-                   "`python -m mmldm_jax.data.ingest` (with source='records')")
+def ensure_dataset(config: Any, workdir: str) -> str:
+  """The dataset's folder (`workdir.data_folder`) for a stage that reads it. With the synthetic
+  source and no dataset yet, runs this stage first (single process), so the training stages also
+  work without 'data' in config.stages; otherwise a missing index is an error naming it."""
+  folder = workdir_lib.data_folder(config, workdir)
+  if not os.path.exists(os.path.join(folder, "index.json")):
+    if config.data.source == "synthetic" and jax.process_count() == 1:
+      logging.info("no dataset in %s yet: running the data stage first", folder)
+      run(config, workdir)
+    else:
+      raise FileNotFoundError(
+          f"no dataset index at {os.path.join(folder, 'index.json')}: run the `data` stage first "
+          f"(config.stages starting with 'data') or set config.data.data_dir to ingested records")
+  return folder
 
 
 def preview_image(record: dict[str, Any], config: Any) -> np.ndarray:
@@ -69,8 +77,7 @@ def write_preview(config: Any, workdir: str) -> None:
   """preview.mp4 and preview.png of the dataset's first video (skipped when both exist)."""
   from PIL import Image
   from mmldm_jax.data import video
-  mp4_path = os.path.join(workdir, "preview.mp4")
-  png_path = os.path.join(workdir, "preview.png")
+  mp4_path, png_path = workdir_lib.preview_files(workdir)
   if os.path.exists(mp4_path) and os.path.exists(png_path):
     logging.info("preview: %s and %s exist, skipped", mp4_path, png_path)
     return
@@ -100,7 +107,7 @@ def report_records(folder: str, config: Any) -> dict[str, int]:
 
 
 def run(config: Any, workdir: str) -> None:
-  folder = data_folder(config, workdir)
+  folder = workdir_lib.data_folder(config, workdir)
   if config.data.source == "synthetic":
     if synthetic.is_complete(config, folder):
       logging.info("data: %s is complete, skipped", folder)

@@ -85,6 +85,7 @@ import numpy as np
 from absl import logging
 
 from mmldm_jax import sample as sample_lib
+from mmldm_jax import workdir as workdir_lib
 from mmldm_jax.data import audio as audio_lib
 from mmldm_jax.data import video as video_lib
 from mmldm_jax.evaluation import audioclip
@@ -94,7 +95,6 @@ from mmldm_jax.evaluation import fvd
 from mmldm_jax.evaluation import panns
 from mmldm_jax.evaluation import sync
 
-METRICS_FILE = "metrics.json"
 REAL_LIMIT = 2048
 NOISE_CLIPS = 32
 TRAIN_LIMIT = 4096
@@ -747,9 +747,9 @@ def run(config, workdir: str) -> None:
   several processes each computes its share of the features first (`compute_share`; the workdir
   must be shared), then process 0 scores."""
   samples_folder = (config.evaluation.samples_folder or
-                    sample_lib.samples_dir(workdir, config.sample.mode))
-  work_folder = os.path.join(workdir, "evaluate")
-  path = os.path.join(workdir, METRICS_FILE)
+                    workdir_lib.samples_dir(workdir, config.sample.mode))
+  work_folder = workdir_lib.stage_dir(workdir, "evaluate")
+  path = workdir_lib.metrics_file(workdir)
   index = sample_lib.read_index(samples_folder)
   if index is not None and os.path.exists(path):
     with open(path) as f:
@@ -762,14 +762,14 @@ def run(config, workdir: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     os.makedirs(work_folder, exist_ok=True)
-    computed = compute_share(config, samples_folder, sample_lib.data_folder(config, workdir),
+    computed = compute_share(config, samples_folder, workdir_lib.data_folder(config, workdir),
                              work_folder, jax.process_index(), jax.process_count())
     logging.info("evaluate: process %d computed %d features of its share", jax.process_index(),
                  computed)
     multihost_utils.sync_global_devices("mmldm_evaluate_features")
   if jax.process_index() != 0:
     return
-  metrics = evaluate(config, samples_folder, sample_lib.data_folder(config, workdir), work_folder)
+  metrics = evaluate(config, samples_folder, workdir_lib.data_folder(config, workdir), work_folder)
   with open(path + ".tmp", "w") as f:
     json.dump(metrics, f, indent=1)
   os.replace(path + ".tmp", path)

@@ -1,5 +1,6 @@
-"""The `latents` stage: the frozen autoencoder's perceptual latents of every training clip, written
-once, so the generator never re-encodes (reference: the DiT reads the posterior MODES, unscaled).
+"""The latent dataset: the frozen autoencoder's perceptual latents of every training clip, written
+once by the `latents` stage (`train.stages.run_latents`), so the generator never re-encodes
+(reference: the DiT reads the posterior MODES, unscaled). This module writes and reads the files.
 
 Layout under `<workdir>/latents/`:
   train-process_<p>-of-<n>.audio_latent.npy   float32 [N_p, ha, wa, C]   (one shard per writing process)
@@ -19,25 +20,15 @@ clip_start - num_frames), which the stride-1 windows always contain.
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import grain
-import jax
 import numpy as np
-from absl import logging
-from jax.experimental import multihost_utils
 
-from mmldm_jax import config_lib
-from mmldm_jax import parallel
-from mmldm_jax.data import pipeline
+from mmldm_jax import workdir as workdir_lib
 
 FIELDS = ("audio_latent", "video_latent", "label", "video_index", "clip_start")
 INT_FIELDS = ("label", "video_index", "clip_start")
-
-
-def latents_dir(workdir: str) -> str:
-  return os.path.join(workdir, "latents")
 
 
 def _index_path(folder: str, split: str) -> str:
@@ -45,7 +36,7 @@ def _index_path(folder: str, split: str) -> str:
 
 
 def is_complete(workdir: str, split: str = "train") -> bool:
-  return os.path.exists(_index_path(latents_dir(workdir), split))
+  return os.path.exists(_index_path(workdir_lib.latents_dir(workdir), split))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -196,70 +187,3 @@ def make_latent_dataset(folder: str, *, process_index: int, process_count: int, 
 # ------------------------------------------------------------------------------------------------
 # The stage
 # ------------------------------------------------------------------------------------------------
-def _local_rows(array: jax.Array) -> np.ndarray:
-  """This process's rows of a batch-sharded global array, in order (replicas dropped)."""
-  shards = {}
-  for shard in array.addressable_shards:
-    shards.setdefault(shard.index[0].start or 0, np.asarray(shard.data))
-  return np.concatenate([shards[start] for start in sorted(shards)], axis=0)
-
-
-def run(config, workdir: str) -> None:
-  """Encodes the training clips with the frozen autoencoder (and VAE) into `<workdir>/latents`."""
-  from mmldm_jax.train import stages
-  folder = latents_dir(workdir)
-  if is_complete(workdir):
-    logging.info("stage latents: %s exists, skipping", _index_path(folder, "train"))
-    return
-  mesh = parallel.create_mesh(config)
-  system = stages.autoencoder_system(config, config_lib.resolve_scale_factor(config, workdir))
-  params = stages.restore_autoencoder_params(config, workdir, mesh, system)
-  vae_params = stages.frozen_vae_params(config, workdir, mesh)
-  per_host = parallel.per_process_batch_size(config.train_autoencoder.batch_size, mesh,
-                                             "train_autoencoder.batch_size")
-  process, processes = jax.process_index(), jax.process_count()
-  videos = pipeline.RecordVideos(stages.data_folder(config, workdir), "train")
-  total = len(pipeline.clip_source(config, "train", videos))
-  mine = len(range(process, total, processes))
-  steps = math.ceil(math.ceil(total / processes) / per_host)  # the same on every process
-  dataset = pipeline.make_dataset(
-      config, "train", process_index=process, process_count=processes, batch_size=per_host,
-      seed=config.seed, shuffle=False, num_epochs=1, hflip_prob=config.data.generator_hflip_prob,
-      drop_remainder=False, videos=videos)
-  encode = jax.jit(lambda p, v, b: system.encode(p, v, b),
-                   out_shardings=parallel.batch_sharding(mesh))
-  from mmldm_jax.models import dit as dit_lib
-  shapes = {"audio_latent": dit_lib.latent_shapes(config)["audio"],
-            "video_latent": dit_lib.latent_shapes(config)["video"]}
-  writer = ShardWriter(folder, "train", process, processes, mine, shapes)
-  iterator = iter(dataset)
-  template = None
-  logging.info("stage latents: %d clips, %d on this process, %d steps of %d", total, mine, steps,
-               per_host)
-  for _ in range(steps):
-    host = next(iterator, None)
-    if host is not None:
-      host = {k: np.asarray(host[k]) for k in ("key_frames", "audio", "label", "video_index",
-                                                 "clip_start")}
-      template = template or {k: (v.shape[1:], v.dtype) for k, v in host.items()}
-    rows = 0 if host is None else len(host["label"])
-    if template is None:
-      raise ValueError(f"process {process} got no clips to learn the batch shapes from "
-                       f"({total} clips for {processes} processes)")
-    padded = {k: np.zeros((per_host,) + shape, dtype) for k, (shape, dtype) in template.items()}
-    if rows:
-      for k in padded:
-        padded[k][:rows] = host[k]
-    audio, video = encode(params, vae_params, parallel.global_batch(
-        {"key_frames": padded["key_frames"], "audio": padded["audio"]}, mesh))
-    if rows:
-      writer.write({"audio_latent": _local_rows(audio)[:rows],
-                    "video_latent": _local_rows(video)[:rows],
-                    **{field: padded[field][:rows] for field in INT_FIELDS}})
-  writer.close()
-  multihost_utils.sync_global_devices("latents written")
-  if process == 0:
-    counts = [(f"train-process_{p}-of-{processes}", len(range(p, total, processes)))
-              for p in range(processes)]
-    write_index(folder, "train", counts, shapes)
-  logging.info("stage latents: wrote %d clips to %s", total, folder)

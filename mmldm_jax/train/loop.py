@@ -3,7 +3,7 @@
 A stage describes WHAT it trains as a `Task` (`train/stages.py`): parameter groups, their init, a loss
 per group, the input pipeline, frozen networks. `train(config, workdir, task)` does the rest, top to
 bottom: mesh, input pipeline, model & optimizer, shardings, update step, checkpoint restore, train
-loop, final save. Layout under the workdir:
+loop, final save. It writes under the workdir (paths from `mmldm_jax.workdir`):
 
   <workdir>/<stage>/checkpoints/<step>/   Orbax checkpoints (train state, data iterator, config)
   <workdir>/<stage>/logs/                 metrics.jsonl and TensorBoard event files
@@ -17,7 +17,6 @@ uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Any, Callable, Mapping
 
@@ -30,6 +29,7 @@ from absl import logging
 from mmldm_jax import checkpoint as checkpoint_lib
 from mmldm_jax import metrics as metrics_lib
 from mmldm_jax import parallel
+from mmldm_jax import workdir as workdir_lib
 from mmldm_jax.train import optim
 
 Params = Any
@@ -78,14 +78,6 @@ class Task:
                                             dict[str, np.ndarray]]] | None = None
 
 
-def stage_dir(workdir: str, name: str) -> str:
-  return os.path.join(workdir, name)
-
-
-def checkpoint_dir(workdir: str, name: str) -> str:
-  return os.path.join(stage_dir(workdir, name), "checkpoints")
-
-
 def compute_dtype(config) -> jnp.dtype:
   """Activation dtype: config.precision 'auto' = bfloat16 on accelerators, float32 on CPU."""
   precision = config.precision
@@ -98,7 +90,7 @@ def compute_dtype(config) -> jnp.dtype:
 
 def saved_steps(workdir: str, name: str) -> list[int]:
   """The steps of stage `name`'s checkpoints in the workdir, oldest first ([] when none)."""
-  return checkpoint_lib.saved_steps(checkpoint_dir(workdir, name))
+  return checkpoint_lib.saved_steps(workdir_lib.checkpoint_dir(workdir, name))
 
 
 def has_checkpoint(workdir: str, task_name: str) -> bool:
@@ -173,7 +165,7 @@ def restore_stage_params(config, workdir: str, name: str, init, rules_family: st
   (no optimiser, data pipeline or train state is built); `init` (rng -> {group: boxed params},
   traced under jax.eval_shape only) names the groups wanted and their shapes. Raises
   FileNotFoundError naming the folder when the stage has no checkpoint."""
-  directory = checkpoint_dir(workdir, name)
+  directory = workdir_lib.checkpoint_dir(workdir, name)
   if step is None and not saved_steps(workdir, name):
     raise FileNotFoundError(f"stage {name!r} has no checkpoint in {directory}: run the {name} "
                             f"stage first")
@@ -334,7 +326,7 @@ def train(config, workdir: str, task: Task, devices=None) -> dict[str, Any]:
 
   # ---- Checkpoint restore ----------------------------------------------------------------------
   checkpointer = checkpoint_lib.Checkpointer(
-      checkpoint_dir(workdir, task.name), save_every=train_config.checkpoint_every,
+      workdir_lib.checkpoint_dir(workdir, task.name), save_every=train_config.checkpoint_every,
       keep=train_config.keep_checkpoints)
   latest = checkpointer.latest_step()
   if latest is not None:
@@ -355,7 +347,7 @@ def train(config, workdir: str, task: Task, devices=None) -> dict[str, Any]:
 
   # ---- Train loop ------------------------------------------------------------------------------
   writer = metrics_lib.MetricsWriter(
-      os.path.join(stage_dir(workdir, task.name), "logs"), total_steps=num_steps,
+      workdir_lib.logs_dir(workdir, task.name), total_steps=num_steps,
       global_batch_size=train_config.batch_size, log_every=train_config.log_every,
       flops_per_example=task.flops_per_example)
   watcher = checkpoint_lib.PreemptionWatcher()

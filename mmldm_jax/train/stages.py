@@ -2,7 +2,11 @@
 
   vae          stage-0 image VAE (decoder fine-tuned on frames and audio images) + PatchGAN
   autoencoder  the multi-modal autoencoder + its 3-frame discriminator, VAE frozen
-  generator    the joint audio-video DiT on precomputed latents (`latents` stage, train/latents.py)
+  generator    the joint audio-video DiT on precomputed latents (`run_latents`; their files:
+               train/latents.py)
+Beside them, parameters-only restores for frozen use and inference (`restore_*_params`), and the
+`latents` stage (`run_latents`: every training clip encoded once by the frozen autoencoder).
+Paths come from `mmldm_jax.workdir`.
 
 Stage order and inputs: `data` writes `<workdir>/data` (or `config.data.data_dir` holds ingested
 records); `vae` starts from `config.vae.pretrained_path` (SD VAE weights) or random; `autoencoder`
@@ -15,6 +19,7 @@ Each stage is skipped when its final checkpoint exists and resumes from its late
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
@@ -26,35 +31,22 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from mmldm_jax import config_lib
+from mmldm_jax import parallel
+from mmldm_jax import workdir as workdir_lib
 from mmldm_jax.data import audio as audio_lib
 from mmldm_jax.data import pipeline
+from mmldm_jax.data import stage as data_stage
+from mmldm_jax.train import latents as latents_lib
 from mmldm_jax.train import loop
 
 # Clip fields each stage's loss reads (the rest of the pipeline's dict stays on the host).
 _AUTOENCODER_FIELDS = ("key_frames", "target_frames", "target_indices", "audio", "label")
 
 
-def data_folder(config, workdir: str) -> str:
-  """The training records' folder (config.data.data_dir, else `<workdir>/data`). With the synthetic
-  source and no dataset yet, runs the `data` stage first (single process), so the training stages
-  also work without 'data' in config.stages."""
-  from mmldm_jax.data import stage as data_stage
-  folder = data_stage.data_folder(config, workdir)
-  if not os.path.exists(os.path.join(folder, "index.json")):
-    if config.data.source == "synthetic" and jax.process_count() == 1:
-      logging.info("no dataset in %s yet: running the data stage first", folder)
-      data_stage.run(config, workdir)
-    else:
-      raise FileNotFoundError(
-          f"no dataset index at {os.path.join(folder, 'index.json')}: run the `data` stage first "
-          f"(config.stages starting with 'data') or set config.data.data_dir to ingested records")
-  return folder
-
-
 def clip_dataset_factory(config, workdir: str, *, hflip_prob: float | None = None):
   """(process_index, process_count, per_host_batch, seed) -> the shuffled, repeating clip dataset."""
   def make(process_index, process_count, batch_size, seed):
-    folder = data_folder(config, workdir)  # here, not earlier: restoring a task reads no data
+    folder = data_stage.ensure_dataset(config, workdir)  # here, not earlier: a Task reads no data
     return pipeline.make_dataset(
         config, "train", process_index=process_index, process_count=process_count,
         batch_size=batch_size, seed=seed, hflip_prob=hflip_prob,
@@ -128,11 +120,11 @@ QUALITY_CLIPS = 8
 
 def validation_clips(config, workdir: str, count: int = QUALITY_CLIPS) -> list[dict[str, Any]]:
   """`count` clips evenly spaced over the validation split (fewer when the split has fewer)."""
-  clips = pipeline.clip_source(config, "validation", pipeline.RecordVideos(
-      data_folder(config, workdir), "validation"))
+  folder = data_stage.ensure_dataset(config, workdir)
+  clips = pipeline.clip_source(config, "validation", pipeline.RecordVideos(folder, "validation"))
   if not len(clips):
-    raise ValueError(f"the validation split of {data_folder(config, workdir)} has no clip: the "
-                     f"quality signals need one (or set train_*.eval_every=0)")
+    raise ValueError(f"the validation split of {folder} has no clip: the quality signals need one "
+                     f"(or set train_*.eval_every=0)")
   picks = np.unique(np.linspace(0, len(clips) - 1, min(count, len(clips))).round().astype(int))
   return [clips[int(index)] for index in picks]
 
@@ -219,9 +211,8 @@ def write_measured_scale_factor(config, workdir: str, max_images: int = 16) -> f
   first training batch of every process, at most `max_images` images each, and writes it to
   `<workdir>/vae/scale_factor.json` (process 0). Returns the factor; reads it back when the file
   exists."""
-  from mmldm_jax import parallel
   from mmldm_jax.models import vae as vae_lib
-  path = os.path.join(workdir, config_lib.SCALE_FACTOR_FILE)
+  path = workdir_lib.scale_factor_file(workdir)
   if os.path.exists(path):
     return config_lib.read_scale_factor(path)
   mesh = parallel.create_mesh(config)
@@ -302,7 +293,7 @@ def frozen_vae_params(config, workdir: str, mesh):
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.device_put(_pretrained_vae(config), replicated)
   raise FileNotFoundError(
-      f"no VAE: {loop.checkpoint_dir(workdir, 'vae')} has no checkpoint and "
+      f"no VAE: {workdir_lib.checkpoint_dir(workdir, 'vae')} has no checkpoint and "
       f"config.vae.pretrained_path is empty; run the `vae` stage first or give SD VAE weights")
 
 
@@ -448,20 +439,91 @@ def autoencoder_quality_signals(config, workdir: str, system):
 
 
 # ------------------------------------------------------------------------------------------------
+# latents
+# ------------------------------------------------------------------------------------------------
+def _local_rows(array: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, in order (replicas dropped)."""
+  shards = {}
+  for shard in array.addressable_shards:
+    shards.setdefault(shard.index[0].start or 0, np.asarray(shard.data))
+  return np.concatenate([shards[start] for start in sorted(shards)], axis=0)
+
+
+def run_latents(config, workdir: str) -> None:
+  """The `latents` stage: encodes the training clips with the frozen autoencoder (and VAE) into
+  `<workdir>/latents` (the files: `train/latents.py`)."""
+  folder = workdir_lib.latents_dir(workdir)
+  if latents_lib.is_complete(workdir):
+    logging.info("stage latents: %s exists, skipping", folder)
+    return
+  mesh = parallel.create_mesh(config)
+  system = autoencoder_system(config, config_lib.resolve_scale_factor(config, workdir))
+  params = restore_autoencoder_params(config, workdir, mesh, system)
+  vae_params = frozen_vae_params(config, workdir, mesh)
+  per_host = parallel.per_process_batch_size(config.train_autoencoder.batch_size, mesh,
+                                             "train_autoencoder.batch_size")
+  process, processes = jax.process_index(), jax.process_count()
+  videos = pipeline.RecordVideos(data_stage.ensure_dataset(config, workdir), "train")
+  total = len(pipeline.clip_source(config, "train", videos))
+  mine = len(range(process, total, processes))
+  steps = math.ceil(math.ceil(total / processes) / per_host)  # the same on every process
+  dataset = pipeline.make_dataset(
+      config, "train", process_index=process, process_count=processes, batch_size=per_host,
+      seed=config.seed, shuffle=False, num_epochs=1, hflip_prob=config.data.generator_hflip_prob,
+      drop_remainder=False, videos=videos)
+  encode = jax.jit(lambda p, v, b: system.encode(p, v, b),
+                   out_shardings=parallel.batch_sharding(mesh))
+  from mmldm_jax.models import dit as dit_lib  # model modules load only for the stage that runs
+  shapes = {"audio_latent": dit_lib.latent_shapes(config)["audio"],
+            "video_latent": dit_lib.latent_shapes(config)["video"]}
+  writer = latents_lib.ShardWriter(folder, "train", process, processes, mine, shapes)
+  iterator = iter(dataset)
+  template = None
+  logging.info("stage latents: %d clips, %d on this process, %d steps of %d", total, mine, steps,
+               per_host)
+  for _ in range(steps):
+    host = next(iterator, None)
+    if host is not None:
+      host = {k: np.asarray(host[k]) for k in ("key_frames", "audio", "label", "video_index",
+                                                 "clip_start")}
+      template = template or {k: (v.shape[1:], v.dtype) for k, v in host.items()}
+    rows = 0 if host is None else len(host["label"])
+    if template is None:
+      raise ValueError(f"process {process} got no clips to learn the batch shapes from "
+                       f"({total} clips for {processes} processes)")
+    padded = {k: np.zeros((per_host,) + shape, dtype) for k, (shape, dtype) in template.items()}
+    if rows:
+      for k in padded:
+        padded[k][:rows] = host[k]
+    audio, video = encode(params, vae_params, parallel.global_batch(
+        {"key_frames": padded["key_frames"], "audio": padded["audio"]}, mesh))
+    if rows:
+      writer.write({"audio_latent": _local_rows(audio)[:rows],
+                    "video_latent": _local_rows(video)[:rows],
+                    **{field: padded[field][:rows] for field in latents_lib.INT_FIELDS}})
+  writer.close()
+  multihost_utils.sync_global_devices("latents written")
+  if process == 0:
+    counts = [(f"train-process_{p}-of-{processes}", len(range(p, total, processes)))
+              for p in range(processes)]
+    latents_lib.write_index(folder, "train", counts, shapes)
+  logging.info("stage latents: wrote %d clips to %s", total, folder)
+
+
+# ------------------------------------------------------------------------------------------------
 # generator
 # ------------------------------------------------------------------------------------------------
 def generator_task(config, workdir: str) -> loop.Task:
   """The joint audio-video DiT on the `latents` stage's latents (autoencoder and VAE not loaded)."""
   from mmldm_jax.models import dit as dit_lib
   from mmldm_jax.models import flops as flops_lib
-  from mmldm_jax.train import latents as latents_lib
   continuation = bool(config.dit.continuation)
   if continuation and config.data.generator_hflip_prob > 0:
     raise ValueError(f"config.dit.continuation=True with config.data.generator_hflip_prob="
                      f"{config.data.generator_hflip_prob}: clips are flipped independently, so a "
                      f"clip and its previous clip would disagree; set generator_hflip_prob=0")
   model = dit_lib.build_dit(config, dtype=loop.compute_dtype(config))
-  folder = latents_lib.latents_dir(workdir)
+  folder = workdir_lib.latents_dir(workdir)
 
   def loss(group, params, frozen, batch, rng, step):
     del group, frozen, step
@@ -493,7 +555,7 @@ def generator_quality_signals(config, workdir: str, model):
       beside real_video_events_per_second / real_audio_events_per_second of validation clips.
   Images: the samples' contact sheet (frames and audio image per row). Sounds: the first samples.
   The autoencoder and VAE are restored from the workdir once, at the first call."""
-  from mmldm_jax import sample as sample_lib   # (sample restores stages' tasks: imported lazily)
+  from mmldm_jax import sample as sample_lib   # (sample imports this module: imported here)
   from mmldm_jax.evaluation import sync
   held = {}
   fps, rate = float(config.data.fps), int(config.audio.sample_rate)
@@ -567,17 +629,16 @@ def run_autoencoder(config, workdir: str) -> None:
 
 def run_generator(config, workdir: str) -> None:
   """Trains the DiT; writes the latents first (the `latents` stage) when they are missing."""
-  from mmldm_jax.train import latents as latents_lib
   finished = loop.is_complete(workdir, "generator", config.train_generator.num_steps)
   if (not finished and config.train_generator.eval_every > 0
       and not loop.has_checkpoint(workdir, "autoencoder")):
     raise ValueError(
         f"config.train_generator.eval_every={config.train_generator.eval_every}: the generator's "
         f"quality signals decode samples with the autoencoder, and "
-        f"{loop.checkpoint_dir(workdir, 'autoencoder')} has no checkpoint; run the autoencoder "
+        f"{workdir_lib.checkpoint_dir(workdir, 'autoencoder')} has no checkpoint; run the autoencoder "
         f"stage first or set --config.train_generator.eval_every=0")
   if not finished and not latents_lib.is_complete(workdir):
     logging.info("generator: no latents in %s yet, running the latents stage first",
-                 latents_lib.latents_dir(workdir))
-    latents_lib.run(config, workdir)
+                 workdir_lib.latents_dir(workdir))
+    run_latents(config, workdir)
   loop.train(config, workdir, generator_task(config, workdir))

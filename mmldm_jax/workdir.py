@@ -1,0 +1,66 @@
+"""The workdir layout: where every stage's inputs and outputs live. The one module that joins names
+onto a workdir; the stages ask it instead of building paths themselves.
+
+  <workdir>/data/                       the synthetic dataset (`data` stage), unless
+                                        config.data.data_dir names ingested records
+  <workdir>/preview.mp4, preview.png    a look at the first clip (`data` stage)
+  <workdir>/<stage>/checkpoints/<step>/ Orbax checkpoints of a training stage (vae, autoencoder,
+                                        generator): train state, data iterator, config
+  <workdir>/<stage>/logs/               metrics.jsonl, TensorBoard event files, media/
+  <workdir>/vae/scale_factor.json       the VAE scale factor the `vae` stage measured
+  <workdir>/latents/                    the `latents` stage's encoded training clips
+  <workdir>/samples/<mode>/             the `sample` stage's mp4, wav and png files, index.json
+  <workdir>/evaluate/                   the `evaluate` stage's cached features
+  <workdir>/metrics.json                the `evaluate` stage's scores
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+METRICS_FILE = "metrics.json"
+SCALE_FACTOR_FILE = os.path.join("vae", "scale_factor.json")
+
+
+def data_folder(config: Any, workdir: str) -> str:
+  """Where the dataset lives: config.data.data_dir, or <workdir>/data for the synthetic set."""
+  if config.data.data_dir:
+    return config.data.data_dir
+  if config.data.source == "synthetic":
+    return os.path.join(workdir, "data")
+  raise ValueError("config.data.data_dir is empty: expected the folder written by "
+                   "`python -m mmldm_jax.data.ingest` (with source='records')")
+
+
+def preview_files(workdir: str) -> tuple[str, str]:
+  """(mp4, png) of the `data` stage's preview."""
+  return os.path.join(workdir, "preview.mp4"), os.path.join(workdir, "preview.png")
+
+
+def stage_dir(workdir: str, name: str) -> str:
+  """A stage's own folder (the training stages' and the evaluate stage's)."""
+  return os.path.join(workdir, name)
+
+
+def checkpoint_dir(workdir: str, name: str) -> str:
+  return os.path.join(stage_dir(workdir, name), "checkpoints")
+
+
+def logs_dir(workdir: str, name: str) -> str:
+  return os.path.join(stage_dir(workdir, name), "logs")
+
+
+def scale_factor_file(workdir: str) -> str:
+  return os.path.join(workdir, SCALE_FACTOR_FILE)
+
+
+def latents_dir(workdir: str) -> str:
+  return os.path.join(workdir, "latents")
+
+
+def samples_dir(workdir: str, mode: str) -> str:
+  return os.path.join(workdir, "samples", mode)
+
+
+def metrics_file(workdir: str) -> str:
+  return os.path.join(workdir, METRICS_FILE)
