@@ -185,6 +185,9 @@ def autoencoder_config() -> ConfigDict:
       prompt_tokens=77,             # learnable per-modality prompt length
       index_embed_dim=320,          # sinusoidal frame-index embedding width
       cfg_dropout=0.1,              # per-sample prompt + encoder-input dropout for guidance
+      # Encoders, feature injectors, projectors (the U-Net: unet.remat_policy): a
+      # jax.checkpoint_policies name, or 'none'.
+      remat_policy="none",
       # Loss weights (AIST++ / Landscape values differ only in kl_weight).
       kl_weight=1e-6,
       # The classification head over the semantic maps exists when this is True and
@@ -470,7 +473,7 @@ def validate(config: ConfigDict) -> None:
   if not 0.0 <= config.sample.eta <= 1.0:
     fail("sample.eta", config.sample.eta, "a DDIM eta in [0, 1]")
   import jax  # the remat policy names are jax's
-  for section in ("dit", "unet"):
+  for section in ("dit", "unet", "autoencoder"):
     policy = config[section].remat_policy
     if policy != "none" and not hasattr(jax.checkpoint_policies, policy):
       fail(f"{section}.remat_policy", policy,

@@ -52,6 +52,7 @@ def test_locked_config_rejects_unknown_field():
     ("train_vae.decay", "linear", "config.train_vae.decay='linear'"),
     ("dit.remat_policy", "everything", "config.dit.remat_policy='everything'"),
     ("unet.remat_policy", "everything", "config.unet.remat_policy='everything'"),
+    ("autoencoder.remat_policy", "nothing", "config.autoencoder.remat_policy='nothing'"),
     ("audio.image_size", 32, "config.audio.image_size=32: expected data.image_size=64"),
     ("unet.context_dim", 16, "config.unet.context_dim=16: expected autoencoder.semantic_dim=32"),
     ("autoencoder.classifier_head", False, "config.autoencoder.cls_weight=0.1: expected 0 with "

@@ -1,5 +1,6 @@
-"""Rematerialisation (config.unet.remat_policy) changes memory, not the model: the same parameter
-tree, the same loss and the same gradients as without it (tiny preset).
+"""Rematerialisation (config.unet.remat_policy, config.autoencoder.remat_policy) changes memory, not
+the model: the same parameter tree, the same loss and the same gradients as without it (tiny
+preset).
 
 Tolerance: remat recomputes the forward pass inside the backward pass with the same operations, so
 the loss comes out bitwise equal here, but XLA fuses the recomputed forward differently, which
@@ -17,6 +18,8 @@ import numpy as np
 import pytest
 
 from mmldm_jax import config_lib
+from mmldm_jax.models import autoencoder as ae_lib
+from mmldm_jax.models import perceptual, semantic
 from mmldm_jax.models import unet as unet_lib
 
 from conftest import CONFIGS
@@ -93,7 +96,7 @@ def test_unet_remat_same_parameters_loss_and_gradients(config):
                             jax.tree_util.tree_map(lambda v: v[::-1], batch))
 
 
-def test_build_unet_reads_the_config_policy(config):
+def test_build_unet_reads_the_config_policy():
   config = config_lib.load(os.path.join(CONFIGS, "aist.py:tiny"))
   config.unet.remat_policy = "nothing_saveable"
   assert unet_lib.build_unet(config).remat == "nothing_saveable"
@@ -102,3 +105,50 @@ def test_build_unet_reads_the_config_policy(config):
         jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 4)), jnp.zeros((1,)),
         jnp.zeros((1, 2, config.unet.context_dim)))
 
+
+def test_autoencoder_remat_same_parameters_loss_and_gradients():
+  """The autoencoder's rematerialised parts (encoders, feature injector, projector) at small
+  widths; one loss over all their outputs."""
+
+  def parts(remat):
+    return dict(
+        video=perceptual.PerceptualEncoder(8, 16, (1, 2), 1, (2,), 8, True, norm_groups=8,
+                                           remat=remat),
+        audio=perceptual.PerceptualEncoder(8, 16, (1, 2), 1, (1,), 8, False, norm_groups=8,
+                                           remat=remat),
+        inject=perceptual.FeatureInjector((16, 16, 32), (1, 2, 4), 2, norm_groups=8, remat=remat),
+        project=semantic.Projector(16, 16, (1, 2), 1, 8, 8, remat=remat))
+
+  rng = np.random.default_rng(0)
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  batch = dict(video=normal(2, 3, 8, 8, 4), audio=normal(2, 8, 8, 4), z=normal(2, 4, 4, 8),
+               emb=normal(2, 20))
+  inputs = lambda b: dict(video=(b["video"],), audio=(b["audio"],), inject=(b["z"], b["emb"]),
+                          project=(b["z"],))
+
+  class Parts(nn.Module):
+    remat: str
+
+    @nn.compact
+    def __call__(self, b):
+      outs = {name: module(*inputs(b)[name]) for name, module in parts(self.remat).items()}
+      return sum(jnp.mean(jnp.square(leaf)) for leaf in jax.tree_util.tree_leaves(outs))
+
+  plain, remat = Parts("none"), Parts("nothing_saveable")
+  key = jax.random.PRNGKey(0)
+  init = lambda model: (lambda k: model.init(k, batch)["params"])
+  assert shapes(jax.eval_shape(init(remat), key)) == shapes(jax.eval_shape(init(plain), key))
+  params = perturbed(nn.unbox(jax.jit(init(plain))(key)))
+  assert_remat_within_noise(lambda model, p, b: model.apply({"params": p}, b), params, plain,
+                            remat, batch, jax.tree_util.tree_map(lambda v: v[::-1], batch))
+
+
+def test_autoencoder_passes_its_policy_on():
+  config = config_lib.load(os.path.join(CONFIGS, "aist.py:tiny"))
+  config.autoencoder.remat_policy = "nothing_saveable"
+  model = ae_lib.AutoencoderSystem(config).model
+  policies, _ = model.init_with_output(  # runs setup(), which builds the submodules
+      jax.random.PRNGKey(0), method=lambda m: {m.video_encoder.remat, m.audio_encoder.remat,
+                                                 m.video_features.remat, m.audio_features.remat,
+                                                 m.video_projector.remat, m.audio_projector.remat})
+  assert policies == {"nothing_saveable"}

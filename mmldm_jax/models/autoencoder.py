@@ -55,6 +55,10 @@ Deliberate differences from the reference, and choices where its code is missing
 Parameter count at paper size (configs/aist.py, 60 classes; jax.eval_shape): 1,328,112,130 in
 the autoencoder (859.5 M of them the SD-1.5 U-Net) plus 5,376,545 in the discriminator; see
 `PAPER_PARAMETER_COUNT`.
+
+Memory: config.autoencoder.remat_policy rematerialises the ResBlocks and attention blocks of the
+encoders, feature injectors and projectors, config.unet.remat_policy those of the U-Net (a
+jax.checkpoint_policies name, or 'none'); neither changes the parameters or the function.
 """
 from __future__ import annotations
 
@@ -110,7 +114,8 @@ class MultiModalAutoencoder(nn.Module):
           z_channels=z_channels, model_channels=section.model_channels,
           channel_mult=tuple(section.channel_mult), num_res_blocks=section.num_res_blocks,
           attention_resolutions=tuple(section.attention_resolutions),
-          head_channels=section.head_channels, video=video, norm_groups=groups, **kw)
+          head_channels=section.head_channels, video=video, norm_groups=groups,
+          remat=ae.remat_policy, **kw)
     self.video_encoder = encoder(ae.video_encoder, ae.video_z_channels, True)
     self.audio_encoder = encoder(ae.audio_encoder, ae.audio_z_channels, False)
 
@@ -118,15 +123,17 @@ class MultiModalAutoencoder(nn.Module):
     block_channels = [channels for channels, _ in geometry]
     block_factors = [factor for _, factor in geometry]
     self.video_features = perceptual.FeatureInjector(
-        tuple(block_channels), tuple(block_factors), self.video_factor, groups, **kw)
+        tuple(block_channels), tuple(block_factors), self.video_factor, groups,
+        remat=ae.remat_policy, **kw)
     self.audio_features = perceptual.FeatureInjector(
-        tuple(block_channels), tuple(block_factors), self.audio_factor, groups, **kw)
+        tuple(block_channels), tuple(block_factors), self.audio_factor, groups,
+        remat=ae.remat_policy, **kw)
     self.index_embed = layers.TimestepEmbedding(4 * ae.index_embed_dim, **kw)
 
     def projector(section):
       return semantic.Projector(
           ae.semantic_dim, section.model_channels, tuple(section.channel_mult),
-          section.num_res_blocks, section.head_channels, groups, **kw)
+          section.num_res_blocks, section.head_channels, groups, remat=ae.remat_policy, **kw)
     self.video_projector = projector(ae.video_projector)
     self.audio_projector = projector(ae.audio_projector)
     if use_classifier(config):

@@ -137,10 +137,12 @@ class PerceptualEncoder(nn.Module):
   initial_logvar: float = -6.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  remat: str = "none"   # config.autoencoder.remat_policy: ResBlocks and attention blocks
 
   @nn.compact
   def __call__(self, x):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    remat = lambda cls: layers.rematerialised(cls, self.remat, "autoencoder.remat_policy")
     content = self.param("content", nn.with_logical_partitioning(
         nn.initializers.normal(1.0), (None, None, "conv_in")), x.shape[-3:], self.param_dtype)
     content = jnp.broadcast_to(content.astype(x.dtype), (x.shape[0],) + x.shape[-3:])
@@ -152,14 +154,14 @@ class PerceptualEncoder(nn.Module):
     ds = 1
     for level, mult in enumerate(self.channel_mult):
       for index in range(self.num_res_blocks):
-        h = FrameResBlock(mult * self.model_channels, self.norm_groups,
-                          name=f"res_{level}_{index}", **kw)(h)
+        h = remat(FrameResBlock)(mult * self.model_channels, self.norm_groups,
+                                 name=f"res_{level}_{index}", **kw)(h)
         if ds in self.attention_resolutions:
-          h = SpatialAttention(self.head_channels, self.norm_groups,
-                               name=f"spatial_attn_{level}_{index}", **kw)(h)
+          h = remat(SpatialAttention)(self.head_channels, self.norm_groups,
+                                      name=f"spatial_attn_{level}_{index}", **kw)(h)
           if self.video:
-            h = TemporalAttention(self.head_channels, self.norm_groups,
-                                  name=f"temporal_attn_{level}_{index}", **kw)(h)
+            h = remat(TemporalAttention)(self.head_channels, self.norm_groups,
+                                         name=f"temporal_attn_{level}_{index}", **kw)(h)
       if level != len(self.channel_mult) - 1:
         h = ConvNd(h.shape[-1], stride=2, name=f"down_{level}", **kw)(h)
         ds *= 2
@@ -191,15 +193,17 @@ class FeatureInjector(nn.Module):
   norm_groups: int = 32
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  remat: str = "none"   # config.autoencoder.remat_policy: the ResBlocks
 
   @nn.compact
   def __call__(self, z, emb=None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    block_cls = layers.rematerialised(FrameResBlock, self.remat, "autoencoder.remat_policy")
     features = []
     for index, (channels, factor) in enumerate(zip(self.block_channels, self.block_factors)):
       steps = int(round(math.log2(self.latent_factor / factor)))
-      h = FrameResBlock(channels, self.norm_groups, resample_steps=steps, name=f"block_{index}",
-                        **kw)(z, emb)
+      h = block_cls(channels, self.norm_groups, resample_steps=steps, name=f"block_{index}",
+                    **kw)(z, emb)
       features.append(ConvNd(channels, kernel=1, zero_init=True, name=f"zero_conv_{index}",
                              **kw)(h))
     return features

@@ -43,17 +43,19 @@ class Projector(nn.Module):
   norm_groups: int = 32
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  remat: str = "none"   # config.autoencoder.remat_policy: ResBlocks and attention blocks
 
   @nn.compact
   def __call__(self, z):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    remat = lambda cls: layers.rematerialised(cls, self.remat, "autoencoder.remat_policy")
     h = ConvNd(self.model_channels, name="conv_in", **kw)(z)
     for level, mult in enumerate(self.channel_mult):
       for index in range(self.num_res_blocks):
-        h = FrameResBlock(mult * self.model_channels, self.norm_groups,
-                          name=f"res_{level}_{index}", **kw)(h)
-        h = SpatialAttention(self.head_channels, self.norm_groups,
-                             name=f"attn_{level}_{index}", **kw)(h)
+        h = remat(FrameResBlock)(mult * self.model_channels, self.norm_groups,
+                                 name=f"res_{level}_{index}", **kw)(h)
+        h = remat(SpatialAttention)(self.head_channels, self.norm_groups,
+                                    name=f"attn_{level}_{index}", **kw)(h)
       if level != len(self.channel_mult) - 1:
         h = ConvNd(h.shape[-1], stride=2, name=f"down_{level}", **kw)(h)
     h = nn.silu(FittedGroupNorm(self.norm_groups, name="norm_out", **kw)(h))
