@@ -98,3 +98,42 @@ def test_3d_convolution_as_2d_convolutions_equals_xla(strides, padding):
                        jax.grad(loss(xla), (0, 1))(x, kernel)):
     scale = float(jnp.max(jnp.abs(want)))
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * scale * 27)
+
+
+def test_every_model_options():
+  """The options the DiT, the autoencoder's wrapped layers, the vocoder and LPIPS use."""
+  rng = np.random.default_rng(0)
+  # The DiT's timestep MLP: timm names, axes and init.
+  embed = layers.TimestepEmbedding(24, layer_names=("mlp_0", "mlp_2"),
+                                   kernel_axes=((None, "embed"), ("embed", "mlp")))
+  params = embed.init(jax.random.key(0), jnp.ones((2, 8)))["params"]
+  assert set(params) == {"mlp_0", "mlp_2"}
+  assert params["mlp_0"]["kernel"].names == (None, "embed")
+  assert params["mlp_2"]["bias"].names == ("mlp",)
+  # layer_norm is LayerNorm without its (identity at init) affine parameters, in x's dtype.
+  x = jnp.asarray(rng.normal(size=(2, 5, 16)) * 3 + 1, jnp.float32)
+  norm = layers.LayerNorm(1e-6)
+  np.testing.assert_array_equal(layers.layer_norm(x, 1e-6),
+                                norm.apply(norm.init(jax.random.key(0), x), x))
+  assert layers.layer_norm(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+  # Dense initialisers: given, default (torch) and zero.
+  dense = layers.Dense(4, kernel_init=jax.nn.initializers.ones,
+                       bias_init=layers.torch_bias_init(16))
+  params = dense.init(jax.random.key(0), x)["params"]
+  np.testing.assert_array_equal(params["kernel"].value, np.ones((16, 4)))
+  assert 0 < np.abs(params["bias"].value).max() <= 0.25
+  # A dilated 1-D conv (HiFi-GAN's) is XLA's dilated convolution with torch's padding.
+  wave = jnp.asarray(rng.normal(size=(2, 20, 3)), jnp.float32)
+  conv = layers.Conv(5, (3,), dilation=3, init_std=0.01)
+  variables = conv.init(jax.random.key(0), wave)
+  kernel = variables["params"]["kernel"].value
+  want = jax.lax.conv_general_dilated(wave, kernel, (1,), [(3, 3)], rhs_dilation=(3,),
+                                      dimension_numbers=("NWC", "WIO", "NWC"))
+  np.testing.assert_array_equal(conv.apply(variables, wave), want)
+  # The autoencoder's wrapped layers keep their extra module level and fit the groups.
+  frames = jnp.ones((2, 3, 8, 8, 16))
+  for module, child in ((layers.FittedGroupNorm(32), "norm"), (layers.ConvNd(8), "conv"),
+                        (layers.FrameResBlock(24, 32), "block")):
+    params = module.init(jax.random.key(0), frames)["params"]
+    assert set(params) == {child}
+  assert layers.fitted_groups(32, 16) == 16 and layers.fitted_groups(32, 48, 64) == 16
