@@ -96,14 +96,15 @@ def load_models(config, workdir: str) -> Models:
   from mmldm_jax import parallel
   from mmldm_jax.models import dit as dit_lib
   from mmldm_jax.train import loop
-  from mmldm_jax.train import stages
+  from mmldm_jax.train import weights
   mesh = parallel.create_mesh(config)
   dit = dit_lib.build_dit(config, dtype=loop.compute_dtype(config))
-  system = stages.autoencoder_system(config, config_lib.resolve_scale_factor(config, workdir))
-  return Models(dit=dit, dit_params=stages.restore_dit_params(config, workdir, mesh, dit),
+  system = weights.autoencoder_system(config, config_lib.resolve_scale_factor(config, workdir))
+  return Models(dit=dit, dit_params=weights.restore_dit_params(config, workdir, mesh, dit),
                 system=system,
-                autoencoder_params=stages.restore_autoencoder_params(config, workdir, mesh, system),
-                vae_params=stages.frozen_vae_params(config, workdir, mesh),
+                autoencoder_params=weights.restore_autoencoder_params(config, workdir, mesh,
+                                                                      system),
+                vae_params=weights.frozen_vae_params(config, workdir, mesh),
                 vocoder=load_vocoder_if_set(config),
                 description=models_description(config, workdir))
 

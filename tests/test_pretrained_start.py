@@ -14,6 +14,7 @@ from mmldm_jax.convert import unet as convert_unet
 from mmldm_jax.convert import vae as convert_vae
 from mmldm_jax.train import loop
 from mmldm_jax.train import stages
+from mmldm_jax.train import weights
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -54,12 +55,13 @@ def test_converted_files_load_for_the_stages(tmp_path):
   with config.unlocked():
     config.vae.pretrained_path = str(tmp_path / "vae.msgpack")
     config.unet.pretrained_path = str(tmp_path / "unet.msgpack")
-  loaded_vae = stages._pretrained_vae(config)
+  loaded_vae = weights.pretrained_vae_params(config)
   loaded_unet = stages._pretrained_unet(config)["unet"]
   for loaded, saved in ((loaded_vae, vae_values), (loaded_unet, unet_values)):
     jax.tree.map(np.testing.assert_array_equal, loaded, saved)
   # The U-Net sits under 'unet' in the autoencoder's parameters, with the same tree.
-  abstract = jax.eval_shape(stages.autoencoder_system(config, config.vae.scale_factor).init, jax.random.key(0))
+  system = weights.autoencoder_system(config, config.vae.scale_factor)
+  abstract = jax.eval_shape(system.init, jax.random.key(0))
   ae_unet = common.unbox(abstract["autoencoder"]["unet"])
   assert jax.tree.structure(ae_unet) == jax.tree.structure(unet_values)
   assert jax.tree.map(lambda a: a.shape, ae_unet) == jax.tree.map(np.shape, unet_values)

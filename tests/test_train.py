@@ -24,6 +24,7 @@ from mmldm_jax.train import latents as latents_lib
 from mmldm_jax.train import loop
 from mmldm_jax.train import optim
 from mmldm_jax.train import stages
+from mmldm_jax.train import weights
 
 NUM_STEPS = 6
 FSDP8 = (("data", 1), ("fsdp", 8), ("tensor", 1))
@@ -115,7 +116,7 @@ def test_params_only_restore_equals_the_params_of_a_full_restore(reference_run):
   full = checkpointer.restore(NUM_STEPS, target)
   checkpointer.close()
   model = dit_lib.build_dit(config, dtype=loop.compute_dtype(config))
-  only = stages.restore_dit_params(config, workdir, mesh, model)
+  only = weights.restore_dit_params(config, workdir, mesh, model)
   want = (full["ema"] if "ema" in full else full["params"])["dit"]
   assert jax.tree.structure(only) == jax.tree.structure(want)
   for got, expected in zip(jax.tree.leaves(only), jax.tree.leaves(want)):

@@ -12,6 +12,7 @@ from mmldm_jax import parallel
 from mmldm_jax.models import vae as vae_lib
 from mmldm_jax.train import loop
 from mmldm_jax.train import stages
+from mmldm_jax.train import weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,7 +67,7 @@ def test_from_scratch_vae_measures_the_scale_factor_later_stages_use(tmp_path):
   # Later stages resolve the factor from the file; the config itself is never rewritten.
   assert config_lib.resolve_scale_factor(config, workdir) == factor
   assert config.vae.scale_factor == 0.18215
-  system = stages.autoencoder_system(config, factor)
+  system = weights.autoencoder_system(config, factor)
   assert system.vae.scale_factor == factor and config.vae.scale_factor == 0.18215
   unmeasured = config.copy_and_resolve_references()
   unmeasured.vae.measure_scale_factor = False

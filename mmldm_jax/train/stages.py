@@ -4,8 +4,8 @@
   autoencoder  the multi-modal autoencoder + its 3-frame discriminator, VAE frozen
   generator    the joint audio-video DiT on precomputed latents (`run_latents`; their files:
                train/latents.py)
-Beside them, parameters-only restores for frozen use and inference (`restore_*_params`), and the
-`latents` stage (`run_latents`: every training clip encoded once by the frozen autoencoder).
+Beside them the `latents` stage (`run_latents`: every training clip encoded once by the frozen
+autoencoder). Frozen networks are read parameters-only through `train/weights.py`.
 Paths come from `mmldm_jax.workdir`.
 
 Stage order and inputs: `data` writes `<workdir>/data` (or `config.data.data_dir` holds ingested
@@ -37,7 +37,9 @@ from mmldm_jax.data import audio as audio_lib
 from mmldm_jax.data import pipeline
 from mmldm_jax.data import stage as data_stage
 from mmldm_jax.train import latents as latents_lib
+from mmldm_jax import sample as sample_lib
 from mmldm_jax.train import loop
+from mmldm_jax.train import weights
 
 # Clip fields each stage's loss reads (the rest of the pipeline's dict stays on the host).
 _AUTOENCODER_FIELDS = ("key_frames", "target_frames", "target_indices", "audio", "label")
@@ -109,7 +111,8 @@ def vae_task(config, workdir: str) -> loop.Task:
       groups=("vae", "discriminator") if adversarial else ("vae",), init=init, loss=loss,
       make_dataset=clip_dataset_factory(config, workdir),
       to_model_batch=_select(("target_frames", "audio")),
-      pretrained=(lambda: {"vae": _pretrained_vae(config)}) if config.vae.pretrained_path else None,
+      pretrained=((lambda: {"vae": weights.pretrained_vae_params(config)})
+                  if config.vae.pretrained_path else None),
       trainable={"vae": lambda params: vae_lib.trainable_mask(params, config)},
       evaluate=vae_quality_signals(config, workdir, vae))
 
@@ -216,7 +219,7 @@ def write_measured_scale_factor(config, workdir: str, max_images: int = 16) -> f
   if os.path.exists(path):
     return config_lib.read_scale_factor(path)
   mesh = parallel.create_mesh(config)
-  params = restore_vae_params(config, workdir, mesh)
+  params = weights.restore_vae_params(config, workdir, mesh)
   params = jax.tree_util.tree_map(_host_copy, params)
   processes = jax.process_count()
   per_host = max(1, int(config.train_vae.batch_size) // processes)
@@ -241,13 +244,6 @@ def write_measured_scale_factor(config, workdir: str, max_images: int = 16) -> f
   return factor
 
 
-def _pretrained_vae(config):
-  """SD VAE params from config.vae.pretrained_path (converted msgpack or a torch/safetensors file)."""
-  from mmldm_jax.convert import vae as convert_vae
-  logging.info("vae: weights from %s", config.vae.pretrained_path)
-  return convert_vae.load_vae_params(config.vae.pretrained_path, config)
-
-
 def _pretrained_unet(config):
   """SD-1.5 U-Net params for the autoencoder's diffusion decoder (the reference initialises it so)."""
   from mmldm_jax.convert import unet as convert_unet
@@ -256,67 +252,15 @@ def _pretrained_unet(config):
 
 
 # ------------------------------------------------------------------------------------------------
-# Parameters only, for frozen use and inference: no Task, optimiser or dataset is built
-# ------------------------------------------------------------------------------------------------
-def restore_vae_params(config, workdir: str, mesh):
-  """The `vae` stage's newest VAE parameters (EMA when kept) on `mesh`; its discriminator, if it
-  trained one, is not read."""
-  from mmldm_jax.models import vae as vae_lib
-  vae = vae_lib.build_vae(config, dtype=loop.compute_dtype(config))
-  image = jnp.zeros((1, config.data.image_size, config.data.image_size, 3))
-  init = lambda rng: {"vae": vae.init(rng, image)["params"]}  # noqa: E731 - as vae_task's
-  return loop.restore_stage_params(config, workdir, "vae", init, "conv", mesh)["vae"]
-
-
-def restore_autoencoder_params(config, workdir: str, mesh, system):
-  """The `autoencoder` stage's newest autoencoder parameters (EMA when kept) on `mesh`, shaped by
-  `system` (`autoencoder_system`); its discriminator is not read."""
-  init = lambda rng: {"autoencoder": system.init(rng)["autoencoder"]}  # noqa: E731
-  return loop.restore_stage_params(config, workdir, "autoencoder", init, "conv",
-                                   mesh)["autoencoder"]
-
-
-def restore_dit_params(config, workdir: str, mesh, model):
-  """The `generator` stage's newest DiT parameters (EMA when kept) on `mesh`, shaped by `model`
-  (`models.dit.build_dit`)."""
-  from mmldm_jax.models import dit as dit_lib
-  init = lambda rng: {"dit": dit_lib.init_params(model, rng)}  # noqa: E731 - as generator_task's
-  return loop.restore_stage_params(config, workdir, "generator", init, "dit", mesh)["dit"]
-
-
-def frozen_vae_params(config, workdir: str, mesh):
-  """The `vae` stage's final parameters on `mesh`, or (no vae checkpoint in the workdir) the pretrained
-  SD VAE of config.vae.pretrained_path, replicated. Fails naming both when neither exists."""
-  if loop.has_checkpoint(workdir, "vae"):
-    return restore_vae_params(config, workdir, mesh)
-  if config.vae.pretrained_path:
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.device_put(_pretrained_vae(config), replicated)
-  raise FileNotFoundError(
-      f"no VAE: {workdir_lib.checkpoint_dir(workdir, 'vae')} has no checkpoint and "
-      f"config.vae.pretrained_path is empty; run the `vae` stage first or give SD VAE weights")
-
-
-# ------------------------------------------------------------------------------------------------
 # autoencoder
 # ------------------------------------------------------------------------------------------------
-def autoencoder_system(config, scale_factor: float):
-  """The autoencoder system whose frozen VAE scales its latents by `scale_factor` (from
-  `config_lib.resolve_scale_factor`). AutoencoderSystem sizes its VAE from the config's vae
-  section, so it gets its own copy with that field set; the caller's config is left as it is."""
-  from mmldm_jax.models import autoencoder as autoencoder_lib
-  own = config.copy_and_resolve_references()
-  own.vae.scale_factor = float(scale_factor)
-  return autoencoder_lib.AutoencoderSystem(own, dtype=loop.compute_dtype(config))
-
-
 def autoencoder_task(config, workdir: str, scale_factor: float) -> loop.Task:
   """The multi-modal autoencoder and its discriminator, updated in turn on each batch (the reference's
   two AdamW optimisers, alternating every step), with the VAE frozen. With
   `autoencoder.gan_weight == 0` there is no discriminator at all (no parameters, no update): its
   update re-runs the whole forward and VAE-decodes six images per clip, half of a step's cost on a
   CPU. `scale_factor`: the VAE's (`config_lib.resolve_scale_factor`)."""
-  system = autoencoder_system(config, scale_factor)
+  system = weights.autoencoder_system(config, scale_factor)
   adversarial = config.autoencoder.gan_weight > 0
 
   def loss(group, params, frozen_vae, batch, rng, step):
@@ -340,7 +284,7 @@ def autoencoder_task(config, workdir: str, scale_factor: float) -> loop.Task:
       to_model_batch=_select(fields),
       pretrained=(lambda: {"autoencoder": _pretrained_unet(config)})
       if config.unet.pretrained_path else None,
-      frozen=lambda mesh: frozen_vae_params(config, workdir, mesh),
+      frozen=lambda mesh: weights.frozen_vae_params(config, workdir, mesh),
       evaluate=autoencoder_quality_signals(config, workdir, system))
 
 
@@ -457,9 +401,9 @@ def run_latents(config, workdir: str) -> None:
     logging.info("stage latents: %s exists, skipping", folder)
     return
   mesh = parallel.create_mesh(config)
-  system = autoencoder_system(config, config_lib.resolve_scale_factor(config, workdir))
-  params = restore_autoencoder_params(config, workdir, mesh, system)
-  vae_params = frozen_vae_params(config, workdir, mesh)
+  system = weights.autoencoder_system(config, config_lib.resolve_scale_factor(config, workdir))
+  params = weights.restore_autoencoder_params(config, workdir, mesh, system)
+  vae_params = weights.frozen_vae_params(config, workdir, mesh)
   per_host = parallel.per_process_batch_size(config.train_autoencoder.batch_size, mesh,
                                              "train_autoencoder.batch_size")
   process, processes = jax.process_index(), jax.process_count()
@@ -555,7 +499,6 @@ def generator_quality_signals(config, workdir: str, model):
       beside real_video_events_per_second / real_audio_events_per_second of validation clips.
   Images: the samples' contact sheet (frames and audio image per row). Sounds: the first samples.
   The autoencoder and VAE are restored from the workdir once, at the first call."""
-  from mmldm_jax import sample as sample_lib   # (sample imports this module: imported here)
   from mmldm_jax.evaluation import sync
   held = {}
   fps, rate = float(config.data.fps), int(config.audio.sample_rate)
@@ -565,11 +508,11 @@ def generator_quality_signals(config, workdir: str, model):
     joint = config.copy_and_resolve_references()
     joint.sample.update(mode="joint", num_clips=1)
     scale_factor = config_lib.resolve_scale_factor(joint, workdir)
-    system = autoencoder_system(joint, scale_factor)
-    autoencoder_params = restore_autoencoder_params(joint, workdir, mesh, system)
+    system = weights.autoencoder_system(joint, scale_factor)
+    autoencoder_params = weights.restore_autoencoder_params(joint, workdir, mesh, system)
     models = sample_lib.Models(
         dit=model, dit_params=dit_params, system=system, autoencoder_params=autoencoder_params,
-        vae_params=frozen_vae_params(joint, workdir, mesh),
+        vae_params=weights.frozen_vae_params(joint, workdir, mesh),
         vocoder=sample_lib.load_vocoder_if_set(joint), description={})
     held["chain"] = sample_lib.Chain(joint, models)   # built once: its jitted functions compile once
     if with_sync:
