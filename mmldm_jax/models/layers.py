@@ -4,6 +4,7 @@ Every block matches the computation of its diffusers counterpart, and its parame
 (`norm1`, `conv1`, `time_emb_proj`, `to_q`, ...), so the checkpoint converters are plain renames.
 
   GroupNorm, LayerNorm       normalisation with 'norm' parameters; statistics in float32
+  BatchStatNorm              BatchNorm with batch statistics only (the VAE's PatchGAN discriminator)
   layer_norm                 LayerNorm without parameters (the DiT's adaLN blocks)
   Conv                       1-, 2- or 3-D convolution (kernel (*k, in, out)), torch-style padding
   Dense                      linear layer with configurable logical axis names and initialisers
@@ -134,6 +135,29 @@ class LayerNorm(nn.Module):
                       (features,), self.param_dtype)
     normed = layer_norm(x.astype(jnp.float32), self.epsilon)
     return (normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+class BatchStatNorm(nn.Module):
+  """BatchNorm as PyTorch computes it in training mode: batch statistics (biased variance), no running
+  averages; scale initialised N(1, 0.02^2) (pix2pix). The VAE's PatchGAN discriminator only runs
+  inside the training loss, so running statistics are never used."""
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    features = x.shape[-1]
+    init_scale = lambda key, shape, dtype: 1.0 + 0.02 * jax.random.normal(key, shape, dtype)
+    scale = self.param("scale", nn.with_logical_partitioning(init_scale, ("norm",)), (features,),
+                       self.param_dtype)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+                      (features,), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x32, axis=axes)
+    var = jnp.mean(jnp.square(x32 - mean), axis=axes)
+    return ((x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias).astype(self.dtype)
 
 
 def layer_norm(x: Array, epsilon: float = 1e-5) -> Array:

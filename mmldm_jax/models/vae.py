@@ -225,28 +225,6 @@ def build_vae(config, dtype: Dtype = jnp.float32) -> AutoencoderKL:
 # PatchGAN discriminator and the stage-0 loss
 
 
-class BatchStatNorm(nn.Module):
-  """BatchNorm as PyTorch computes it in training mode: batch statistics (biased variance), no running
-  averages. The discriminator only runs inside the training loss, so running statistics are never used."""
-  epsilon: float = 1e-5
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    features = x.shape[-1]
-    init_scale = lambda key, shape, dtype: 1.0 + 0.02 * jax.random.normal(key, shape, dtype)
-    scale = self.param("scale", nn.with_logical_partitioning(init_scale, ("norm",)), (features,),
-                       self.param_dtype)
-    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
-                      (features,), self.param_dtype)
-    x32 = x.astype(jnp.float32)
-    axes = tuple(range(x.ndim - 1))
-    mean = jnp.mean(x32, axis=axes)
-    var = jnp.mean(jnp.square(x32 - mean), axis=axes)
-    return ((x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias).astype(self.dtype)
-
-
 class PatchDiscriminator(nn.Module):
   """taming's NLayerDiscriminator (pix2pix PatchGAN): `[B, H, W, 3]` -> patch logits `[B, h, w, 1]`.
 
@@ -268,7 +246,7 @@ class PatchDiscriminator(nn.Module):
     for n in range(1, self.num_layers + 1):
       stride = 2 if n < self.num_layers else 1
       h = conv(self.channels * min(2 ** n, 8), stride, False, f"conv_{n}")(h)
-      h = nn.leaky_relu(BatchStatNorm(name=f"norm_{n}", **kwargs)(h), 0.2)
+      h = nn.leaky_relu(layers.BatchStatNorm(name=f"norm_{n}", **kwargs)(h), 0.2)
     return conv(1, 1, True, f"conv_{self.num_layers + 1}")(h)
 
 
