@@ -554,7 +554,9 @@ def resolve_scale_factor(config: ConfigDict, workdir: str) -> float:
         f"first (it writes the file when it finishes), or set --config.vae.scale_factor and "
         f"--config.vae.measure_scale_factor=False")
   factor = read_scale_factor(path)
-  logging.info("vae.scale_factor: %.6g measured by the vae stage (%s)", factor, path)
+  # Once per process: every stage that builds the VAE resolves it.
+  logging.log_first_n(logging.INFO, "vae.scale_factor: %.6g measured by the vae stage (%s)", 1,
+                      factor, path)
   return factor
 
 
