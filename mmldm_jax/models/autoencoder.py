@@ -1,4 +1,5 @@
-"""The hierarchical multi-modal autoencoder of MM-LDM (reference section 2 of `reference-mmldm.md`).
+"""The hierarchical multi-modal autoencoder of MM-LDM (the released code's
+`src/fm_ae/autoencoder_vid_aud_v13.py`).
 
 Encoding: the frozen stage-0 VAE turns the key frames and the audio image into 4-channel latents;
 `PerceptualEncoder`s turn those into compact perceptual latents (video z_v [B, h/2, w/2, 16] from
@@ -38,7 +39,7 @@ Deliberate differences from the reference, and choices where its code is missing
     runs under no_grad, which would make the generator GAN term a constant.)
   * Class at inference (the reference's `heads_v11.predict` is missing): the class token uses the
     argmax of the classification head over the semantic tokens of the latents being decoded. With
-    no classification head (cls_weight == 0) but classes configured, `decode` needs `labels`.
+    no classification head (autoencoder.classifier_head False) but classes configured, `decode` needs `labels`.
     With data.num_classes == 0 there is no class token and no head.
   * The encoders' log-variance starts at -6 (std 0.05) rather than 0 (std 1): see
     `perceptual.PerceptualEncoder`.
@@ -492,7 +493,7 @@ class AutoencoderSystem:
     if self.config.data.num_classes > 0 and labels is None:
       if not use_classifier(self.config):
         raise ValueError("decode: the decoder has a class token but no classification head "
-                         "(config.autoencoder.cls_weight == 0); pass `labels`")
+                         "(config.autoencoder.classifier_head=False); pass `labels`")
       labels = jnp.argmax(apply(*maps, method="heads")[0], axis=-1)
     labels = jnp.zeros((b,), jnp.int32) if labels is None else labels.astype(jnp.int32)
     ones, zeros = jnp.ones((b,)), jnp.zeros((b,))

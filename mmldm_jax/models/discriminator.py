@@ -1,8 +1,8 @@
 """The 3-D audio-video discriminator of the multi-modal autoencoder and its hinge losses.
 
 Reference: `src/fm_ae/modules/discriminator.py` (ImageDiscriminator) and
-`src/fm_ae/utils/adversarial_loss.py` (`disc_manager.audio_video`, `gan_loss('hinge')`), see
-section 2.5 of `reference-mmldm.md`.
+`src/fm_ae/utils/adversarial_loss.py` (`disc_manager.audio_video`, `gan_loss('hinge')`) of the
+released MM-LDM code.
 
 The discriminator judges a 3-"frame" stack [audio image, first target frame, last target frame]
 ([N, 3, H, W, 3] in [-1, 1]). Its negatives teach it realism, audio-video match and frame order:

@@ -1,7 +1,7 @@
 """The MM-LDM generator: one DiT that jointly denoises the audio and the video perceptual latents.
 
 Reference: MM-LDM `src/fm_gen/diffusion/dit_v2.py` (DiT-XL width/depth, patch 1) and, for long videos,
-`generator_vid_aud_v2_long.py` (`AR_DiT` + `Previous_Cond`). See reference-mmldm.md section 4.
+`generator_vid_aud_v2_long.py` (`AR_DiT` + `Previous_Cond`).
 
 Tokens per sample, full self-attention over all of them:
     [context (77, or 77 + 256 + 64 with continuation) ; EOS_a ; audio (ha*wa) ; EOS_v ; video (hv*wv)]

@@ -1,6 +1,6 @@
 """Perceptual encoders of the multi-modal autoencoder and their decoder-side feature blocks.
 
-What is here (reference section 2.1 / 2.2 of `reference-mmldm.md`):
+What is here (the released code's `src/fm_ae/modules/video_enc.py` / `audio_enc.py`):
   * spatial / temporal / spatio-temporal self-attention with a zero-initialised output projection
     (the autoencoder's other blocks, N-d convolutions, gcd-group norms and the per-frame ResBlock
     resampling by 2^n, are `layers.ConvNd`, `layers.FittedGroupNorm`, `layers.FrameResBlock`);
