@@ -64,7 +64,7 @@ class Models:
   """Everything the chain runs, with plain (unboxed) parameter pytrees.
 
   dit: a `models.dit.MMDiT`; system: a `models.autoencoder.AutoencoderSystem` (autoencoder, VAE and
-  the decoder's schedule); vocoder: (apply_fn, params) of `models.vocoder.load_vocoder`, or None for
+  the decoder's schedule); vocoder: (apply_fn, params) of `convert.hifigan.load_vocoder`, or None for
   Griffin-Lim. description: where the parameters came from (written to index.json and compared on
   resume)."""
   dit: Any
@@ -80,11 +80,11 @@ class Models:
 # Models
 # ------------------------------------------------------------------------------------------------
 def load_vocoder_if_set(config):
-  """`vocoder.load_vocoder(config)` when config.vocoder.pretrained_path is set, else None."""
+  """`convert.hifigan.load_vocoder(config)` when config.vocoder.pretrained_path is set, else None."""
   if not config.vocoder.pretrained_path:
     return None
-  from mmldm_jax.models import vocoder as vocoder_lib
-  return vocoder_lib.load_vocoder(config)
+  from mmldm_jax.convert import hifigan
+  return hifigan.load_vocoder(config)
 
 
 def load_models(config, workdir: str) -> Models:

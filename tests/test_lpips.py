@@ -160,7 +160,7 @@ def test_vae_loss_can_use_it(reference, images, tmp_path):
   config = config_lib.load(os.path.join(CONFIGS, "aist.py:tiny"))
   with config.unlocked():
     config.vae.lpips_path = path
-  distance_fn, params = lpips_model.load_lpips_distance(config)
+  distance_fn, params = lpips_convert.load_lpips_distance(config)
   targets, reconstructions = images
 
   @jax.jit
@@ -175,4 +175,4 @@ def test_vae_loss_can_use_it(reference, images, tmp_path):
   with config.unlocked():
     config.vae.lpips_path = str(tmp_path / "absent.pth")
   with pytest.raises(FileNotFoundError, match="absent.pth.*VGG16"):
-    lpips_model.load_lpips_distance(config)
+    lpips_convert.load_lpips_distance(config)

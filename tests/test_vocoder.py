@@ -1,6 +1,6 @@
 """HiFi-GAN V1 vocoder: parity with transformers' SpeechT5HifiGan (the original generator's structure
 one to one), weight-norm checkpoints (both torch naming schemes), strict conversion errors, the
-full-size parameter count, and `load_vocoder`."""
+full-size parameter count, and `convert.hifigan.load_vocoder`."""
 import os
 
 import jax
@@ -169,21 +169,21 @@ def test_load_vocoder(mel, tmp_path):
   torch.save(reference_model.state_dict(), path)
   with config.unlocked():
     config.vocoder.pretrained_path = path
-    apply_fn, params = vocoder.load_vocoder(config)
+    apply_fn, params = hifigan.load_vocoder(config)
     np.testing.assert_allclose(np.asarray(apply_fn(params, mel)), run_torch(reference_model, mel),
                                atol=1e-4, rtol=0)
     # Converter CLI output (msgpack) and the [B, mels, frames] layout of mmldm_jax.data.audio.
     common.save_params(str(tmp_path / "hifigan.msgpack"), params)
     config.vocoder.pretrained_path = str(tmp_path / "hifigan.msgpack")
-    apply_fn, params = vocoder.load_vocoder(config, layout="mels_frames")
+    apply_fn, params = hifigan.load_vocoder(config, layout="mels_frames")
     np.testing.assert_allclose(np.asarray(apply_fn(params, np.swapaxes(mel, 1, 2))),
                                run_torch(reference_model, mel), atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match=r"\[batch, mels, frames\] with 80 mels"):
       apply_fn(params, mel)
     config.vocoder.pretrained_path = str(tmp_path / "absent")
     with pytest.raises(FileNotFoundError, match="absent.*jik876/hifi-gan"):
-      vocoder.load_vocoder(config)
+      hifigan.load_vocoder(config)
     config.vocoder.pretrained_path = path
     config.audio.filterbank_sample_rate = 16000
     with pytest.raises(ValueError, match="config.audio.filterbank_sample_rate=16000"):
-      vocoder.load_vocoder(config)
+      hifigan.load_vocoder(config)

@@ -19,13 +19,15 @@ listed in one `ConversionError`.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
 from mmldm_jax.convert import common
+from mmldm_jax.models import vocoder
 
 _GAIN_SUFFIXES = ((".weight_g", ".weight_v"),
                   (".parametrizations.weight.original0", ".parametrizations.weight.original1"))
@@ -97,7 +99,6 @@ def _transposed_conv_kernel(weight: np.ndarray) -> np.ndarray:
 
 def param_template(config) -> Any:
   """Shapes of the generator's parameters for `config` (no computation)."""
-  from mmldm_jax.models import vocoder
   return common.unbox(jax.eval_shape(lambda: vocoder.init_params(config, jax.random.key(0))))
 
 
@@ -146,3 +147,48 @@ def check_params(params: Any, config, source: str = "params") -> None:
   if problems:
     raise common.ConversionError(f"{source} does not match config.vocoder:\n  " +
                                  "\n  ".join(problems))
+
+
+LAYOUTS = ("frames_mels", "mels_frames")
+
+
+def load_vocoder(config, dtype: Any = jnp.float32, layout: str = "frames_mels"
+                 ) -> tuple[Callable[[Any, jax.Array], jax.Array], dict]:
+  """The pretrained vocoder as `(apply_fn, params)`; `apply_fn(params, mel) -> wave [B, T * hop]`.
+
+  `layout` names the mel's axes: 'frames_mels' = [B, T, num_mels] (the module's own layout) or
+  'mels_frames' = [B, num_mels, T] (what `mmldm_jax.data.audio.log_mel` / `image_to_mel` return, and
+  what the original HiFi-GAN takes). Reads `config.vocoder.pretrained_path`: an original HiFi-GAN
+  checkpoint (`generator_v1` or `UNIVERSAL_V1/g_02500000` from the jik876/hifi-gan releases), a folded
+  torch / safetensors state dict, or Flax msgpack written by `python -m mmldm_jax.convert
+  --kind=hifigan` (`.msgpack`). `apply_fn` is jitted. Raises when the path is unset or missing (naming
+  it and where to get the weights) and when the audio config does not produce the mel the vocoder
+  expects.
+  """
+  if layout not in LAYOUTS:
+    raise ValueError(f"load_vocoder: layout={layout!r}, expected one of {LAYOUTS}")
+  path = config.vocoder.pretrained_path
+  if not path:
+    raise ValueError("config.vocoder.pretrained_path is empty: set it to "
+                     f"{common.WHERE_TO_GET['hifigan']}, or use Griffin-Lim (mmldm_jax/data/audio.py)")
+  vocoder.check_mel_matches(config)
+  if path.endswith(".msgpack"):
+    params = common.load_params(path, kind="hifigan")
+    params = params.get("params", params)
+    check_params(params, config, source=path)
+  else:
+    params = load_hifigan(path, config)
+  model = vocoder.generator_from_config(config, dtype=dtype)
+  num_mels = config.vocoder.num_mels
+
+  @jax.jit
+  def apply_fn(params, mel):
+    mel_axis = -1 if layout == "frames_mels" else -2
+    if mel.ndim != 3 or mel.shape[mel_axis] != num_mels:
+      raise ValueError(f"vocoder: expected a log-mel [batch, {layout.replace('_', ', ')}] with "
+                       f"{num_mels} mels, got shape {mel.shape}")
+    if layout == "mels_frames":
+      mel = jnp.swapaxes(mel, -1, -2)
+    return model.apply({"params": params}, mel)
+
+  return apply_fn, jax.tree.map(jnp.asarray, params)

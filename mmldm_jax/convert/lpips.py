@@ -23,19 +23,21 @@ missing, unexpected and misshaped keys are listed together in one `ConversionErr
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from jax import lax
 
 from mmldm_jax.convert import common
+from mmldm_jax.models import lpips as lpips_model
 
 
 def normalised_state_dict(state_dict: Mapping[str, Any], source: str = "checkpoint"
                           ) -> dict[str, np.ndarray]:
   """The state dict in `features.{i}` / `lin{k}.model.1` naming, without the scaling buffers."""
-  from mmldm_jax.models import lpips as lpips_model
   out = {}
   for key, value in state_dict.items():
     value = np.asarray(value, np.float32)
@@ -57,7 +59,6 @@ def normalised_state_dict(state_dict: Mapping[str, Any], source: str = "checkpoi
 
 def param_template() -> Any:
   """Shapes of the LPIPS parameters (no computation)."""
-  from mmldm_jax.models import lpips as lpips_model
   return common.unbox(jax.eval_shape(lambda: lpips_model.init_params(jax.random.key(0))))
 
 
@@ -99,3 +100,30 @@ def check_params(params: Any, source: str = "params") -> None:
   if differences:
     raise common.ConversionError(f"{source} does not match the LPIPS network: "
                                  + "; ".join(differences))
+
+
+def load_lpips_distance(config, dtype: Any = jnp.float32
+               ) -> tuple[Callable[[Any, jax.Array, jax.Array], jax.Array], dict]:
+  """The perceptual distance for the VAE loss as `(distance_fn, params)`, from `config.vae.lpips_path`.
+
+  `distance_fn(params, images_a, images_b) -> [B]` (NHWC in [-1, 1]) is a pure function to call inside
+  a jitted loss; it stops the gradient into `params`, so only the images get gradients. The path may be
+  a torch / safetensors state dict (module doc) or Flax msgpack written by
+  `mmldm_jax.convert.common.save_params`. Raises when the path is unset or the file is missing.
+  """
+  path = config.vae.lpips_path
+  if not path:
+    raise ValueError("config.vae.lpips_path is empty: set it to "
+                     f"{common.WHERE_TO_GET['lpips']} (see mmldm_jax/convert/lpips.py)")
+  if path.endswith(".msgpack"):
+    params = common.load_params(path, kind="lpips")
+    params = params.get("params", params)
+    check_params(params, source=path)
+  else:
+    params = load_lpips(path)
+  model = lpips_model.LPIPS(dtype=dtype)
+
+  def distance_fn(params, images_a, images_b):
+    return model.apply({"params": lax.stop_gradient(params)}, images_a, images_b)
+
+  return distance_fn, jax.tree.map(jnp.asarray, params)

@@ -10,8 +10,8 @@ What it computes, per image pair (as `lpips.LPIPS(net='vgg', version='0.1')` wit
 
 Images are NHWC in [-1, 1] (the VAE's range); the result is one distance per pair, shape [B].
 Differentiable with respect to the images; the VGG weights are meant to stay frozen
-(`load_lpips_distance` stops their gradient). There is no dropout: the heads' dropout is inactive in
-evaluation mode, the only mode in which LPIPS serves as a loss.
+(`mmldm_jax.convert.lpips.load_lpips_distance` stops their gradient). There is no dropout: the heads'
+dropout is inactive in evaluation mode, the only mode in which LPIPS serves as a loss.
 
 Weights come from ONE local file (see `mmldm_jax/convert/lpips.py` for how to assemble it): torchvision's
 ImageNet VGG16 `features.*` and the lpips package's `lin{0..4}.model.1.weight` heads. Nothing is
@@ -19,12 +19,11 @@ downloaded. Parameter names: `features_{i}` for torchvision's `features.{i}` con
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from mmldm_jax.models import layers
 
@@ -104,33 +103,3 @@ def init_params(rng: jax.Array, image_size: int = 32) -> dict:
   """Randomly initialised LPIPS parameters (boxed with logical axis names), for tests."""
   images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   return LPIPS().init(rng, images, images)["params"]
-
-
-def load_lpips_distance(config, dtype: Any = jnp.float32
-               ) -> tuple[Callable[[Any, jax.Array, jax.Array], jax.Array], dict]:
-  """The perceptual distance for the VAE loss as `(distance_fn, params)`, from `config.vae.lpips_path`.
-
-  `distance_fn(params, images_a, images_b) -> [B]` (NHWC in [-1, 1]) is a pure function to call inside
-  a jitted loss; it stops the gradient into `params`, so only the images get gradients. The path may be
-  a torch / safetensors state dict (see `mmldm_jax/convert/lpips.py`) or Flax msgpack written by
-  `mmldm_jax.convert.common.save_params`. Raises when the path is unset or the file is missing.
-  """
-  from mmldm_jax.convert import common
-  from mmldm_jax.convert import lpips as lpips_convert
-
-  path = config.vae.lpips_path
-  if not path:
-    raise ValueError("config.vae.lpips_path is empty: set it to "
-                     f"{common.WHERE_TO_GET['lpips']} (see mmldm_jax/convert/lpips.py)")
-  if path.endswith(".msgpack"):
-    params = common.load_params(path, kind="lpips")
-    params = params.get("params", params)
-    lpips_convert.check_params(params, source=path)
-  else:
-    params = lpips_convert.load_lpips(path)
-  model = LPIPS(dtype=dtype)
-
-  def distance_fn(params, images_a, images_b):
-    return model.apply({"params": lax.stop_gradient(params)}, images_a, images_b)
-
-  return distance_fn, jax.tree.map(jnp.asarray, params)

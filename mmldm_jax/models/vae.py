@@ -282,7 +282,7 @@ def generator_loss(vae_params: Any, disc_params: Any, images: Array, rng: Array,
   kl = sum KL / B, g_loss = -mean(D(x_rec)), d_weight = clip(|grad nll| / (|grad g_loss| + 1e-4),
   0, 1e4) * disc_weight with both gradients taken on the decoder's last conv kernel, and
   disc_factor = 1 from `disc_start` on.
-  `perceptual`: `(distance_fn, lpips_params)` from `models.lpips.load_lpips_distance(config)`; required
+  `perceptual`: `(distance_fn, lpips_params)` from `convert.lpips.load_lpips_distance(config)`; required
   when `config.vae.lpips_path` is set, refused otherwise. With `config.vae.disc_weight == 0` there is
   no adversarial term (pass disc_params=None): loss = nll + kl_weight * kl. Returns (loss, aux); aux
   holds the scalars to log and `reconstructions` (gradient-stopped) for `discriminator_loss`.
@@ -290,7 +290,7 @@ def generator_loss(vae_params: Any, disc_params: Any, images: Array, rng: Array,
   if bool(config.vae.lpips_path) != (perceptual is not None):
     raise ValueError(f"config.vae.lpips_path={config.vae.lpips_path!r} but perceptual="
                      f"{'given' if perceptual is not None else 'None'}: pass perceptual="
-                     "mmldm_jax.models.lpips.load_lpips_distance(config) exactly when the path is set")
+                     "mmldm_jax.convert.lpips.load_lpips_distance(config) exactly when the path is set")
   adversarial = config.vae.disc_weight > 0
   if adversarial != (disc_params is not None):
     raise ValueError(f"config.vae.disc_weight={config.vae.disc_weight} but disc_params="

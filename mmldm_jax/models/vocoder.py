@@ -16,17 +16,18 @@ The mel the vocoder receives must be computed the way its checkpoint was trained
 UNIVERSAL_V1 checkpoints that is HiFi-GAN's `mel_spectrogram` with a 22.05 kHz filterbank, n_fft 1024,
 hop 256, window 1024, 80 mels, fmin 0, fmax 8000, log(clamp(x, 1e-5)) - exactly MM-LDM's audio config
 (`config.audio`, including its quirk of using the 22.05 kHz filterbank on 44.1 kHz audio; the result is
-then saved at 44.1 kHz). `load_vocoder` checks the fields it can. Without a checkpoint
+then saved at 44.1 kHz). `check_mel_matches` checks the fields it can. Without a checkpoint
 (`config.vocoder.pretrained_path = ''`) the sampling chain inverts the mel with Griffin-Lim
 (`mmldm_jax/data/audio.py`) instead.
 
 Weights: `mmldm_jax/convert/hifigan.py` converts an original training checkpoint (weight_g / weight_v
-pairs) or an already folded state dict (`SpeechT5HifiGan` naming).
+pairs) or an already folded state dict (`SpeechT5HifiGan` naming), and its `load_vocoder` returns the
+pretrained vocoder ready to apply.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -196,50 +197,3 @@ def check_mel_matches(config) -> None:
         f"config.audio.filterbank_sample_rate={audio.filterbank_sample_rate}: expected "
         f"config.vocoder.sample_rate={vocoder.sample_rate}, the rate of the vocoder's mel filterbank "
         "(otherwise leave config.vocoder.pretrained_path empty to use Griffin-Lim)")
-
-
-LAYOUTS = ("frames_mels", "mels_frames")
-
-
-def load_vocoder(config, dtype: Any = jnp.float32, layout: str = "frames_mels"
-                 ) -> tuple[Callable[[Any, jax.Array], jax.Array], dict]:
-  """The pretrained vocoder as `(apply_fn, params)`; `apply_fn(params, mel) -> wave [B, T * hop]`.
-
-  `layout` names the mel's axes: 'frames_mels' = [B, T, num_mels] (the module's own layout) or
-  'mels_frames' = [B, num_mels, T] (what `mmldm_jax.data.audio.log_mel` / `image_to_mel` return, and
-  what the original HiFi-GAN takes). Reads `config.vocoder.pretrained_path`: an original HiFi-GAN
-  checkpoint (`generator_v1` or `UNIVERSAL_V1/g_02500000` from the jik876/hifi-gan releases), a folded
-  torch / safetensors state dict, or Flax msgpack written by `python -m mmldm_jax.convert
-  --kind=hifigan` (`.msgpack`). `apply_fn` is jitted. Raises when the path is unset or missing (naming
-  it and where to get the weights) and when the audio config does not produce the mel the vocoder
-  expects.
-  """
-  from mmldm_jax.convert import common, hifigan
-
-  if layout not in LAYOUTS:
-    raise ValueError(f"load_vocoder: layout={layout!r}, expected one of {LAYOUTS}")
-  path = config.vocoder.pretrained_path
-  if not path:
-    raise ValueError("config.vocoder.pretrained_path is empty: set it to "
-                     f"{common.WHERE_TO_GET['hifigan']}, or use Griffin-Lim (mmldm_jax/data/audio.py)")
-  check_mel_matches(config)
-  if path.endswith(".msgpack"):
-    params = common.load_params(path, kind="hifigan")
-    params = params.get("params", params)
-    hifigan.check_params(params, config, source=path)
-  else:
-    params = hifigan.load_hifigan(path, config)
-  model = generator_from_config(config, dtype=dtype)
-  num_mels = config.vocoder.num_mels
-
-  @jax.jit
-  def apply_fn(params, mel):
-    mel_axis = -1 if layout == "frames_mels" else -2
-    if mel.ndim != 3 or mel.shape[mel_axis] != num_mels:
-      raise ValueError(f"vocoder: expected a log-mel [batch, {layout.replace('_', ', ')}] with "
-                       f"{num_mels} mels, got shape {mel.shape}")
-    if layout == "mels_frames":
-      mel = jnp.swapaxes(mel, -1, -2)
-    return model.apply({"params": params}, mel)
-
-  return apply_fn, jax.tree.map(jnp.asarray, params)

@@ -89,8 +89,8 @@ def vae_task(config, workdir: str) -> loop.Task:
   images_of = lambda batch: _vae_images(config, batch)
   perceptual = None
   if config.vae.lpips_path:
-    from mmldm_jax.models import lpips as lpips_lib
-    perceptual = lpips_lib.load_lpips_distance(config)
+    from mmldm_jax.convert import lpips as lpips_convert
+    perceptual = lpips_convert.load_lpips_distance(config)
 
   def loss(group, params, frozen, batch, rng, step):
     del frozen
