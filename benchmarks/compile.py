@@ -47,7 +47,7 @@ def _worker(repo: str, config_path: str, stage: str, steps: int) -> dict:
   import numpy as np
   from mmldm_jax import config_lib, parallel
   from mmldm_jax.models import dit as dit_lib
-  from mmldm_jax.train import loop, stages
+  from mmldm_jax.train import loop, tasks
   imported = os.path.dirname(os.path.dirname(os.path.abspath(loop.__file__)))
   if os.path.realpath(imported) != os.path.realpath(os.path.join(repo, "mmldm_jax")):
     raise RuntimeError(f"measuring {repo} but mmldm_jax was imported from {imported}")
@@ -67,7 +67,7 @@ def _worker(repo: str, config_path: str, stage: str, steps: int) -> dict:
 
   config = config_lib.load(os.path.join(repo, config_path))
   mesh = parallel.create_mesh(config)
-  task = getattr(stages, f"{stage}_task")(config, "unused")
+  task = getattr(tasks, f"{stage}_task")(config, "unused")
   train_config = config[f"train_{stage}"]
   init_state, optimizers = loop.make_state_init(task)
   _, shardings, _ = loop.abstract_state(init_state, task, mesh, config)
@@ -98,7 +98,7 @@ def _worker(repo: str, config_path: str, stage: str, steps: int) -> dict:
   batch = parallel.global_batch(host, mesh)
   frozen = None
   if stage == "autoencoder":
-    vae_task = stages.vae_task(config, "unused")
+    vae_task = tasks.vae_task(config, "unused")
     vae_init, _ = loop.make_state_init(vae_task)
     frozen = jax.jit(lambda r: parallel.unbox(vae_init(r)))(jax.random.key(1))["params"]["vae"]
   step = jax.jit(loop.make_train_step(task, optimizers, 0), donate_argnums=(0,))

@@ -32,7 +32,7 @@ sys.path.insert(0, REPO)
 
 from mmldm_jax import config_lib, parallel  # noqa: E402
 from mmldm_jax.models import dit as dit_lib  # noqa: E402
-from mmldm_jax.train import loop, stages  # noqa: E402
+from mmldm_jax.train import loop, tasks  # noqa: E402
 
 MACHINE = "2-core x86_64 CPU (shared), 24 GiB"
 
@@ -57,7 +57,7 @@ def measure(num_devices: int, steps: int) -> dict:
   batch_size = config.train_generator.batch_size
   devices = jax.devices()[:num_devices]
   mesh = parallel.create_mesh(config, devices)
-  task = stages.generator_task(config, "unused")
+  task = tasks.generator_task(config, "unused")
   init_state, optimizers = loop.make_state_init(task)
   _, shardings, _ = loop.abstract_state(init_state, task, mesh, config)
   state = jax.jit(lambda rng: parallel.unbox(init_state(rng)),
@@ -100,7 +100,7 @@ def measure_stage(config, stage: str, steps: int) -> dict:
   data-parallel or as config.mesh says, on random inputs."""
   from mmldm_jax import metrics
   mesh = parallel.create_mesh(config)
-  task = getattr(stages, f"{stage}_task")(config, "unused")
+  task = getattr(tasks, f"{stage}_task")(config, "unused")
   train_config = config[f"train_{stage}"]
   batch_size = train_config.batch_size
   init_state, optimizers = loop.make_state_init(task)
@@ -117,7 +117,7 @@ def measure_stage(config, stage: str, steps: int) -> dict:
   batch = parallel.global_batch(host, mesh)
   frozen = None
   if stage == "autoencoder":  # a randomly initialised VAE stands in for the trained one
-    vae_task = stages.vae_task(config, "unused")
+    vae_task = tasks.vae_task(config, "unused")
     vae_init, _ = loop.make_state_init(vae_task)
     _, vae_shardings, _ = loop.abstract_state(vae_init, vae_task, mesh, config)
     frozen = jax.jit(lambda r: parallel.unbox(vae_task.init(r))["vae"],

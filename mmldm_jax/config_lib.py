@@ -35,7 +35,7 @@ ConfigDict = ml_collections.ConfigDict
 
 # Stages `main` knows, in the order they run.
 ALL_STAGES = ("data", "vae", "autoencoder", "latents", "generator", "sample", "evaluate")
-# What `config.sample.mode` may be (sample.py documents each).
+# What `config.sample.mode` may be (stages/sample.py documents each).
 SAMPLE_MODES = ("joint", "a2v", "v2a", "continuation")
 
 
@@ -268,7 +268,7 @@ def sample_config() -> ConfigDict:
 
 
 def evaluation_config() -> ConfigDict:
-  """The evaluate stage's FVD / KVD / FAD protocol (see mmldm_jax/evaluation/stage.py)."""
+  """The evaluate stage's FVD / KVD / FAD protocol (see mmldm_jax/stages/evaluate.py)."""
   return ConfigDict(dict(
       fvd="auto",                   # I3D FVD / KVD: 'auto' (when the metrics extra is installed,
                                     # else "not computed" in metrics.json), 'on' (required), 'off'

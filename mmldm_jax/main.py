@@ -3,7 +3,8 @@
   python -m mmldm_jax.main --config=configs/demo.py --workdir=runs/demo
   python -m mmldm_jax.main --config=configs/aist.py:tiny --workdir=/tmp/x --config.stages=data
 
-Each stage is a function `run(config, workdir)` in its own module, imported only when it runs. Stages are
+Each stage is a function `run(config, workdir)` in its own module, `mmldm_jax/stages/<name>.py`,
+imported only when it runs. Stages are
 resumable and skip themselves when their output is complete. A stage named in `config.stages` that this
 version does not implement is refused before anything runs.
 """
@@ -23,16 +24,10 @@ from mmldm_jax import config_lib
 from mmldm_jax import parallel
 from mmldm_jax import workdir as workdir_lib
 
-# Implemented stages: name -> "module:function". A stage appears here once it works end to end.
-STAGES = {
-    "data": "mmldm_jax.data.stage:run",
-    "vae": "mmldm_jax.train.stages:run_vae",
-    "autoencoder": "mmldm_jax.train.stages:run_autoencoder",
-    "latents": "mmldm_jax.train.stages:run_latents",
-    "generator": "mmldm_jax.train.stages:run_generator",
-    "sample": "mmldm_jax.sample:run",
-    "evaluate": "mmldm_jax.evaluation.stage:run",
-}
+# Implemented stages, in order: name -> the module `mmldm_jax.stages.<name>`, whose
+# `run(config, workdir)` runs it. A stage appears here once it works end to end.
+STAGES = {name: f"mmldm_jax.stages.{name}"
+          for name in ("data", "vae", "autoencoder", "latents", "generator", "sample", "evaluate")}
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py[:tiny].",
                                           lock_config=True)
@@ -85,10 +80,9 @@ def resolve_stages(config) -> list[str]:
 
 
 def run_stage(name: str, config, workdir: str) -> None:
-  module_name, function_name = STAGES[name].split(":")
-  function = getattr(importlib.import_module(module_name), function_name)
+  run = importlib.import_module(STAGES[name]).run
   logging.info("=== stage %s ===", name)
-  function(config, workdir)
+  run(config, workdir)
 
 
 def main(argv) -> None:

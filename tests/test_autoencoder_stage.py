@@ -10,8 +10,9 @@ import numpy as np
 from mmldm_jax import config_lib
 from mmldm_jax import metrics
 from mmldm_jax import parallel
+from mmldm_jax.stages import vae as vae_stage
 from mmldm_jax.train import loop
-from mmldm_jax.train import stages
+from mmldm_jax.train import tasks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,17 +25,17 @@ def test_autoencoder_quality_signals_are_computed_and_logged(tmp_path):
   config = config_lib.load(os.path.join(REPO, "configs", "demo.py") + ":tiny")
   config.train_vae.update(num_steps=1, checkpoint_every=1, eval_every=0)
   workdir = str(tmp_path)
-  stages.run_vae(config, workdir)
+  vae_stage.run(config, workdir)
   factor = config_lib.resolve_scale_factor(config, workdir)    # measured by the vae stage
-  task = stages.autoencoder_task(config, workdir, factor)
+  task = tasks.autoencoder_task(config, workdir, factor)
   mesh = parallel.create_mesh(config)
   params = jax.jit(lambda key: parallel.unbox(task.init(key)))(loop.init_key(0))
   frozen = task.frozen(mesh)
 
   scalars, images, sounds = task.evaluate(params, frozen, mesh)
   assert sorted(scalars) == sorted(SIGNALS)
-  clips = len(stages.validation_clips(config, workdir))
-  assert clips == stages.QUALITY_CLIPS and scalars["retrieval_chance"] == 1.0 / clips
+  clips = len(tasks.validation_clips(config, workdir))
+  assert clips == tasks.QUALITY_CLIPS and scalars["retrieval_chance"] == 1.0 / clips
   for name in ("retrieval_v2a", "retrieval_a2v", "class_accuracy"):
     assert scalars[name] * clips in range(clips + 1), (name, scalars[name])
   for name in SIGNALS[:4]:
@@ -69,10 +70,10 @@ def test_no_discriminator_without_the_adversarial_term(tmp_path):
   config = config_lib.load(os.path.join(REPO, "configs", "demo.py") + ":tiny")
   assert config.autoencoder.gan_weight == 0.0   # the demo trains without one
   config.autoencoder.gan_weight = 0.1
-  with_gan = stages.autoencoder_task(config, str(tmp_path), config.vae.scale_factor)
+  with_gan = tasks.autoencoder_task(config, str(tmp_path), config.vae.scale_factor)
   assert with_gan.groups == ("autoencoder", "discriminator")
   config.autoencoder.gan_weight = 0.0
-  task = stages.autoencoder_task(config, str(tmp_path), config.vae.scale_factor)
+  task = tasks.autoencoder_task(config, str(tmp_path), config.vae.scale_factor)
   assert task.groups == ("autoencoder",)
   shapes = jax.eval_shape(task.init, loop.init_key(0))
   assert sorted(shapes) == ["autoencoder"]

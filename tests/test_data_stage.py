@@ -10,8 +10,8 @@ from PIL import Image
 
 from mmldm_jax import config_lib
 from mmldm_jax.data import records
-from mmldm_jax.data import stage
 from mmldm_jax.data import video
+from mmldm_jax.stages import data as stage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

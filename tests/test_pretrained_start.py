@@ -13,7 +13,7 @@ from mmldm_jax.convert import common
 from mmldm_jax.convert import unet as convert_unet
 from mmldm_jax.convert import vae as convert_vae
 from mmldm_jax.train import loop
-from mmldm_jax.train import stages
+from mmldm_jax.train import tasks
 from mmldm_jax.train import weights
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -56,7 +56,7 @@ def test_converted_files_load_for_the_stages(tmp_path):
     config.vae.pretrained_path = str(tmp_path / "vae.msgpack")
     config.unet.pretrained_path = str(tmp_path / "unet.msgpack")
   loaded_vae = weights.pretrained_vae_params(config)
-  loaded_unet = stages._pretrained_unet(config)["unet"]
+  loaded_unet = tasks._pretrained_unet(config)["unet"]
   for loaded, saved in ((loaded_vae, vae_values), (loaded_unet, unet_values)):
     jax.tree.map(np.testing.assert_array_equal, loaded, saved)
   # The U-Net sits under 'unet' in the autoencoder's parameters, with the same tree.

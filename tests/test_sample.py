@@ -13,12 +13,13 @@ from PIL import Image
 from mmldm_jax import config_lib
 from mmldm_jax import parallel
 from mmldm_jax import workdir as workdir_lib
-from mmldm_jax import sample
 from mmldm_jax.data import audio
+from mmldm_jax.data import pipeline
 from mmldm_jax.data import synthetic
 from mmldm_jax.data import video
 from mmldm_jax.models import autoencoder as autoencoder_lib
 from mmldm_jax.models import dit as dit_lib
+from mmldm_jax.stages import sample
 
 
 def tiny_config(**sample_fields):
@@ -146,7 +147,7 @@ def test_a2v_generates_video_for_real_sound(models, tmp_path):
   config = tiny_config(mode="a2v", num_samples=1)
   data = str(tmp_path / "data")
   synthetic.write_dataset(config, data, progress=False)
-  clips = sample.SplitClips(config, data, "validation")
+  clips = pipeline.SplitClips(config, data, "validation")
   assert len(clips) == 2 * (synthetic.num_video_frames(config) // config.data.num_frames)
   folder = str(tmp_path / "a2v")
   index = sample.write_samples(config, models, folder, clips=clips, progress=False)
@@ -180,15 +181,15 @@ def save_checkpoint(config, workdir, task, params, step):
 def test_stage_restores_checkpoints_and_matches_the_chain(config, models, joint_folder, tmp_path):
   """`run` restores the generator / autoencoder / vae checkpoints of a workdir and writes the same
   samples the chain writes from those parameters directly."""
-  from mmldm_jax.train import stages
+  from mmldm_jax.train import tasks
   workdir = str(tmp_path)
   synthetic.write_dataset(config, os.path.join(workdir, "data"), progress=False)
-  save_checkpoint(config, workdir, stages.generator_task(config, workdir),
+  save_checkpoint(config, workdir, tasks.generator_task(config, workdir),
                   {"dit": models.dit_params}, 4)
   save_checkpoint(config, workdir,
-                  stages.autoencoder_task(config, workdir, config.vae.scale_factor),
+                  tasks.autoencoder_task(config, workdir, config.vae.scale_factor),
                   {"autoencoder": models.autoencoder_params}, 4)
-  save_checkpoint(config, workdir, stages.vae_task(config, workdir), {"vae": models.vae_params}, 4)
+  save_checkpoint(config, workdir, tasks.vae_task(config, workdir), {"vae": models.vae_params}, 4)
   sample.run(config, workdir)
   folder = workdir_lib.samples_dir(workdir, "joint")
   index = sample.read_index(folder)
@@ -210,14 +211,14 @@ def test_generator_quality_signals_are_the_sample_stage_samples_scored(config, m
                                                                        joint_folder, tmp_path):
   """The generator stage's quality signals sample through the same chain as the `sample` stage
   (same settings and seed: the same first samples), and score them like the evaluate stage."""
-  from mmldm_jax.train import stages
+  from mmldm_jax.train import tasks
   workdir = str(tmp_path)
   synthetic.write_dataset(config, os.path.join(workdir, "data"), progress=False)
   save_checkpoint(config, workdir,
-                  stages.autoencoder_task(config, workdir, config.vae.scale_factor),
+                  tasks.autoencoder_task(config, workdir, config.vae.scale_factor),
                   {"autoencoder": models.autoencoder_params}, 4)
-  save_checkpoint(config, workdir, stages.vae_task(config, workdir), {"vae": models.vae_params}, 4)
-  task = stages.generator_task(config, workdir)
+  save_checkpoint(config, workdir, tasks.vae_task(config, workdir), {"vae": models.vae_params}, 4)
+  task = tasks.generator_task(config, workdir)
   scalars, images, sounds = task.evaluate({"dit": models.dit_params}, None,
                                           parallel.create_mesh(config))
   assert sorted(scalars) == sorted([
@@ -229,7 +230,7 @@ def test_generator_quality_signals_are_the_sample_stage_samples_scored(config, m
   assert 0.5 * config.synthetic.events_per_second < scalars["real_audio_events_per_second"]
   sheet = images["generator_samples"]
   first_row = np.asarray(Image.open(os.path.join(joint_folder, "sample_0000.png")))
-  assert sheet.shape == (stages.QUALITY_CLIPS * first_row.shape[0],) + first_row.shape[1:]
+  assert sheet.shape == (tasks.QUALITY_CLIPS * first_row.shape[0],) + first_row.shape[1:]
   np.testing.assert_array_equal(sheet[:first_row.shape[0]], first_row)
   with open(os.path.join(joint_folder, "sample_0000.wav"), "rb") as written:
     pcm = np.frombuffer(written.read()[44:], "<i2")
@@ -240,16 +241,16 @@ def test_generator_quality_signals_are_the_sample_stage_samples_scored(config, m
 def test_latents_stage_writes_every_clip_window_with_its_place(config, models, tmp_path):
   """The `latents` stage encodes every training clip window in source order, with the video and
   first frame that continuation training pairs clips by."""
-  from mmldm_jax.data import pipeline
+  from mmldm_jax.stages import latents as latents_stage
   from mmldm_jax.train import latents as latents_lib
-  from mmldm_jax.train import stages
+  from mmldm_jax.train import tasks
   workdir = str(tmp_path)
   synthetic.write_dataset(config, os.path.join(workdir, "data"), progress=False)
   save_checkpoint(config, workdir,
-                  stages.autoencoder_task(config, workdir, config.vae.scale_factor),
+                  tasks.autoencoder_task(config, workdir, config.vae.scale_factor),
                   {"autoencoder": models.autoencoder_params}, 4)
-  save_checkpoint(config, workdir, stages.vae_task(config, workdir), {"vae": models.vae_params}, 4)
-  stages.run_latents(config, workdir)
+  save_checkpoint(config, workdir, tasks.vae_task(config, workdir), {"vae": models.vae_params}, 4)
+  latents_stage.run(config, workdir)
   clips = pipeline.clip_source(config, "train", pipeline.RecordVideos(
       os.path.join(workdir, "data"), "train"))
   source = latents_lib.LatentSource(workdir_lib.latents_dir(workdir))

@@ -23,7 +23,7 @@ from mmldm_jax.models import dit as dit_lib
 from mmldm_jax.train import latents as latents_lib
 from mmldm_jax.train import loop
 from mmldm_jax.train import optim
-from mmldm_jax.train import stages
+from mmldm_jax.train import tasks
 from mmldm_jax.train import weights
 
 NUM_STEPS = 6
@@ -58,7 +58,7 @@ def write_latents(workdir, config, count=40, seed=0, clips_per_video=20):
 
 
 def final_params(workdir, config, devices=None):
-  task = stages.generator_task(config, workdir)
+  task = tasks.generator_task(config, workdir)
   mesh = parallel.create_mesh(config, devices)
   return loop.restore_params(config, workdir, task, mesh)
 
@@ -74,7 +74,7 @@ def reference_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("reference"))
   config = generator_config()
   write_latents(workdir, config)
-  result = loop.train(config, workdir, stages.generator_task(config, workdir))
+  result = loop.train(config, workdir, tasks.generator_task(config, workdir))
   assert result["step"] == NUM_STEPS
   return workdir, config
 
@@ -84,7 +84,7 @@ def test_fsdp8_parameter_bytes_per_device(reference_run):
   config = generator_config()
   config.dit.update(hidden_size=256, num_heads=4)
   mesh = parallel.create_mesh(config)
-  task = stages.generator_task(config, "unused")
+  task = tasks.generator_task(config, "unused")
   init_state, _ = loop.make_state_init(task)
   _, shardings, boxed = loop.abstract_state(init_state, task, mesh, config)
   params = jax.jit(lambda rng: parallel.unbox(task.init(rng)),
@@ -97,7 +97,7 @@ def test_fsdp8_parameter_bytes_per_device(reference_run):
   restored = final_params(workdir, ref_config)
   total, per_device = parallel.bytes_per_device(restored)
   exempt = parallel.replicated_by_policy_bytes(
-      jax.eval_shape(stages.generator_task(ref_config, workdir).init, jax.random.key(0)),
+      jax.eval_shape(tasks.generator_task(ref_config, workdir).init, jax.random.key(0)),
       jax.tree.map(lambda x: x.sharding, restored))
   assert per_device <= (total - exempt) / 8 * 1.05 + exempt
 
@@ -108,7 +108,7 @@ def test_params_only_restore_equals_the_params_of_a_full_restore(reference_run):
   from mmldm_jax import checkpoint as checkpoint_lib
   workdir, config = reference_run
   mesh = parallel.create_mesh(config)
-  task = stages.generator_task(config, workdir)
+  task = tasks.generator_task(config, workdir)
   init_state, _ = loop.make_state_init(task)
   target, _, _ = loop.abstract_state(init_state, task, mesh, config)
   checkpointer = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(workdir, "generator"),
@@ -139,7 +139,7 @@ def test_loss_goes_down_and_logs_are_written(reference_run):
   assert events
   # Finished: running again is a no-op.
   config = generator_config()
-  result = loop.train(config, workdir, stages.generator_task(config, workdir))
+  result = loop.train(config, workdir, tasks.generator_task(config, workdir))
   assert result["step"] == NUM_STEPS
   assert len(read_metrics(workdir)) == NUM_STEPS
 
@@ -154,7 +154,7 @@ KILLED_RUN = textwrap.dedent("""
     from mmldm_jax.train import loop, stages
     workdir = sys.argv[1]
     config = generator_config()
-    task = stages.generator_task(config, workdir)
+    task = tasks.generator_task(config, workdir)
     to_model_batch = task.to_model_batch
     def slow(batch):  # slow enough that the kill lands mid-run
       time.sleep(0.25)
@@ -191,7 +191,7 @@ def test_sigkill_and_resume_is_bit_identical(reference_run, tmp_path):
   steps = [int(n) for n in os.listdir(checkpoints) if n.isdigit()]
   assert 2 <= max(steps) < NUM_STEPS, steps
 
-  result = loop.train(config, workdir, stages.generator_task(config, workdir))
+  result = loop.train(config, workdir, tasks.generator_task(config, workdir))
   assert result["step"] == NUM_STEPS
   resumed = final_params(workdir, config)
   reference = final_params(ref_workdir, config)
@@ -208,7 +208,7 @@ def test_saved_on_8_devices_continues_on_2x2(reference_run, tmp_path):
   with open(os.path.join(workdir, "generator", "logs", "metrics.jsonl"), "w") as f:
     f.write("")
   config = generator_config(mesh=(("data", 2), ("fsdp", 2), ("tensor", 1)))
-  loop.train(config, workdir, stages.generator_task(config, workdir), devices=jax.devices()[:4])
+  loop.train(config, workdir, tasks.generator_task(config, workdir), devices=jax.devices()[:4])
   continued = {row["step"]: row["loss"] for row in read_metrics(workdir)}
   reference = {row["step"]: row["loss"] for row in read_metrics(ref_workdir)}
   assert sorted(continued) == [5, 6]
@@ -223,7 +223,7 @@ def test_nan_stops_naming_the_step(tmp_path):
   config = generator_config(num_steps=3)
   config.train_generator.checkpoint_every = 0
   write_latents(workdir, config)
-  task = stages.generator_task(config, workdir)
+  task = tasks.generator_task(config, workdir)
   to_model_batch = task.to_model_batch
   calls = []
 
@@ -280,7 +280,7 @@ def test_unreadable_checkpoint_is_an_error_not_a_fresh_start(reference_run, tmp_
     for name in files:
       os.remove(os.path.join(root, name))
   with pytest.raises(RuntimeError, match="step 4"):
-    loop.train(config, workdir, stages.generator_task(config, workdir))
+    loop.train(config, workdir, tasks.generator_task(config, workdir))
 
 
 def test_metrics_writer_images_audio_and_peak_flops(tmp_path):
@@ -323,14 +323,14 @@ def test_continuation_trains_on_consecutive_clip_pairs(tmp_path):
     assert prev["clip_start"] == item["clip_start"] - config.data.num_frames
     np.testing.assert_array_equal(item["prev_video_latent"], prev["video_latent"])
     np.testing.assert_array_equal(item["prev_audio_latent"], prev["audio_latent"])
-  result = loop.train(config, workdir, stages.generator_task(config, workdir))
+  result = loop.train(config, workdir, tasks.generator_task(config, workdir))
   assert result["step"] == 2
   losses = [row["loss"] for row in read_metrics(workdir) if "loss" in row]
   assert losses and all(np.isfinite(losses))
   # Independent flips would break the pairs; videos shorter than two clips give none.
   config.data.generator_hflip_prob = 0.5
   with pytest.raises(ValueError, match="generator_hflip_prob"):
-    stages.generator_task(config, workdir)
+    tasks.generator_task(config, workdir)
   short = str(tmp_path / "short")
   write_latents(short, config, count=8, clips_per_video=4)
   with pytest.raises(ValueError, match="no clip has a previous clip"):

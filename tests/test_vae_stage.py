@@ -10,8 +10,9 @@ import pytest
 from mmldm_jax import config_lib
 from mmldm_jax import parallel
 from mmldm_jax.models import vae as vae_lib
+from mmldm_jax.stages import vae as vae_stage
 from mmldm_jax.train import loop
-from mmldm_jax.train import stages
+from mmldm_jax.train import tasks
 from mmldm_jax.train import weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,7 +28,7 @@ def test_a_frozen_random_encoder_is_refused(tmp_path):
   config = demo_config()
   config.vae.freeze_encoder = True
   with pytest.raises(ValueError, match="freeze_encoder=True with config.vae.pretrained_path=''"):
-    stages.run_vae(config, str(tmp_path))
+    vae_stage.run(config, str(tmp_path))
   assert not os.path.exists(tmp_path / "vae")
 
 
@@ -37,7 +38,7 @@ def test_from_scratch_vae_measures_the_scale_factor_later_stages_use(tmp_path):
   with pytest.raises(FileNotFoundError, match="vae/scale_factor.json does not exist"):
     config_lib.resolve_scale_factor(config, workdir)
 
-  stages.run_vae(config, workdir)
+  vae_stage.run(config, workdir)
   # Quality signals at the last step (eval_every is larger than the run): reconstruction PSNR and
   # L1 of validation frames and audio images in metrics.jsonl, pictures in TensorBoard.
   logs = tmp_path / "vae" / "logs"
@@ -55,11 +56,11 @@ def test_from_scratch_vae_measures_the_scale_factor_later_stages_use(tmp_path):
   assert factor > 1.0   # a young VAE's latents are far smaller than SD's (factor 0.18215)
 
   # The factor makes the latents of the first training batch unit-variance.
-  task = stages.vae_task(config, workdir)
+  task = tasks.vae_task(config, workdir)
   params = loop.restore_params(config, workdir, task, parallel.create_mesh(config))["vae"]
-  batch = next(iter(stages.clip_dataset_factory(config, workdir)(
+  batch = next(iter(tasks.clip_dataset_factory(config, workdir)(
       0, 1, config.train_vae.batch_size, config.seed)))
-  images = stages._vae_images(config, {k: np.asarray(batch[k]) for k in ("target_frames", "audio")})
+  images = tasks._vae_images(config, {k: np.asarray(batch[k]) for k in ("target_frames", "audio")})
   scaled = vae_lib.build_vae(config).clone(scale_factor=factor).apply(
       {"params": params}, images[:16], method="encode_scaled")
   np.testing.assert_allclose(float(jnp.std(scaled)), 1.0, rtol=1e-3)
@@ -75,7 +76,7 @@ def test_from_scratch_vae_measures_the_scale_factor_later_stages_use(tmp_path):
 
   # A rerun skips the finished stage and keeps the file; a broken file is named in the error.
   before = path.read_text()
-  stages.run_vae(config, workdir)
+  vae_stage.run(config, workdir)
   assert path.read_text() == before
   path.write_text(json.dumps({"scale_factor": -1.0}))
   with pytest.raises(ValueError, match="field 'scale_factor' is -1.0"):
@@ -100,7 +101,7 @@ def test_psnr_is_capped_for_identical_images_and_falls_with_noise():
 
 def test_non_finite_quality_signal_stops_naming_stage_step_and_signal(tmp_path):
   from mmldm_jax import metrics
-  task = stages.vae_task(demo_config(), str(tmp_path))
+  task = tasks.vae_task(demo_config(), str(tmp_path))
   task.evaluate = lambda params, frozen, mesh: (
       {"psnr_frames": float("nan"), "l1_frames": 0.1}, {}, {})
   writer = metrics.MetricsWriter(str(tmp_path / "logs"), total_steps=4, global_batch_size=1,

@@ -348,3 +348,56 @@ def make_dataset(config, split: str, *, process_index: int = 0, process_count: i
     iter_dataset = iter_dataset.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=config.data.worker_count))
   return iter_dataset
+
+
+# Real clips in order (the `sample` stage's conditioning, the `evaluate` stage's reference sets)
+class _LastVideo:
+  """`Videos` that keeps the last decoded video, so clips read in order decode each video
+  once."""
+
+  def __init__(self, videos):
+    self.videos = videos
+    self.lengths = videos.lengths
+    self.meta, self.origin = videos.meta, videos.origin  # pipeline checks the records' geometry
+    self._last = (None, None)
+
+  def __len__(self) -> int:
+    return len(self.videos)
+
+  def read(self, index: int):
+    if self._last[0] != index:
+      self._last = (index, self.videos.read(index))
+    return self._last[1]
+
+
+class SplitClips:
+  """Clips of one split of a records folder, cut every `stride` frames (default data.num_frames:
+  non-overlapping), optionally thinned to `limit` evenly spaced clips.
+
+  Item i: the raw clip of `ClipSource` (frames uint8 [F, H, W, 3], audio float32
+  [clip_samples], label, video_index, clip_start, valid_frames)."""
+
+  def __init__(self, config, folder: str, split: str, *, stride: int | None = None,
+               limit: int | None = None):
+    videos = _LastVideo(RecordVideos(folder, split))
+    self.split = split
+    self.source = clip_source(config, split, videos)
+    num_frames = int(config.data.num_frames)
+    stride = num_frames if stride is None else int(stride)
+    if stride < 1:
+      raise ValueError(f"SplitClips: stride={stride}, expected >= 1")
+    indices, first = [], 0
+    for length in videos.lengths:
+      windows = max(1, length - num_frames + 1)
+      indices.extend(first + start for start in range(0, windows, stride))
+      first += windows
+    if limit is not None and len(indices) > limit:
+      picks = np.unique(np.linspace(0, len(indices) - 1, int(limit)).round().astype(int))
+      indices = [indices[i] for i in picks]
+    self.indices = indices
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    return self.source[self.indices[i]]

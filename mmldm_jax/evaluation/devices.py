@@ -4,7 +4,7 @@ What it is for: I3D, PANNs Cnn14 and AudioCLIP embed thousands of clips; `DataPa
 batch of clips over every local device along a one-axis 'data' mesh, with the weights replicated
 (the networks are small next to the clips, so there is nothing to gain from sharding them, and the
 training mesh of `config.mesh` is not needed). Across hosts the stage gives every process its own
-share of the clips (`evaluation/stage.py`), so no computation spans processes.
+share of the clips (`stages/evaluate.py`), so no computation spans processes.
 
 Limits: a batch of at least as many clips as devices is padded with copies of its last clip to a
 multiple of the device count (the padding's outputs are dropped), so batch sizes that are multiples

@@ -1,7 +1,7 @@
 """FVD and KVD of the evaluate stage: I3D features of generated and real clips, the seeded draws of
 real training clips, the scores with their protocol, and the memorisation check on I3D features.
 
-What it is for: `evaluation/stage.py` feeds it clips one at a time (`ClipFeatures.add`) and asks
+What it is for: `stages/evaluate.py` feeds it clips one at a time (`ClipFeatures.add`) and asks
 for the scores at the end; features are computed in batches of `evaluation.batch_size` clips, so at
 most that many clips sit in memory, and each clip's feature vector is cached in its own small file
 (`FeatureCache`) so that a rerun of an interrupted evaluation only computes what is missing.

@@ -1,5 +1,5 @@
 """The latent dataset: the frozen autoencoder's perceptual latents of every training clip, written
-once by the `latents` stage (`train.stages.run_latents`), so the generator never re-encodes
+once by the `latents` stage (`stages/latents.py`), so the generator never re-encodes
 (reference: the DiT reads the posterior MODES, unscaled). This module writes and reads the files.
 
 Layout under `<workdir>/latents/`:

@@ -1,6 +1,6 @@
 """The one training loop shared by every stage (vae, autoencoder, generator).
 
-A stage describes WHAT it trains as a `Task` (`train/stages.py`): parameter groups, their init, a loss
+A stage describes WHAT it trains as a `Task` (`train/tasks.py`): parameter groups, their init, a loss
 per group, the input pipeline, frozen networks. `train(config, workdir, task)` does the rest, top to
 bottom: mesh, input pipeline, model & optimizer, shardings, update step, checkpoint restore, train
 loop, final save. It writes under the workdir (paths from `mmldm_jax.workdir`):

@@ -1,12 +1,12 @@
-"""The training stages as `Task`s for `train/loop.py`, and their `run(config, workdir)` entry points.
+"""The training stages' `Task`s for `train/loop.py` and their quality signals (what the `vae`,
+`autoencoder` and `generator` stage modules in `mmldm_jax/stages/` train):
 
   vae          stage-0 image VAE (decoder fine-tuned on frames and audio images) + PatchGAN
   autoencoder  the multi-modal autoencoder + its 3-frame discriminator, VAE frozen
-  generator    the joint audio-video DiT on precomputed latents (`run_latents`; their files:
-               train/latents.py)
-Beside them the `latents` stage (`run_latents`: every training clip encoded once by the frozen
-autoencoder). Frozen networks are read parameters-only through `train/weights.py`.
-Paths come from `mmldm_jax.workdir`.
+  generator    the joint audio-video DiT on precomputed latents (the `latents` stage,
+               stages/latents.py; their files: train/latents.py)
+Frozen networks are read parameters-only through `train/weights.py`. Paths come from
+`mmldm_jax.workdir`.
 
 Stage order and inputs: `data` writes `<workdir>/data` (or `config.data.data_dir` holds ingested
 records); `vae` starts from `config.vae.pretrained_path` (SD VAE weights) or random; `autoencoder`
@@ -19,7 +19,6 @@ Each stage is skipped when its final checkpoint exists and resumes from its late
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any
 
@@ -35,9 +34,9 @@ from mmldm_jax import parallel
 from mmldm_jax import workdir as workdir_lib
 from mmldm_jax.data import audio as audio_lib
 from mmldm_jax.data import pipeline
-from mmldm_jax.data import stage as data_stage
+from mmldm_jax.stages import data as data_stage
+from mmldm_jax.stages import sample as sample_lib
 from mmldm_jax.train import latents as latents_lib
-from mmldm_jax import sample as sample_lib
 from mmldm_jax.train import loop
 from mmldm_jax.train import weights
 
@@ -383,78 +382,6 @@ def autoencoder_quality_signals(config, workdir: str, system):
 
 
 # ------------------------------------------------------------------------------------------------
-# latents
-# ------------------------------------------------------------------------------------------------
-def _local_rows(array: jax.Array) -> np.ndarray:
-  """This process's rows of a batch-sharded global array, in order (replicas dropped)."""
-  shards = {}
-  for shard in array.addressable_shards:
-    shards.setdefault(shard.index[0].start or 0, np.asarray(shard.data))
-  return np.concatenate([shards[start] for start in sorted(shards)], axis=0)
-
-
-def run_latents(config, workdir: str) -> None:
-  """The `latents` stage: encodes the training clips with the frozen autoencoder (and VAE) into
-  `<workdir>/latents` (the files: `train/latents.py`)."""
-  folder = workdir_lib.latents_dir(workdir)
-  if latents_lib.is_complete(workdir):
-    logging.info("stage latents: %s exists, skipping", folder)
-    return
-  mesh = parallel.create_mesh(config)
-  system = weights.autoencoder_system(config, config_lib.resolve_scale_factor(config, workdir))
-  params = weights.restore_autoencoder_params(config, workdir, mesh, system)
-  vae_params = weights.frozen_vae_params(config, workdir, mesh)
-  per_host = parallel.per_process_batch_size(config.train_autoencoder.batch_size, mesh,
-                                             "train_autoencoder.batch_size")
-  process, processes = jax.process_index(), jax.process_count()
-  videos = pipeline.RecordVideos(data_stage.ensure_dataset(config, workdir), "train")
-  total = len(pipeline.clip_source(config, "train", videos))
-  mine = len(range(process, total, processes))
-  steps = math.ceil(math.ceil(total / processes) / per_host)  # the same on every process
-  dataset = pipeline.make_dataset(
-      config, "train", process_index=process, process_count=processes, batch_size=per_host,
-      seed=config.seed, shuffle=False, num_epochs=1, hflip_prob=config.data.generator_hflip_prob,
-      drop_remainder=False, videos=videos)
-  encode = jax.jit(lambda p, v, b: system.encode(p, v, b),
-                   out_shardings=parallel.batch_sharding(mesh))
-  from mmldm_jax.models import dit as dit_lib  # model modules load only for the stage that runs
-  shapes = {"audio_latent": dit_lib.latent_shapes(config)["audio"],
-            "video_latent": dit_lib.latent_shapes(config)["video"]}
-  writer = latents_lib.ShardWriter(folder, "train", process, processes, mine, shapes)
-  iterator = iter(dataset)
-  template = None
-  logging.info("stage latents: %d clips, %d on this process, %d steps of %d", total, mine, steps,
-               per_host)
-  for _ in range(steps):
-    host = next(iterator, None)
-    if host is not None:
-      host = {k: np.asarray(host[k]) for k in ("key_frames", "audio", "label", "video_index",
-                                                 "clip_start")}
-      template = template or {k: (v.shape[1:], v.dtype) for k, v in host.items()}
-    rows = 0 if host is None else len(host["label"])
-    if template is None:
-      raise ValueError(f"process {process} got no clips to learn the batch shapes from "
-                       f"({total} clips for {processes} processes)")
-    padded = {k: np.zeros((per_host,) + shape, dtype) for k, (shape, dtype) in template.items()}
-    if rows:
-      for k in padded:
-        padded[k][:rows] = host[k]
-    audio, video = encode(params, vae_params, parallel.global_batch(
-        {"key_frames": padded["key_frames"], "audio": padded["audio"]}, mesh))
-    if rows:
-      writer.write({"audio_latent": _local_rows(audio)[:rows],
-                    "video_latent": _local_rows(video)[:rows],
-                    **{field: padded[field][:rows] for field in latents_lib.INT_FIELDS}})
-  writer.close()
-  multihost_utils.sync_global_devices("latents written")
-  if process == 0:
-    counts = [(f"train-process_{p}-of-{processes}", len(range(p, total, processes)))
-              for p in range(processes)]
-    latents_lib.write_index(folder, "train", counts, shapes)
-  logging.info("stage latents: wrote %d clips to %s", total, folder)
-
-
-# ------------------------------------------------------------------------------------------------
 # generator
 # ------------------------------------------------------------------------------------------------
 def generator_task(config, workdir: str) -> loop.Task:
@@ -548,40 +475,3 @@ def generator_quality_signals(config, workdir: str, model):
               for index in range(min(SOUNDS, len(waveforms)))}
     return scalars, {"generator_samples": sheet}, sounds
   return evaluate
-
-
-# ------------------------------------------------------------------------------------------------
-# Entry points (main.STAGES)
-# ------------------------------------------------------------------------------------------------
-def run_vae(config, workdir: str) -> None:
-  if config.vae.freeze_encoder and not config.vae.pretrained_path:
-    raise ValueError(
-        "config.vae.freeze_encoder=True with config.vae.pretrained_path='' would freeze a randomly "
-        "initialised encoder: give SD VAE weights (--config.vae.pretrained_path=...) or train the "
-        "VAE from scratch with --config.vae.freeze_encoder=False "
-        "--config.vae.measure_scale_factor=True")
-  loop.train(config, workdir, vae_task(config, workdir))
-  if config.vae.measure_scale_factor:
-    write_measured_scale_factor(config, workdir)
-
-
-def run_autoencoder(config, workdir: str) -> None:
-  scale_factor = config_lib.resolve_scale_factor(config, workdir)
-  loop.train(config, workdir, autoencoder_task(config, workdir, scale_factor))
-
-
-def run_generator(config, workdir: str) -> None:
-  """Trains the DiT; writes the latents first (the `latents` stage) when they are missing."""
-  finished = loop.is_complete(workdir, "generator", config.train_generator.num_steps)
-  if (not finished and config.train_generator.eval_every > 0
-      and not loop.has_checkpoint(workdir, "autoencoder")):
-    raise ValueError(
-        f"config.train_generator.eval_every={config.train_generator.eval_every}: the generator's "
-        f"quality signals decode samples with the autoencoder, and "
-        f"{workdir_lib.checkpoint_dir(workdir, 'autoencoder')} has no checkpoint; run the autoencoder "
-        f"stage first or set --config.train_generator.eval_every=0")
-  if not finished and not latents_lib.is_complete(workdir):
-    logging.info("generator: no latents in %s yet, running the latents stage first",
-                 workdir_lib.latents_dir(workdir))
-    run_latents(config, workdir)
-  loop.train(config, workdir, generator_task(config, workdir))

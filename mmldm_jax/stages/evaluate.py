@@ -84,9 +84,9 @@ import jax
 import numpy as np
 from absl import logging
 
-from mmldm_jax import sample as sample_lib
 from mmldm_jax import workdir as workdir_lib
 from mmldm_jax.data import audio as audio_lib
+from mmldm_jax.data import pipeline
 from mmldm_jax.data import video as video_lib
 from mmldm_jax.evaluation import audioclip
 from mmldm_jax.evaluation import av_align
@@ -94,6 +94,7 @@ from mmldm_jax.evaluation import frechet
 from mmldm_jax.evaluation import fvd
 from mmldm_jax.evaluation import panns
 from mmldm_jax.evaluation import sync
+from mmldm_jax.stages import sample as sample_lib
 
 REAL_LIMIT = 2048
 NOISE_CLIPS = 32
@@ -266,7 +267,7 @@ def real_split(config, folder: str, split: str, stride: int, limit: int, *, with
   """Features, the sync scores (with_sync) and the AV-Align peaks (with_av_align) of a split's real
   clips."""
   from tqdm import tqdm
-  clips = sample_lib.SplitClips(config, folder, split, stride=stride, limit=limit)
+  clips = pipeline.SplitClips(config, folder, split, stride=stride, limit=limit)
   features = {name: [] for name in FEATURE_SETS}
   scores, peaks = [], []
   for i in tqdm(range(len(clips)), desc=f"evaluate: real {split} clips", unit="clip"):
@@ -434,7 +435,7 @@ def _real_clips(config, data_folder: str, split: str, limit: int,
   """Adds the non-overlapping clips of a split (at most `limit`, evenly spaced) to every network's
   features (each clip decoded at most once); their names and window indices. `share` (index,
   count): only every count-th clip from index is added (a process's share); all are named."""
-  clips = sample_lib.SplitClips(config, data_folder, split, limit=limit)
+  clips = pipeline.SplitClips(config, data_folder, split, limit=limit)
   index_file = os.path.join(data_folder, "index.json")
   data_key = _file_key(index_file) if os.path.exists(index_file) else os.path.abspath(data_folder)
   names = []

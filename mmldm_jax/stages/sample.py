@@ -50,6 +50,7 @@ from absl import logging
 from mmldm_jax import config_lib
 from mmldm_jax import workdir as workdir_lib
 from mmldm_jax.data import audio as audio_lib
+from mmldm_jax.data import pipeline
 from mmldm_jax.data import video as video_lib
 
 MODES = config_lib.SAMPLE_MODES
@@ -238,62 +239,6 @@ def to_host(array) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------
-# Real clips (conditioning here; the real reference sets of the evaluate stage)
-# ------------------------------------------------------------------------------------------------
-class _LastVideo:
-  """`pipeline.Videos` that keeps the last decoded video, so clips read in order decode each video
-  once."""
-
-  def __init__(self, videos):
-    self.videos = videos
-    self.lengths = videos.lengths
-    self.meta, self.origin = videos.meta, videos.origin  # pipeline checks the records' geometry
-    self._last = (None, None)
-
-  def __len__(self) -> int:
-    return len(self.videos)
-
-  def read(self, index: int):
-    if self._last[0] != index:
-      self._last = (index, self.videos.read(index))
-    return self._last[1]
-
-
-class SplitClips:
-  """Clips of one split of a records folder, cut every `stride` frames (default data.num_frames:
-  non-overlapping), optionally thinned to `limit` evenly spaced clips.
-
-  Item i: the raw clip of `pipeline.ClipSource` (frames uint8 [F, H, W, 3], audio float32
-  [clip_samples], label, video_index, clip_start, valid_frames)."""
-
-  def __init__(self, config, folder: str, split: str, *, stride: int | None = None,
-               limit: int | None = None):
-    from mmldm_jax.data import pipeline
-    videos = _LastVideo(pipeline.RecordVideos(folder, split))
-    self.split = split
-    self.source = pipeline.clip_source(config, split, videos)
-    num_frames = int(config.data.num_frames)
-    stride = num_frames if stride is None else int(stride)
-    if stride < 1:
-      raise ValueError(f"SplitClips: stride={stride}, expected >= 1")
-    indices, first = [], 0
-    for length in videos.lengths:
-      windows = max(1, length - num_frames + 1)
-      indices.extend(first + start for start in range(0, windows, stride))
-      first += windows
-    if limit is not None and len(indices) > limit:
-      picks = np.unique(np.linspace(0, len(indices) - 1, int(limit)).round().astype(int))
-      indices = [indices[i] for i in picks]
-    self.indices = indices
-
-  def __len__(self) -> int:
-    return len(self.indices)
-
-  def __getitem__(self, i: int) -> dict[str, Any]:
-    return self.source[self.indices[i]]
-
-
-# ------------------------------------------------------------------------------------------------
 # Files
 # ------------------------------------------------------------------------------------------------
 def sample_name(number: int) -> str:
@@ -381,7 +326,8 @@ def _check_settings(folder: str, index: dict[str, Any], settings: dict[str, Any]
 # ------------------------------------------------------------------------------------------------
 # The loop and the stage
 # ------------------------------------------------------------------------------------------------
-def _condition_batch(clips: SplitClips, numbers: range) -> tuple[dict[str, np.ndarray], list]:
+def _condition_batch(clips: pipeline.SplitClips, numbers: range
+                     ) -> tuple[dict[str, np.ndarray], list]:
   """Real clips numbers[i] mod len(clips), stacked, and their index entries."""
   picked = [clips[number % len(clips)] for number in numbers]
   entries = [{"split": clips.split, "video_index": int(clip["video_index"]),
@@ -391,7 +337,8 @@ def _condition_batch(clips: SplitClips, numbers: range) -> tuple[dict[str, np.nd
            "audio": np.stack([clip["audio"] for clip in picked])}, entries)
 
 
-def write_samples(config, models: Models, folder: str, *, clips: SplitClips | None = None,
+def write_samples(config, models: Models, folder: str, *,
+                  clips: pipeline.SplitClips | None = None,
                   progress: bool = True) -> dict[str, Any]:
   """Generates and writes samples 0 .. config.sample.num_samples - 1 into `folder`, skipping the
   complete ones (module doc). `clips`: the conditioning clips of a2v / v2a. Returns the index."""
@@ -459,6 +406,7 @@ def run(config, workdir: str) -> None:
   models = load_models(config, workdir)
   clips = None
   if mode in ("a2v", "v2a"):
-    clips = SplitClips(config, workdir_lib.data_folder(config, workdir), CONDITIONING_SPLIT)
+    clips = pipeline.SplitClips(config, workdir_lib.data_folder(config, workdir),
+                                CONDITIONING_SPLIT)
   write_samples(config, models, folder, clips=clips)
   logging.info("sample: wrote %s (open the .mp4 files; index.json lists them)", folder)

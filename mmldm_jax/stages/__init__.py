@@ -1,0 +1,14 @@
+"""The stages, one module each, each with `run(config, workdir)` (`main.py` runs those named in
+`config.stages`, in this order):
+
+  data         stages/data.py         the dataset (synthetic, or checks ingested records)
+  vae          stages/vae.py          the image VAE + PatchGAN
+  autoencoder  stages/autoencoder.py  the multi-modal autoencoder, VAE frozen
+  latents      stages/latents.py      every training clip encoded by the frozen autoencoder
+  generator    stages/generator.py    the joint audio-video DiT on those latents
+  sample       stages/sample.py       sounding videos from the trained models
+  evaluate     stages/evaluate.py     FVD / KVD / FAD and the sync scores
+
+The training stages' Tasks and quality signals are in `train/tasks.py`; every workdir path is in
+`workdir.py`.
+"""
