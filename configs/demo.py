@@ -3,7 +3,7 @@
 Run:
   python -m mmldm_jax.main --config=configs/demo.py --workdir=runs/demo
 
-Cost: about 15 minutes on 2 idle CPU cores with an empty compile cache (install included), 5 GB
+Cost: about 13 minutes on 2 idle CPU cores with an empty compile cache (install included), 5 GB
 of memory and a few hundred MB of disk. The samples show the scene classes' backgrounds with
 coloured objects and tones, but the objects hardly move yet, so their sounds are not in sync with
 them (the autoencoder does not place the objects frame by frame at this length). The synthetic
