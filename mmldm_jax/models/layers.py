@@ -91,6 +91,15 @@ def _spatial_rank(x: Array) -> int:
 # Normalisation
 
 
+def _norm_affine(module: nn.Module, features: int, scale_init=nn.initializers.ones):
+  """A norm layer's per-channel `scale` and `bias` parameters (logical axis 'norm'), as float32."""
+  scale = module.param("scale", nn.with_logical_partitioning(scale_init, ("norm",)), (features,),
+                       module.param_dtype)
+  bias = module.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+                      (features,), module.param_dtype)
+  return scale.astype(jnp.float32), bias.astype(jnp.float32)
+
+
 class GroupNorm(nn.Module):
   """Group normalisation over all non-batch axes (torch.nn.GroupNorm semantics), channels last.
 
@@ -107,17 +116,14 @@ class GroupNorm(nn.Module):
     channels = x.shape[-1]
     if channels % self.num_groups:
       raise ValueError(f"GroupNorm: {channels} channels are not divisible by {self.num_groups} groups")
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                       (channels,), self.param_dtype)
-    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
-                      (channels,), self.param_dtype)
+    scale, bias = _norm_affine(self, channels)
     grouped = x.astype(jnp.float32).reshape(
         x.shape[:-1] + (self.num_groups, channels // self.num_groups))
     axes = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
     mean = jnp.mean(grouped, axis=axes, keepdims=True)
     var = jnp.mean(jnp.square(grouped - mean), axis=axes, keepdims=True)
     normed = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
-    return (normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+    return (normed * scale + bias).astype(self.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -128,13 +134,9 @@ class LayerNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    features = x.shape[-1]
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                       (features,), self.param_dtype)
-    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
-                      (features,), self.param_dtype)
+    scale, bias = _norm_affine(self, x.shape[-1])
     normed = layer_norm(x.astype(jnp.float32), self.epsilon)
-    return (normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+    return (normed * scale + bias).astype(self.dtype)
 
 
 class BatchStatNorm(nn.Module):
@@ -147,12 +149,8 @@ class BatchStatNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    features = x.shape[-1]
     init_scale = lambda key, shape, dtype: 1.0 + 0.02 * jax.random.normal(key, shape, dtype)
-    scale = self.param("scale", nn.with_logical_partitioning(init_scale, ("norm",)), (features,),
-                       self.param_dtype)
-    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
-                      (features,), self.param_dtype)
+    scale, bias = _norm_affine(self, x.shape[-1], init_scale)
     x32 = x.astype(jnp.float32)
     axes = tuple(range(x.ndim - 1))
     mean = jnp.mean(x32, axis=axes)
