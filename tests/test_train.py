@@ -151,7 +151,7 @@ KILLED_RUN = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     import conftest  # the same devices and compilation cache as the test process
     from test_train import generator_config
-    from mmldm_jax.train import loop, stages
+    from mmldm_jax.train import loop, tasks
     workdir = sys.argv[1]
     config = generator_config()
     task = tasks.generator_task(config, workdir)
