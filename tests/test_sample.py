@@ -242,7 +242,7 @@ def test_latents_stage_writes_every_clip_window_with_its_place(config, models, t
   """The `latents` stage encodes every training clip window in source order, with the video and
   first frame that continuation training pairs clips by."""
   from mmldm_jax.stages import latents as latents_stage
-  from mmldm_jax.train import latents as latents_lib
+  from mmldm_jax.data import latents as latents_lib
   from mmldm_jax.train import tasks
   workdir = str(tmp_path)
   synthetic.write_dataset(config, os.path.join(workdir, "data"), progress=False)

@@ -20,7 +20,7 @@ from mmldm_jax import config_lib
 from mmldm_jax import parallel
 from mmldm_jax import workdir as workdir_lib
 from mmldm_jax.models import dit as dit_lib
-from mmldm_jax.train import latents as latents_lib
+from mmldm_jax.data import latents as latents_lib
 from mmldm_jax.train import loop
 from mmldm_jax.train import optim
 from mmldm_jax.train import tasks

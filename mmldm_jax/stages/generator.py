@@ -13,7 +13,7 @@ from absl import logging
 
 from mmldm_jax import workdir as workdir_lib
 from mmldm_jax.stages import latents as latents_stage
-from mmldm_jax.train import latents as latents_lib
+from mmldm_jax.data import latents as latents_lib
 from mmldm_jax.train import loop
 from mmldm_jax.train import tasks
 

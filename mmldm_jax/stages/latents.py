@@ -4,7 +4,7 @@ generator never re-encodes.
   python -m mmldm_jax.main --config=configs/demo.py --workdir=runs/demo --config.stages=latents
 
 The autoencoder and VAE are read parameters-only (`train/weights.py`); the files are written by
-`train/latents.py` into `<workdir>/latents`. The `generator` stage runs this stage first when its
+`data/latents.py` into `<workdir>/latents`. The `generator` stage runs this stage first when its
 latents are missing.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from mmldm_jax import workdir as workdir_lib
 from mmldm_jax.data import pipeline
 from mmldm_jax.models import dit as dit_lib
 from mmldm_jax.stages import data as data_stage
-from mmldm_jax.train import latents as latents_lib
+from mmldm_jax.data import latents as latents_lib
 from mmldm_jax.train import weights
 
 

@@ -4,7 +4,7 @@
   vae          stage-0 image VAE (decoder fine-tuned on frames and audio images) + PatchGAN
   autoencoder  the multi-modal autoencoder + its 3-frame discriminator, VAE frozen
   generator    the joint audio-video DiT on precomputed latents (the `latents` stage,
-               stages/latents.py; their files: train/latents.py)
+               stages/latents.py; their files: data/latents.py)
 Frozen networks are read parameters-only through `train/weights.py`. Paths come from
 `mmldm_jax.workdir`.
 
@@ -36,7 +36,7 @@ from mmldm_jax.data import audio as audio_lib
 from mmldm_jax.data import pipeline
 from mmldm_jax.stages import data as data_stage
 from mmldm_jax.stages import sample as sample_lib
-from mmldm_jax.train import latents as latents_lib
+from mmldm_jax.data import latents as latents_lib
 from mmldm_jax.train import loop
 from mmldm_jax.train import weights
 
