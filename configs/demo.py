@@ -5,7 +5,7 @@ Run:
 
 Cost: about 13 minutes on 2 idle CPU cores with an empty compile cache (install included), 5 GB
 of memory and a few hundred MB of disk. The samples show the scene classes' backgrounds with
-coloured objects and tones, but the objects hardly move yet, so their sounds are not in sync with
+coloured objects and faint tones, but the objects hardly move yet, so their sounds are not in sync with
 them (the autoencoder does not place the objects frame by frame at this length). The synthetic
 clips (coloured objects bouncing over a class-dependent background; every wall hit is a tone whose
 pitch is the object's colour) are generated from a seed, so nothing is downloaded. Frames are 64x64
