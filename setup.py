@@ -21,6 +21,7 @@ RUNTIME = [
     "av==18.1.0",
     "pillow==12.3.0",          # apache-beam 2.77 (the `beam` extra) requires pillow<13
     "tqdm==4.70.1",
+    "clu==0.0.12",             # parameter_overview only (that module needs no TensorFlow)
     "tensorboardX==2.6.5",
     "soundfile==0.14.0",       # tensorboardX encodes the quality signals' sounds with it
     "protobuf==6.33.6",        # apache-beam requires protobuf<7

@@ -4,9 +4,14 @@
   python -m mmldm_jax.main --config=configs/aist.py:tiny --workdir=/tmp/x --config.stages=data
 
 Each stage is a function `run(config, workdir)` in its own module, `mmldm_jax/stages/<name>.py`,
-imported only when it runs. Stages are
-resumable and skip themselves when their output is complete. A stage named in `config.stages` that this
-version does not implement is refused before anything runs.
+imported only when it runs. Stages are resumable and skip themselves when their output is complete.
+A stage named in `config.stages` that this version does not implement is refused before anything
+runs.
+
+The console: a header line, then per stage a start line, a progress bar (rate and ETA), the metrics
+every `log_every` steps and an end line naming what was written where; the last lines say where the
+samples and the scores are. `--verbose` adds the libraries' INFO lines and one line per checkpoint
+save and restore.
 """
 from __future__ import annotations
 
@@ -32,39 +37,81 @@ STAGES = {name: f"mmldm_jax.stages.{name}"
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py[:tiny].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for datasets, checkpoints, samples, logs.")
-_LIBRARY_LOGS = flags.DEFINE_bool(
-    "library_logs", False, "Show the INFO logs of the libraries (Orbax, Grain, etils, JAX): every "
-    "checkpoint save alone logs about 20 lines. Warnings and errors are always shown.")
+_VERBOSE = flags.DEFINE_bool(
+    "verbose", False, "Show every INFO line: the libraries' (Orbax, Grain, etils, JAX; every "
+    "checkpoint save alone logs about 20 lines) and our own line per checkpoint save and restore. "
+    "Warnings and errors are always shown.")
 
-# Packages whose INFO lines are left out of the console unless --library_logs. They log through
-# absl (as we do, into the same 'absl' logger) or through their own Python loggers.
+# Left out of the console unless --verbose: the INFO lines of these packages (they log through absl,
+# as we do, into the same 'absl' logger, or through their own Python loggers) and of our modules
+# whose lines repeat for every checkpoint save or restore (a training stage's end line names its
+# checkpoint folder instead).
 QUIET_PACKAGES = ("orbax", "grain", "etils", "jax")
+QUIET_MODULES = ("mmldm_jax.checkpoint",)
 
 
-class LibraryInfoFilter(std_logging.Filter):
-  """Drops records below WARNING that were logged from inside one of `folders`."""
+class InfoFilter(std_logging.Filter):
+  """Drops records below WARNING that were logged from inside one of `folders` or from one of
+  `files`."""
 
-  def __init__(self, folders):
+  def __init__(self, folders=(), files=()):
     super().__init__()
     self.folders = tuple(os.path.join(f, "") for f in folders)
+    self.files = frozenset(files)
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or not record.pathname.startswith(self.folders)
+    return (record.levelno >= std_logging.WARNING
+            or not (record.pathname.startswith(self.folders) or record.pathname in self.files))
 
 
-def quiet_library_logs(packages=QUIET_PACKAGES) -> LibraryInfoFilter:
-  """Leaves the libraries' INFO logs out of the console (our own INFO lines stay): a filter on the
-  'absl' logger for records logged from the packages' folders, and WARNING for their own Python
-  loggers. Returns the filter (remove it from logging.getLogger('absl') to undo)."""
-  folders = []
+def quiet_logs(packages=QUIET_PACKAGES, modules=QUIET_MODULES) -> InfoFilter:
+  """Leaves the INFO logs of `packages` and `modules` out of the console (the other INFO lines
+  stay): a filter on the 'absl' logger for records logged from their files, and WARNING for the
+  packages' own Python loggers. Returns the filter (remove it from logging.getLogger('absl') to
+  undo)."""
+  folders, files = [], []
   for package in packages:
     spec = importlib.util.find_spec(package)
     if spec is not None:
       folders.extend(spec.submodule_search_locations or [])
     std_logging.getLogger(package).setLevel(std_logging.WARNING)
-  library_filter = LibraryInfoFilter(folders)
-  std_logging.getLogger("absl").addFilter(library_filter)
-  return library_filter
+  for module in modules:
+    spec = importlib.util.find_spec(module)
+    if spec is not None and spec.origin:
+      files.append(spec.origin)
+  info_filter = InfoFilter(folders, files)
+  std_logging.getLogger("absl").addFilter(info_filter)
+  return info_filter
+
+
+class AboveProgressBars:
+  """A stream for the log handler that writes each line above the progress bars on the console
+  (tqdm.write clears the bars, writes, redraws them), so log lines and bars never share a line."""
+
+  def __init__(self, stream):
+    self.stream = stream
+
+  def write(self, text: str) -> None:
+    from tqdm import tqdm
+    tqdm.write(text, file=self.stream, end="")
+
+  def flush(self) -> None:
+    self.stream.flush()
+
+  def isatty(self) -> bool:
+    return self.stream.isatty()
+
+  def close(self) -> None:
+    """The handler closes its stream at exit; the console stream stays open (not ours)."""
+    self.stream.flush()
+
+
+def log_above_progress_bars() -> None:
+  """Routes absl's console handler through `AboveProgressBars` (when it writes to stderr)."""
+  import sys
+  handler = logging.get_absl_handler().python_handler
+  if handler.stream is sys.stderr:
+    handler.stream = AboveProgressBars(sys.stderr)
 
 
 def resolve_stages(config) -> list[str]:
@@ -80,9 +127,8 @@ def resolve_stages(config) -> list[str]:
 
 
 def run_stage(name: str, config, workdir: str) -> None:
-  run = importlib.import_module(STAGES[name]).run
-  logging.info("=== stage %s ===", name)
-  run(config, workdir)
+  """Runs one stage; the stage logs its own start and end lines (what it does, what it wrote)."""
+  importlib.import_module(STAGES[name]).run(config, workdir)
 
 
 def main(argv) -> None:
@@ -99,22 +145,26 @@ def main(argv) -> None:
                          "files with the local filesystem; mount a bucket, e.g. with gcsfuse)")
   workdir = os.path.abspath(workdir)
   stages = resolve_stages(config)
-  if not _LIBRARY_LOGS.value:
-    quiet_library_logs()
+  if not _VERBOSE.value:
+    quiet_logs()
+  log_above_progress_bars()
   parallel.maybe_initialize_distributed(config)  # before anything touches the devices
   cache = config_lib.enable_compilation_cache(config)
-  logging.info("XLA compilation cache: %s", cache or "off (config.compilation_cache_dir='')")
+  logging.info("mmldm_jax: stages %s in %s (XLA compilation cache: %s)", ", ".join(stages),
+               workdir, cache or "off")
   os.makedirs(workdir, exist_ok=True)
   for name in stages:
     run_stage(name, config, workdir)
-  logging.info("done: %s in %s", ", ".join(stages), workdir)
+  where = [f"stages {', '.join(stages)} in {workdir}"]
   if "sample" in stages:
-    logging.info("samples to watch and listen to: %s/*.mp4 (a .png of each beside it)",
-                 workdir_lib.samples_dir(workdir, config.sample.mode))
+    where.append(f"samples to watch and listen to: "
+                 f"{workdir_lib.samples_dir(workdir, config.sample.mode)}/*.mp4 (a .png beside "
+                 f"each)")
   if "evaluate" in stages:
-    logging.info("scores: %s; training curves and quality signals: tensorboard --logdir %s "
-                 "(pictures and sounds also in <stage>/logs/media)",
-                 workdir_lib.metrics_file(workdir), workdir)
+    where.append(f"scores: {workdir_lib.metrics_file(workdir)}")
+  where.append(f"curves, pictures and sounds: tensorboard --logdir {workdir} (also in "
+               f"<stage>/logs/media)")
+  logging.info("done: %s", "; ".join(where))
 
 
 if __name__ == "__main__":

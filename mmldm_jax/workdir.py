@@ -7,6 +7,7 @@ onto a workdir; the stages ask it instead of building paths themselves.
   <workdir>/<stage>/checkpoints/<step>/ Orbax checkpoints of a training stage (vae, autoencoder,
                                         generator): train state, data iterator, config
   <workdir>/<stage>/logs/               metrics.jsonl, TensorBoard event files, media/
+  <workdir>/<stage>/parameters.txt      every parameter of a training stage: shape, size, sharding
   <workdir>/vae/scale_factor.json       the VAE scale factor the `vae` stage measured
   <workdir>/latents/                    the `latents` stage's encoded training clips
   <workdir>/samples/<mode>/             the `sample` stage's mp4, wav and png files, index.json
@@ -64,3 +65,8 @@ def samples_dir(workdir: str, mode: str) -> str:
 
 def metrics_file(workdir: str) -> str:
   return os.path.join(workdir, METRICS_FILE)
+
+
+def parameters_file(workdir: str, name: str) -> str:
+  """A training stage's table of every parameter (shape, size, sharding)."""
+  return os.path.join(stage_dir(workdir, name), "parameters.txt")

@@ -109,23 +109,3 @@ def test_classifier_head_is_an_explicit_switch_not_a_loss_weight():
   assert not autoencoder_lib.use_classifier(config)
   audioset = config_lib.load(os.path.join(CONFIGS, "audioset.py:tiny"))
   assert not autoencoder_lib.use_classifier(audioset)
-
-
-def test_library_info_logs_are_left_out_and_our_own_stay():
-  import logging
-  from mmldm_jax import main
-  import orbax.checkpoint
-  orbax_file = os.path.join(os.path.dirname(orbax.checkpoint.__file__), "checkpoint_manager.py")
-  ours = os.path.join(os.path.dirname(CONFIGS), "mmldm_jax", "train", "loop.py")
-  library_filter = main.quiet_library_logs()
-  try:
-    def kept(path, level):
-      record = logging.LogRecord("absl", level, path, 1, "message", None, None)
-      return logging.getLogger("absl").filter(record)
-    assert not kept(orbax_file, logging.INFO)
-    assert kept(orbax_file, logging.WARNING)
-    assert kept(ours, logging.INFO)
-  finally:
-    logging.getLogger("absl").removeFilter(library_filter)
-    for package in main.QUIET_PACKAGES:
-      logging.getLogger(package).setLevel(logging.NOTSET)

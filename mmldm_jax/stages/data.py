@@ -73,46 +73,48 @@ def preview_image(record: dict[str, Any], config: Any) -> np.ndarray:
   return canvas
 
 
-def write_preview(config: Any, workdir: str) -> None:
-  """preview.mp4 and preview.png of the dataset's first video (skipped when both exist)."""
+def write_preview(config: Any, workdir: str) -> str:
+  """preview.mp4 and preview.png of the dataset's first video (skipped when both exist). Returns
+  what it did, for the stage's end line."""
   from PIL import Image
   from mmldm_jax.data import video
   mp4_path, png_path = workdir_lib.preview_files(workdir)
   if os.path.exists(mp4_path) and os.path.exists(png_path):
-    logging.info("preview: %s and %s exist, skipped", mp4_path, png_path)
-    return
+    return f"{mp4_path} and {png_path} exist, skipped"
   record = synthetic.generate_video(synthetic.video_seed(config, 0), 0, config)
   video.write_mp4(mp4_path, record["frames"], record["fps"], record["audio"], record["sample_rate"])
   tmp = png_path + ".tmp.png"
   Image.fromarray(preview_image(record, config)).save(tmp)
   os.replace(tmp, png_path)
   event_frames = [round(float(f), 2) for f in record["events"]["frame"]]
-  logging.info("preview: wrote %s (%d events at frames %s) and %s", mp4_path, len(event_frames),
-               event_frames, png_path)
+  return f"{mp4_path} ({len(event_frames)} events at frames {event_frames}) and {png_path}"
 
 
-def report_records(folder: str, config: Any) -> dict[str, int]:
-  """Checks a records folder against `config` (geometry); logs and returns its videos per split."""
+def report_records(folder: str, config: Any, preview: str | None = None) -> dict[str, int]:
+  """Checks a records folder against `config` (geometry); logs the stage's end line (the videos
+  and frames per split, and `preview`, what `write_preview` did) and returns the videos per split."""
   entries, meta = records.read_index(folder)
   records.check_geometry(meta, config, os.path.join(folder, records.INDEX_FILE))
   counts = collections.Counter(entry.split for entry in entries)
   frames = collections.Counter()
   for entry in entries:
     frames[entry.split] += entry.num_frames
-  for split in sorted(counts):
-    logging.info("data: %s: %d videos, %d frames", split, counts[split], frames[split])
-  logging.info("data: %s holds %d videos (source %s)", folder, len(entries),
-               meta.get("source", "unknown"))
+  splits = ", ".join(f"{split} {counts[split]} ({frames[split]} frames)" for split in sorted(counts))
+  logging.info("data: %s holds %d videos: %s; source %s%s", folder, len(entries), splits,
+               meta.get("source", "unknown"), f"; preview: {preview}" if preview else "")
   return dict(counts)
 
 
 def run(config: Any, workdir: str) -> None:
   folder = workdir_lib.data_folder(config, workdir)
+  preview = None
   if config.data.source == "synthetic":
     if synthetic.is_complete(config, folder):
       logging.info("data: %s is complete, skipped", folder)
     else:
       logging.info("data: writing the synthetic dataset into %s", folder)
       synthetic.write_dataset(config, folder)
-    write_preview(config, workdir)
-  report_records(folder, config)
+    preview = write_preview(config, workdir)
+  else:
+    logging.info("data: checking the records in %s against the config", folder)
+  report_records(folder, config, preview)

@@ -760,6 +760,8 @@ def run(config, workdir: str) -> None:
         and previous.get("evaluation_config") == config.evaluation.to_dict()):
       logging.info("evaluate: %s is up to date, skipped", path)
       return
+  logging.info("evaluate: scoring the samples in %s against the clips of %s", samples_folder,
+               workdir_lib.data_folder(config, workdir))
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     os.makedirs(work_folder, exist_ok=True)

@@ -13,6 +13,7 @@ import math
 
 import jax
 import numpy as np
+import tqdm
 from absl import logging
 from jax.experimental import multihost_utils
 
@@ -39,7 +40,7 @@ def run(config, workdir: str) -> None:
   (skipped when complete)."""
   folder = workdir_lib.latents_dir(workdir)
   if latents_lib.is_complete(workdir):
-    logging.info("stage latents: %s exists, skipping", folder)
+    logging.info("latents: %s is complete, skipped", folder)
     return
   mesh = parallel.create_mesh(config)
   system = weights.autoencoder_system(config, config_lib.resolve_scale_factor(config, workdir))
@@ -63,9 +64,9 @@ def run(config, workdir: str) -> None:
   writer = latents_lib.ShardWriter(folder, "train", process, processes, mine, shapes)
   iterator = iter(dataset)
   template = None
-  logging.info("stage latents: %d clips, %d on this process, %d steps of %d", total, mine, steps,
-               per_host)
-  for _ in range(steps):
+  logging.info("latents: encoding %d training clips (%d on this process) in %d batches of %d",
+               total, mine, steps, per_host)
+  for _ in tqdm.trange(steps, desc="latents", unit="batch", disable=process != 0):
     host = next(iterator, None)
     if host is not None:
       host = {k: np.asarray(host[k]) for k in ("key_frames", "audio", "label", "video_index",
@@ -91,4 +92,4 @@ def run(config, workdir: str) -> None:
     counts = [(f"train-process_{p}-of-{processes}", len(range(p, total, processes)))
               for p in range(processes)]
     latents_lib.write_index(folder, "train", counts, shapes)
-  logging.info("stage latents: wrote %d clips to %s", total, folder)
+  logging.info("latents: wrote %d clips to %s", total, folder)

@@ -7,6 +7,11 @@ loop, final save. It writes under the workdir (paths from `mmldm_jax.workdir`):
 
   <workdir>/<stage>/checkpoints/<step>/   Orbax checkpoints (train state, data iterator, config)
   <workdir>/<stage>/logs/                 metrics.jsonl and TensorBoard event files
+  <workdir>/<stage>/parameters.txt        every parameter: shape, size, sharding (clu's overview)
+
+On the console: a start line (parameters per group, steps, mesh), a progress bar with the step rate
+and ETA, the metrics every `log_every` steps (`metrics.MetricsWriter`), the quality signals, and an
+end line naming the checkpoint and log folders.
 
 The train state is a dict: step (int32), params {group: tree}, opt_state {group: tree} and, with
 `ema_decay > 0`, ema {group: tree}. One jitted step updates the groups in order on the same batch
@@ -17,6 +22,7 @@ uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any, Callable, Mapping
 
@@ -24,7 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tqdm
 from absl import logging
+from clu import parameter_overview
 
 from mmldm_jax import checkpoint as checkpoint_lib
 from mmldm_jax import metrics as metrics_lib
@@ -276,8 +284,40 @@ def _write_quality_signals(task: Task, params, frozen, mesh, step: int, writer,
   writer.scalars(step, values)
   writer.images(step, {f"eval/{name}": image for name, image in images.items()})
   writer.audio(step, {f"eval/{name}": sound for name, sound in sounds.items()}, sample_rate)
-  logging.info("stage %s: step %d quality %s", task.name, step,
+  logging.info("%s: step %d quality %s", task.name, step,
                " ".join(f"{name[5:]}={value:.4g}" for name, value in sorted(values.items())))
+
+
+# ------------------------------------------------------------------------------------------------
+# Console
+# ------------------------------------------------------------------------------------------------
+def parameter_summary(params: Mapping[str, Any]) -> str:
+  """One line for the console: the parameter count of {group: tree} and, with several groups,
+  of each ('1,234 parameters (autoencoder 1,000, discriminator 234)'). Leaves need only a
+  shape (abstract parameters do)."""
+  counts = {group: int(parameter_overview.count_parameters(tree)) for group, tree in params.items()}
+  line = f"{sum(counts.values()):,} parameters"
+  if len(counts) > 1:
+    line += " (" + ", ".join(f"{group} {count:,}" for group, count in counts.items()) + ")"
+  return line
+
+
+def write_parameter_table(path: str, params: Mapping[str, Any], mesh) -> None:
+  """Every parameter of {group: tree} with its shape, size and sharding (clu's parameter overview,
+  one table per group) into `path`. Leaves need a shape, a dtype and a `sharding` (abstract
+  parameters from `abstract_state` have them)."""
+  tables = [f"mesh {dict(mesh.shape)} over {mesh.size} device(s), {jax.process_count()} "
+            f"process(es)"]
+  for group, tree in params.items():
+    tables.append(f"\n{group}:\n" + parameter_overview.get_parameter_overview(
+        tree, include_stats="sharding"))
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("\n".join(tables) + "\n")
+
+
+def _format_seconds(seconds: float) -> str:
+  minutes, seconds = divmod(int(round(seconds)), 60)
+  return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -293,14 +333,14 @@ def train(config, workdir: str, task: Task, devices=None) -> dict[str, Any]:
   train_config = task.train_config
   num_steps = int(train_config.num_steps)
   if is_complete(workdir, task.name, num_steps):
-    logging.info("stage %s: final checkpoint (step %d) exists, skipping", task.name, num_steps)
+    logging.info("%s: final checkpoint (step %d) exists in %s, skipped", task.name, num_steps,
+                 workdir_lib.checkpoint_dir(workdir, task.name))
     return {"step": num_steps, "skipped_steps": 0, "preempted": False}
+  started = time.perf_counter()
 
   # ---- Mesh ------------------------------------------------------------------------------------
   mesh = parallel.create_mesh(config, devices)
   rules = parallel.logical_rules(config, task.rules_family)
-  logging.info("stage %s: mesh %s over %d devices (%d processes)", task.name, dict(mesh.shape),
-               mesh.size, jax.process_count())
 
   # ---- Input pipeline --------------------------------------------------------------------------
   per_host = parallel.per_process_batch_size(train_config.batch_size, mesh,
@@ -313,8 +353,13 @@ def train(config, workdir: str, task: Task, devices=None) -> dict[str, Any]:
 
   # ---- Shardings -------------------------------------------------------------------------------
   target, state_shardings, boxed = abstract_state(init_state, task, mesh, config)
-  logging.info("stage %s: largest parameters and their shardings:\n%s", task.name,
-               parallel.describe_shardings(boxed["params"], state_shardings["params"]))
+  table = workdir_lib.parameters_file(workdir, task.name)
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(table), exist_ok=True)
+    write_parameter_table(table, target["params"], mesh)
+  logging.info("%s: training %s for %d steps on %d device(s) (mesh %s; every parameter with its "
+               "sharding: %s)", task.name, parameter_summary(target["params"]), num_steps,
+               mesh.size, " ".join(f"{k}={v}" for k, v in mesh.shape.items()), table)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   frozen = task.frozen(mesh) if task.frozen is not None else None
   frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
@@ -331,7 +376,7 @@ def train(config, workdir: str, task: Task, devices=None) -> dict[str, Any]:
   latest = checkpointer.latest_step()
   if latest is not None:
     state = checkpointer.restore(latest, target, data_iterator=data_iterator)
-    logging.info("stage %s: resuming at step %d", task.name, latest)
+    logging.info("%s: resuming at step %d", task.name, latest)
   else:
     # No rule context here: Flax would constrain scanned parameters inside the scan body, where
     # they lack their 'layers' axis; out_shardings place the result.
@@ -351,6 +396,8 @@ def train(config, workdir: str, task: Task, devices=None) -> dict[str, Any]:
       global_batch_size=train_config.batch_size, log_every=train_config.log_every,
       flops_per_example=task.flops_per_example)
   watcher = checkpoint_lib.PreemptionWatcher()
+  progress = tqdm.tqdm(total=num_steps, initial=start, desc=task.name, unit="step",
+                       dynamic_ncols=True, disable=jax.process_index() != 0)
   previous_finite = None
   compiled_step = None
   skipped = 0
@@ -372,9 +419,10 @@ def train(config, workdir: str, task: Task, devices=None) -> dict[str, Any]:
           raise FloatingPointError(
               f"stage {task.name}: loss or gradient norm is NaN/Inf at step {previous_finite[0]}; "
               f"set train_{task.name}.nan_policy='skip' to skip such steps")
-        logging.warning("stage %s: skipped step %d (NaN/Inf)", task.name, previous_finite[0])
+        logging.warning("%s: skipped step %d (NaN/Inf)", task.name, previous_finite[0])
       previous_finite = (step, step_metrics["finite"])
       writer.step(step, step_metrics, data_wait_s=data_wait)
+      progress.update()
       eval_every = int(train_config.eval_every)
       if task.evaluate is not None and eval_every and (step % eval_every == 0
                                                        or step == num_steps):
@@ -395,10 +443,16 @@ def train(config, workdir: str, task: Task, devices=None) -> dict[str, Any]:
                                  f"{previous_finite[0]}")
     checkpointer.save(num_steps, state, data_iterator=data_iterator, config=config, force=True)
   finally:
+    progress.close()
     writer.close()
     watcher.close()
     checkpointer.close()
   if skipped:
-    logging.warning("stage %s: %d step(s) skipped for NaN/Inf", task.name, skipped)
-  logging.info("stage %s: done at step %d", task.name, num_steps)
+    logging.warning("%s: %d step(s) skipped for NaN/Inf", task.name, skipped)
+  logging.info("%s: done at step %d in %s; checkpoints (steps %s) in %s; metrics, TensorBoard "
+               "events and quality-signal media in %s", task.name, num_steps,
+               _format_seconds(time.perf_counter() - started),
+               ", ".join(map(str, saved_steps(workdir, task.name))),
+               workdir_lib.checkpoint_dir(workdir, task.name),
+               workdir_lib.logs_dir(workdir, task.name))
   return {"step": num_steps, "skipped_steps": skipped, "preempted": False}
