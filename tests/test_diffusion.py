@@ -127,3 +127,34 @@ def test_loss_is_the_sum_of_per_modality_mse(schedule, prediction):
   weighted, _ = losses.denoising_loss(zeros, schedule, x0, jax.random.PRNGKey(6),
                                       weights={"audio": 0.0})
   np.testing.assert_allclose(weighted, metrics["loss_video"], rtol=1e-6)
+
+
+def test_min_snr_weighting_caps_the_clean_latent_weight_at_gamma():
+  config = config_lib.diffusion_config()
+  schedule = schedules.make_schedule(config)
+  t = jnp.array([0, 100, 300, 500, 800, 999], jnp.int32)
+  alphas = schedule.alphas_cumprod[t]
+  snr = np.asarray(alphas / (1.0 - alphas))
+  gamma = 5.0
+  weights = np.asarray(losses.min_snr_weights(alphas, "eps", gamma))
+  # As an x0 error, eps-MSE weighs a step by its SNR; the weighted loss by min(SNR, gamma).
+  np.testing.assert_allclose(weights * snr, np.minimum(snr, gamma), rtol=1e-5)
+  assert np.all(weights[snr <= gamma] == 1.0) and np.all(weights[snr > gamma] < 1.0)
+  v_weights = np.asarray(losses.min_snr_weights(alphas, "v", gamma))
+  np.testing.assert_allclose(v_weights * (snr + 1.0), np.minimum(snr, gamma), rtol=1e-5)
+
+  # In the per-modality loss: gamma 0 is plain MSE; a per-example weight multiplies each item's
+  # squared error, for audio [B] and video [B, F] timesteps alike.
+  rng = np.random.default_rng(0)
+  x0 = {"audio": jnp.asarray(rng.normal(size=(6, 2, 2, 3)), jnp.float32),
+        "video": jnp.asarray(rng.normal(size=(3, 2, 2, 2, 3)), jnp.float32)}
+  noise = {k: jnp.asarray(rng.normal(size=v.shape), jnp.float32) for k, v in x0.items()}
+  output = {k: jnp.zeros_like(v) for k, v in x0.items()}
+  steps = {"audio": t, "video": t.reshape(3, 2)}
+  plain = losses.modality_losses(schedule, x0, noise, steps, output, "eps")
+  same = losses.modality_losses(schedule, x0, noise, steps, output, "eps", 0.0)
+  weighted = losses.modality_losses(schedule, x0, noise, steps, output, "eps", gamma)
+  for name in x0:
+    assert float(same[name]) == float(plain[name])
+    per_item = np.mean(np.square(np.asarray(noise[name])).reshape(6, -1), axis=1)
+    assert float(weighted[name]) == pytest.approx(float(np.mean(per_item * weights)), rel=1e-5)
