@@ -61,6 +61,39 @@ def psnr(images, references, data_range: float = 2.0):
   return 10.0 * jnp.log10(data_range ** 2 / jnp.maximum(mse, PSNR_MIN_MSE))
 
 
+def frame_order_accuracy(decoded, real, tolerance: int = 1):
+  """Whether decoded clips put each frame's content in its own frame: for every decoded frame k
+  of a clip, the real frame of the same clip nearest to it (mean squared error); the share of
+  frames whose nearest real frame lies within `tolerance` frames of k.
+
+  decoded, real: [N, F, H, W, C] (any value range, the same for both). Static parts (a background)
+  are the same in every real frame, so only what moves decides the match: a decoder that ignores
+  the frame index draws one picture for every k and scores about `frame_order_chance(F)`; one
+  that places moving objects frame by frame scores near 1. Returns (accuracy, chance).
+  NumPy on the host (F^2 image comparisons per clip)."""
+  import numpy as np
+  decoded = np.asarray(decoded, np.float32)
+  real = np.asarray(real, np.float32)
+  if decoded.shape != real.shape or decoded.ndim != 5:
+    raise ValueError(f"frame_order_accuracy: decoded {decoded.shape} and real {real.shape} must "
+                     f"both be [N, F, H, W, C]")
+  frames = decoded.shape[1]
+  flat_decoded = decoded.reshape(decoded.shape[:2] + (-1,))
+  flat_real = real.reshape(real.shape[:2] + (-1,))
+  # [N, F decoded, F real] squared distances, without an [N, F, F, H*W*C] temporary.
+  distance = (np.sum(flat_decoded ** 2, -1)[:, :, None] + np.sum(flat_real ** 2, -1)[:, None, :]
+              - 2.0 * np.einsum("nkd,njd->nkj", flat_decoded, flat_real))
+  nearest = np.argmin(distance, axis=-1)
+  hits = np.abs(nearest - np.arange(frames)[None, :]) <= tolerance
+  return float(np.mean(hits)), frame_order_chance(frames, tolerance)
+
+
+def frame_order_chance(frames: int, tolerance: int = 1) -> float:
+  """`frame_order_accuracy` when the nearest real frame is drawn uniformly at random."""
+  window = sum(min(frames - 1, k + tolerance) - max(0, k - tolerance) + 1 for k in range(frames))
+  return window / frames ** 2
+
+
 def _format_duration(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   hours, rest = divmod(seconds, 3600)

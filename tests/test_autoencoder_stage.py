@@ -6,6 +6,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from mmldm_jax import config_lib
 from mmldm_jax import metrics
@@ -18,7 +19,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SIGNALS = ("psnr_frames", "psnr_audio_image", "psnr_frames_other_latents",
            "psnr_audio_image_other_latents", "retrieval_v2a", "retrieval_a2v", "retrieval_chance",
-           "class_accuracy", "sync_f1", "sync_f1_real")
+           "class_accuracy", "sync_f1", "sync_f1_real", "frame_order_accuracy",
+           "frame_order_chance")
 
 
 def test_autoencoder_quality_signals_are_computed_and_logged(tmp_path):
@@ -42,6 +44,10 @@ def test_autoencoder_quality_signals_are_computed_and_logged(tmp_path):
     assert 0.0 < scalars[name] < 60.0, (name, scalars[name])   # an untrained decoder
   assert scalars["sync_f1_real"] == 1.0          # the originals: every bounce has its tone
   assert 0.0 <= scalars["sync_f1"] <= 1.0
+  frames = config.data.num_frames
+  assert scalars["frame_order_chance"] == metrics.frame_order_chance(frames)
+  assert scalars["frame_order_accuracy"] * clips * frames == pytest.approx(
+      round(scalars["frame_order_accuracy"] * clips * frames))    # a share of decoded frames
   size = config.data.image_size
   # Two frames per clip in three rows (originals, own latents, other latents); audio images alike.
   assert images["autoencoder_frames"].shape == (3 * size, 2 * clips * size, 3)

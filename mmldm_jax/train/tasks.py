@@ -305,6 +305,9 @@ def autoencoder_quality_signals(config, workdir: str, system):
     psnr_frames / psnr_audio_image: every decoded frame and the audio image against the clip's own;
     psnr_*_other_latents: the same clip's originals against what ANOTHER clip's latents decode to
       (the next clip in the set). The gap between the two says whether the decoder uses the latent;
+    frame_order_accuracy: the share of decoded frames whose nearest real frame (of the same clip)
+      is within one frame of their own index, beside `frame_order_chance`: near chance, the decoder
+      draws one picture for the whole clip; near 1, it places what moves frame by frame;
     retrieval_v2a / retrieval_a2v: top-1 retrieval of the paired clip by the contrastive
       embeddings within the set, beside `retrieval_chance` (1 / clips);
     class_accuracy: of the classification head (when the config has one);
@@ -352,6 +355,8 @@ def autoencoder_quality_signals(config, workdir: str, system):
                                                                        real_frames)))
       scalars[f"psnr_audio_image{suffix}"] = float(np.mean(metrics_lib.psnr(
           out["audio_image"][part], real_image)))
+    scalars["frame_order_accuracy"], scalars["frame_order_chance"] = (
+        metrics_lib.frame_order_accuracy(out["frames"][:count], real_frames))
     similarity = np.asarray(out["similarity"])
     matches = np.arange(count)
     scalars["retrieval_v2a"] = float(np.mean(np.argmax(similarity, axis=1) == matches))
