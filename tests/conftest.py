@@ -16,26 +16,34 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 flags.FLAGS.mark_as_parsed()
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Tests name configs by absolute path (os.path.join(CONFIGS, "demo.py:tiny")), so the suite runs
+# from any folder.
 CONFIGS = os.path.join(REPO_ROOT, "configs")
 
-# The tests name configs and scripts by their paths in the repository (`configs/demo.py:tiny`), as
-# the README's commands do; working from the repository root lets the suite run from any folder.
-os.chdir(REPO_ROOT)
-
-# The fast subset (`pytest -m "not slow" tests`) leaves out the files that train or sample a whole
-# model (each a minute or more on 2 cores, most of it compiling); the full suite is what CI runs.
+# Markers given to whole files (registered in pytest.ini; single tests elsewhere carry
+# @pytest.mark.slow / .parity / .subprocess). The fast subset,
+# `pytest -m "not slow and not subprocess and not parity" tests`, leaves out the tests that take 10 s
+# or more on 2 cores (these files train or sample a whole model, a minute or more each, most of it
+# compiling), those that start processes and those that need the PyTorch reference stack; the full
+# suite is what CI runs.
 SLOW_FILES = frozenset({
     "test_autoencoder.py", "test_autoencoder_stage.py", "test_sample.py", "test_evaluate.py",
     "test_multihost.py", "test_train.py", "test_panns.py", "test_vae_stage.py", "test_remat.py",
 })
-
-
-def pytest_configure(config):
-  config.addinivalue_line("markers", "slow: trains or samples a whole model (left out by -m 'not slow')")
+# Every test of these files compares against a reference implementation (they skip without torch).
+PARITY_FILES = frozenset({
+    "test_audioclip.py", "test_convert.py", "test_lpips.py", "test_panns.py", "test_unet.py",
+    "test_vae.py", "test_vocoder.py",
+})
+# Every test of these files starts processes (test_data_stage: its fixture runs `mmldm_jax.main`).
+SUBPROCESS_FILES = frozenset({"test_data_stage.py", "test_multihost.py"})
+FILE_MARKERS = {"slow": SLOW_FILES, "parity": PARITY_FILES, "subprocess": SUBPROCESS_FILES}
 
 
 def pytest_collection_modifyitems(config, items):
   import pytest
   for item in items:
-    if os.path.basename(str(item.fspath)) in SLOW_FILES:
-      item.add_marker(pytest.mark.slow)
+    name = os.path.basename(str(item.fspath))
+    for marker, files in FILE_MARKERS.items():
+      if name in files:
+        item.add_marker(getattr(pytest.mark, marker))

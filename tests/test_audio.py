@@ -1,6 +1,7 @@
 """Tests of mmldm_jax.data.audio against NumPy / librosa / torch references (HiFi-GAN's mel) and
 behaviour tests of the audio image and Griffin-Lim."""
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -10,15 +11,17 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import CONFIGS
 from mmldm_jax import config_lib
 from mmldm_jax.data import audio
 
-CONFIGS = {"paper": "configs/aist.py:tiny", "demo": "configs/demo.py"}
+AUDIO_CONFIGS = {"paper": os.path.join(CONFIGS, "aist.py:tiny"),
+                 "demo": os.path.join(CONFIGS, "demo.py")}
 
 
-@pytest.fixture(scope="module", params=sorted(CONFIGS))
+@pytest.fixture(scope="module", params=sorted(AUDIO_CONFIGS))
 def audio_cfg(request):
-  return config_lib.load(CONFIGS[request.param]).audio
+  return config_lib.load(AUDIO_CONFIGS[request.param]).audio
 
 
 def _test_waveform(audio_cfg, seconds=1.6, seed=0):
@@ -70,6 +73,7 @@ def _torch_log_mel(waveform, audio_cfg):
 # Log-mel
 # ------------------------------------------------------------------------------------------------
 
+@pytest.mark.parity
 def test_filterbank_matches_librosa(audio_cfg):
   ours = audio.mel_filterbank(audio_cfg.filterbank_sample_rate, audio_cfg.n_fft, audio_cfg.num_mels,
                               audio_cfg.fmin, audio_cfg.fmax)
@@ -82,8 +86,8 @@ def test_filterbank_matches_librosa(audio_cfg):
 
 
 def test_frame_counts_match_the_reference_geometry():
-  paper = config_lib.load("configs/aist.py").audio
-  demo = config_lib.load("configs/demo.py").audio
+  paper = config_lib.load(os.path.join(CONFIGS, "aist.py")).audio
+  demo = config_lib.load(os.path.join(CONFIGS, "demo.py")).audio
   assert audio.num_mel_frames(70560, paper) == 275      # 1.6 s at 44.1 kHz -> 80 x 275
   assert audio.num_mel_frames(176400, paper) == 689     # 4.0 s (AudioSet) -> 80 x 689
   assert audio.num_mel_frames(25600, demo) == 200
@@ -91,6 +95,7 @@ def test_frame_counts_match_the_reference_geometry():
     audio.num_mel_frames(10, paper)
 
 
+@pytest.mark.parity
 def test_log_mel_matches_numpy_and_torch_references(audio_cfg):
   waveform = _test_waveform(audio_cfg)
   ours = np.asarray(audio.log_mel(jnp.asarray(waveform, jnp.float32), audio_cfg))
@@ -127,7 +132,7 @@ def _levels(image):
 
 
 def test_audio_image_layout_and_orientation():
-  cfg = config_lib.load("configs/aist.py").audio
+  cfg = config_lib.load(os.path.join(CONFIGS, "aist.py")).audio
   rate = cfg.sample_rate
   t = np.arange(70560) / rate
   # A low tone in the first half, a high tone in the second half.
@@ -154,7 +159,7 @@ def test_resize_matrix_is_jax_image_resize(size_in, size_out):
 
 def test_audio_image_matches_pil_bicubic():
   """Ours == PIL float bicubic; the reference's 8-bit PIL path differs by its quantisation only."""
-  cfg = config_lib.load("configs/aist.py").audio
+  cfg = config_lib.load(os.path.join(CONFIGS, "aist.py")).audio
   log_mel = np.asarray(audio.log_mel(jnp.asarray(_test_waveform(cfg), jnp.float32), cfg))
   level = np.clip((20 * np.log10(np.exp(log_mel.astype(np.float64))) - 20 + 100) / 100, 0, 1)
   ours = (np.asarray(audio.mel_to_image(jnp.asarray(log_mel), 256))[::-1, :, 0] + 1) / 2
@@ -173,8 +178,8 @@ def test_audio_image_matches_pil_bicubic():
 def test_image_round_trip_is_exact_without_saturation(name):
   """Away from the clips (levels inside (0, 1), no overshoot), mel -> image -> mel -> image
   reproduces the image exactly: the inverse resize is a least-squares inverse, whatever the sizes."""
-  path = {"paper": "configs/aist.py", "tiny": "configs/aist.py:tiny", "demo": "configs/demo.py"}
-  cfg = config_lib.load(path[name]).audio
+  path = {"paper": "aist.py", "tiny": "aist.py:tiny", "demo": "demo.py"}
+  cfg = config_lib.load(os.path.join(CONFIGS, path[name])).audio
   frames = audio.num_mel_frames(int(round(1.6 * cfg.sample_rate)), cfg)
   # A smooth random spectrogram between -65 and +5 dB (random texture on a coarse grid, upsampled).
   coarse = np.random.default_rng(0).uniform(-65, 5, (2, cfg.num_mels // 8, frames // 16))
@@ -193,7 +198,7 @@ def test_image_round_trip_of_a_real_clip_in_8_bit_levels():
   round((x + 1) * 127.5)) goes image -> mel -> image. Away from the clipped silence it comes back
   within one level (|delta| <= 2/255 in [-1, 1]); the clip of the bicubic overshoot next to silence
   moves a few pixels by up to 3 levels."""
-  cfg = config_lib.load("configs/aist.py").audio
+  cfg = config_lib.load(os.path.join(CONFIGS, "aist.py")).audio
   waveform = _test_waveform(cfg)
   log_mel = audio.log_mel(jnp.asarray(waveform, jnp.float32), cfg)
   frames = log_mel.shape[-1]
@@ -232,7 +237,7 @@ def _peak_hz(signal, rate):
 
 def test_griffin_lim_recovers_a_sine_with_the_paper_quirk():
   """44.1 kHz waveform, filterbank built for 22.05 kHz (the reference's set-up)."""
-  cfg = config_lib.load("configs/aist.py").audio
+  cfg = config_lib.load(os.path.join(CONFIGS, "aist.py")).audio
   rate = cfg.sample_rate
   t = np.arange(70560) / rate
   log_mel = audio.log_mel(jnp.asarray(0.4 * np.sin(2 * np.pi * 1000 * t), jnp.float32), cfg)
@@ -244,7 +249,7 @@ def test_griffin_lim_recovers_a_sine_with_the_paper_quirk():
 
 
 def test_griffin_lim_recovers_tone_burst_onsets_and_pitches():
-  cfg = config_lib.load("configs/demo.py").audio
+  cfg = config_lib.load(os.path.join(CONFIGS, "demo.py")).audio
   rate, hop = cfg.sample_rate, cfg.hop_length
   samples = 25600
   t = np.arange(samples) / rate

@@ -89,6 +89,7 @@ def test_beam_output_equals_the_local_cli(media_folder, config, local_job, tmp_p
     beam_ingest.run(config, src=media_folder, dst=dst, **dict(JOB, missing_audio="silence"))
 
 
+@pytest.mark.subprocess
 def test_command_line_passes_beam_options_after_the_separator(media_folder, local_job, tmp_path):
   dst = str(tmp_path / "cli")
   flags = [f"--{key}={value}" for key, value in JOB.items()]

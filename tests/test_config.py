@@ -74,6 +74,7 @@ def run_main(workdir, *flags):
        f"--workdir={workdir}", *flags], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.subprocess
 def test_main_rejects_unknown_field_on_command_line(tmp_path):
   result = run_main(tmp_path, "--config.data.imagesize=64")
   assert result.returncode != 0
@@ -86,6 +87,7 @@ def test_unknown_preset_is_refused_naming_the_known_ones(name):
     config_lib.load(os.path.join(CONFIGS, f"{name}.py:tny"))
 
 
+@pytest.mark.subprocess
 def test_main_refuses_a_bad_value_before_any_stage_runs(tmp_path):
   """A typo in a late stage's setting fails at once, before the data stage writes anything."""
   workdir = tmp_path / "run"

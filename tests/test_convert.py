@@ -175,6 +175,7 @@ def test_mismatched_checkpoints_list_every_bad_key(config, vae_state_dict, unet_
     convert_unet.convert_unet_state_dict(compvis, config)
 
 
+@pytest.mark.subprocess
 def test_cli_writes_loadable_params(config, vae_state_dict, unet_state_dict, tmp_path):
   from safetensors.numpy import save_file
   cli = importlib.import_module("mmldm_jax.convert.__main__")

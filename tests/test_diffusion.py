@@ -1,9 +1,12 @@
 """Schedules, forward noising, eps/v conversions and the multi-modal denoising loss."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import CONFIGS
 from mmldm_jax import config_lib
 from mmldm_jax.diffusion import losses, schedules
 
@@ -13,6 +16,7 @@ from mmldm_jax.diffusion import losses, schedules
     ("linear", "linear", 0.0001, 0.02),
     ("cosine", "squaredcos_cap_v2", 0.0001, 0.02),
 ])
+@pytest.mark.parity
 def test_betas_match_diffusers(name, diffusers_name, start, end):
   from diffusers import DDPMScheduler
   reference = DDPMScheduler(num_train_timesteps=1000, beta_start=start, beta_end=end,
@@ -25,7 +29,7 @@ def test_betas_match_diffusers(name, diffusers_name, start, end):
 
 
 def test_config_schedule_is_the_sd_schedule():
-  config = config_lib.load("configs/aist.py")
+  config = config_lib.load(os.path.join(CONFIGS, "aist.py"))
   schedule = schedules.make_schedule(config.diffusion)
   assert schedule.num_timesteps == 1000
   np.testing.assert_allclose(np.asarray(schedule.betas)[[0, -1]], [0.00085, 0.012], rtol=1e-6)
@@ -38,7 +42,8 @@ def test_config_schedule_is_the_sd_schedule():
 
 
 def test_q_sample_statistics_and_jit():
-  schedule = schedules.make_schedule(config_lib.load("configs/aist.py:tiny").diffusion)
+  config = config_lib.load(os.path.join(CONFIGS, "aist.py:tiny"))
+  schedule = schedules.make_schedule(config.diffusion)
   x0 = jnp.full((4, 8, 8, 2), 2.0)
   t = jnp.array([0, 100, 500, 999])
   noise = jax.random.normal(jax.random.PRNGKey(0), x0.shape)
@@ -68,7 +73,7 @@ def test_target_and_conversion_round_trip(prediction):
 
 @pytest.fixture(scope="module")
 def schedule():
-  return schedules.make_schedule(config_lib.load("configs/aist.py:tiny").diffusion)
+  return schedules.make_schedule(config_lib.load(os.path.join(CONFIGS, "aist.py:tiny")).diffusion)
 
 
 def batch(audio_batch=4, video_batch=4):

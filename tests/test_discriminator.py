@@ -34,6 +34,7 @@ def _images(value, batch=2, frames=None, size=8):
   return jnp.full(shape, value, jnp.float32)
 
 
+@pytest.mark.slow
 def test_discriminator_shapes_and_logical_axes(config, disc_and_params):
   disc, params = disc_and_params
   size = config.data.image_size
@@ -75,6 +76,7 @@ def test_hinge_losses():
                              rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_discriminator_learns_to_separate(config, disc_and_params):
   """A few Adam steps on the hinge loss push real logits up and fake logits down."""
   disc, params = disc_and_params

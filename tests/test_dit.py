@@ -1,6 +1,7 @@
 """The joint audio-video DiT: structure (parameter count, axis names), the conditioning paths,
 training (overfitting a batch) and sampling, continuation, and the analytic FLOPs."""
 import functools
+import os
 
 import flax.linen as nn
 import jax
@@ -9,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import CONFIGS
 from mmldm_jax import config_lib
 from mmldm_jax.models import dit, flops
 
@@ -22,7 +24,7 @@ def count(tree):
 
 @pytest.fixture(scope="module")
 def tiny_config():
-  return config_lib.load("configs/aist.py:tiny")
+  return config_lib.load(os.path.join(CONFIGS, "aist.py:tiny"))
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +55,7 @@ def latents(model, batch, seed=2):
 
 @pytest.mark.parametrize("depth, reference_total", [(28, 678_022_304), (4, 104_298_656)])
 def test_parameter_count_matches_the_reference(depth, reference_total):
-  config = config_lib.load("configs/aist.py")
+  config = config_lib.load(os.path.join(CONFIGS, "aist.py"))
   model = dit.build_dit(config, depth=depth)
   shapes = jax.eval_shape(lambda key: dit.init_params(model, key), jax.random.PRNGKey(0))
   assert count(nn.unbox(shapes)) == reference_total - TABLES + CONTEXT
@@ -61,6 +63,7 @@ def test_parameter_count_matches_the_reference(depth, reference_total):
   assert model.audio_shape == (8, 8, 16) and model.video_shape == (16, 16, 16)
 
 
+@pytest.mark.slow
 def test_unrolled_layers_have_the_same_parameters_and_outputs(tiny_config, tiny_model, tiny_params):
   unrolled = dit.build_dit(tiny_config, scan_layers=False)
   shapes = jax.eval_shape(lambda key: dit.init_params(unrolled, key), jax.random.PRNGKey(0))
@@ -163,6 +166,7 @@ def test_training_conditioning_probabilities(tiny_config):
   assert abs(a2v.mean() - expected) < 0.005 and abs(v2a.mean() - expected) < 0.005
 
 
+@pytest.mark.slow
 def test_overfits_a_batch_and_samples_it(tiny_config, tiny_model, tiny_params):
   """8 synthetic latent pairs; the loss falls 10x, and guided-1 DDIM samples land near the batch."""
   config = tiny_config
@@ -223,6 +227,7 @@ def continuation_setup(tiny_config):
   return config, model, nn.unbox(dit.init_params(model, jax.random.PRNGKey(8)))
 
 
+@pytest.mark.slow
 def test_continuation_side_dit(continuation_setup):
   config, model, params = continuation_setup
   assert set(params["prev_encoder"]["dit"]["blocks"]) >= {"zero_layer", "qkv"}
@@ -280,7 +285,7 @@ def test_a2v_returns_the_given_audio(tiny_config, tiny_model, random_apply):
 
 @pytest.mark.parametrize("continuation", [False, True])
 def test_analytic_flops_match_xla(continuation):
-  config = config_lib.load("configs/aist.py")
+  config = config_lib.load(os.path.join(CONFIGS, "aist.py"))
   # Unrolled layers: XLA's cost analysis counts a scanned (while-loop) body once, not depth times.
   model = dit.build_dit(config, depth=2, prev_depth=1, continuation=continuation, remat="none",
                         scan_layers=False)
@@ -297,7 +302,7 @@ def test_analytic_flops_match_xla(continuation):
 
 
 def test_flops_per_sample_for_the_trainer():
-  config = config_lib.load("configs/aist.py")
+  config = config_lib.load(os.path.join(CONFIGS, "aist.py"))
   forward = flops.dit_flops_per_sample(config, training=False)
   assert flops.dit_flops_per_sample(config) == 3 * forward
   # DiT-XL/2's published 118.6 "GFLOPs" at 256 tokens are multiply-adds (fvcore), i.e. 237 GFLOPs;

@@ -24,6 +24,7 @@ def test_data_parallel_pads_and_splits_batches():
     parallel(np.zeros((0, 4), np.float32))
 
 
+@pytest.mark.subprocess
 def test_launch_evaluate_prints_the_stage_command(tmp_path):
   """launch/evaluate.sh builds the evaluate-stage command, and refuses a weight file that is not
   there, naming the option."""

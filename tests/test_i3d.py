@@ -46,11 +46,13 @@ def fvd(features_a, features_b):
   return frechet.frechet_distance_of(*stats)
 
 
+@pytest.mark.slow
 def test_black_video_logits_equal_tf_hub(extractor):
   logits = black_and_white(extractor)
   np.testing.assert_allclose(logits[0, :3], TF_HUB_BLACK_LOGITS, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("epsilon, expected", [(1e-3, 133.9), (1e-5, 134.2)])
 def test_google_black_vs_white_example(extractor, epsilon, expected):
   if epsilon != extractor.protocol.epsilon:
@@ -97,6 +99,7 @@ def noised(clips, std, seed=2):
   return np.clip(clips + noise, 0, 255).astype(np.uint8)
 
 
+@pytest.mark.slow
 def test_fvd_is_zero_on_itself_and_grows_with_shuffling_and_noise(extractor):
   clips = moving_squares(3)
   reference = extractor(clips)["logits"]

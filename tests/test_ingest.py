@@ -299,6 +299,7 @@ def _cli(src, dst, *extra):
       cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.subprocess
 def test_killed_job_resumes_to_the_clean_result(media_folder, ingested, tmp_path):
   dst = str(tmp_path / "resumed")
   job = _cli(media_folder, dst, "--strict")
@@ -728,6 +729,7 @@ def _cli_error(*flags):
   return job.returncode, job.stdout, job.stderr
 
 
+@pytest.mark.subprocess
 def test_command_line_errors_are_one_line_with_the_remedy(media_folder, tmp_path):
   listing = tmp_path / "one.txt"
   listing.write_text(os.path.join(media_folder, "mp4_h264_aac.mp4") + "\n")

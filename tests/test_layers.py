@@ -13,6 +13,7 @@ def _boxed_leaves(variables):
   return jax.tree_util.tree_leaves(variables["params"], is_leaf=lambda a: hasattr(a, "names"))
 
 
+@pytest.mark.slow
 def test_every_parameter_has_logical_names():
   x = jnp.ones((2, 8, 8, 16))
   context = jnp.ones((2, 5, 12))
@@ -60,6 +61,7 @@ def test_zero_init_resblock_is_identity():
     block.apply(variables, x)
 
 
+@pytest.mark.parity
 def test_group_norm_matches_torch():
   torch = pytest.importorskip("torch")
   x = np.random.default_rng(0).normal(size=(2, 5, 6, 16)).astype(np.float32) * 3 + 1
@@ -69,6 +71,7 @@ def test_group_norm_matches_torch():
   np.testing.assert_allclose(got, ref.permute(0, 2, 3, 1).numpy(), atol=1e-5)
 
 
+@pytest.mark.parity
 def test_timestep_embedding_matches_diffusers():
   torch = pytest.importorskip("torch")
   from diffusers.models.embeddings import get_timestep_embedding

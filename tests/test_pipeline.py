@@ -158,6 +158,7 @@ def test_exact_resume_in_process(config):
   _resume_check(config, skip=5, more=3)
 
 
+@pytest.mark.subprocess
 def test_exact_resume_with_two_workers(config):
   with config.unlocked():
     config.data.worker_count = 2

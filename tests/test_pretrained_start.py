@@ -44,6 +44,7 @@ def test_pretrained_values_must_fit_the_model():
     loop._with_pretrained(state, {"autoencoder": {"decoder": {"w": np.zeros((2, 3))}}}, shardings)
 
 
+@pytest.mark.slow
 def test_converted_files_load_for_the_stages(tmp_path):
   config = config_lib.load(os.path.join(CONFIGS, "aist.py:tiny"))
   rng = np.random.default_rng(0)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import CONFIGS
 from mmldm_jax import config_lib
 from mmldm_jax import parallel
 from mmldm_jax import workdir as workdir_lib
@@ -23,7 +24,7 @@ from mmldm_jax.stages import sample
 
 
 def tiny_config(**sample_fields):
-  config = config_lib.load("configs/demo.py:tiny")
+  config = config_lib.load(os.path.join(CONFIGS, "demo.py:tiny"))
   config.vae.measure_scale_factor = False   # random models here, no vae stage to measure one
   config.sample.update(dict(num_samples=2, batch_size=2, steps=2, guidance_audio=2.0,
                             guidance_video=2.0), **sample_fields)

@@ -5,12 +5,14 @@ discretisation error. Starting points are drawn from the exact noised marginal a
 the prior mismatch at t = T-1 (alpha_bar = 0.0047 for the SD schedule) does not blur the comparison.
 """
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import CONFIGS
 from mmldm_jax import config_lib
 from mmldm_jax.diffusion import samplers, schedules
 
@@ -24,7 +26,7 @@ NUM_SAMPLES = 200_000
 
 @pytest.fixture(scope="module")
 def schedule():
-  config = config_lib.load("configs/aist.py:tiny")
+  config = config_lib.load(os.path.join(CONFIGS, "aist.py:tiny"))
   return schedules.make_schedule(config.diffusion)
 
 
@@ -98,6 +100,7 @@ def test_ddim_timesteps_follow_ldm_uniform():
     samplers.ddim_timesteps(1000, 0)
 
 
+@pytest.mark.slow
 def test_ddim_1000_steps_eta1_matches_ancestral(schedule):
   count = 50_000
   start = noised_start(schedule, jax.random.PRNGKey(0), schedule.num_timesteps - 1)[:count]
@@ -254,7 +257,7 @@ def test_replacement_noises_to_the_current_level():
 
 
 def test_sample_dispatches_on_config(schedule):
-  config = config_lib.load("configs/aist.py:tiny")
+  config = config_lib.load(os.path.join(CONFIGS, "aist.py:tiny"))
   x, cond, uncond = toy_inputs()
   key = jax.random.PRNGKey(14)
   out = samplers.sample(config, toy_model, schedule, x, key, cond=cond, uncond=uncond)

@@ -164,6 +164,7 @@ KILLED_RUN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.subprocess
 def test_sigkill_and_resume_is_bit_identical(reference_run, tmp_path):
   ref_workdir, config = reference_run
   workdir = str(tmp_path / "killed")
