@@ -184,6 +184,25 @@ def autoencoder_config() -> ConfigDict:
       contrastive_dim=256,
       prompt_tokens=77,             # learnable per-modality prompt length
       index_embed_dim=320,          # sinusoidal frame-index embedding width
+      # The frame index (f / num_frames, in [0, 1)) is multiplied by this before its sinusoidal
+      # embedding. 1.0 is the reference: every frequency of a 10000-period embedding then turns
+      # by at most one radian across the clip, so neighbouring frames get nearly equal codes.
+      index_embed_scale=1.0,
+      # Min-SNR-gamma weighting of the decoder's denoising loss (`diffusion.losses.min_snr_weights`);
+      # 0 = plain eps-MSE (the reference).
+      min_snr_gamma=0.0,
+      # The feature injectors' ResBlocks zero-initialise their second conv as well as the 1x1 conv
+      # after them (the reference). False: only the 1x1 conv starts at zero (outputs are still
+      # zero at initialisation; see `perceptual.FeatureInjector`).
+      injector_double_zero_init=True,
+      # The frame-index embedding also goes (through a zero-initialised linear layer) into the
+      # U-Net's time embedding for the video frames, so that every U-Net ResBlock, not only the
+      # injectors' one block per level, knows which frame it draws. False: the reference.
+      index_in_time_embedding=False,
+      # z_v from a learnable content slot that attends to the key frames (False, the reference),
+      # or stacked on channels from each key frame's own output (True; video_z_channels must be a
+      # multiple of len(data.key_frames)). The shape of z_v is the same either way.
+      video_latent_per_key_frame=False,
       cfg_dropout=0.1,              # per-sample prompt + encoder-input dropout for guidance
       # Encoders, feature injectors, projectors (the U-Net: unet.remat_policy): a
       # jax.checkpoint_policies name, or 'none'.
@@ -486,6 +505,15 @@ def validate(config: ConfigDict) -> None:
     fail("unet.context_dim", config.unet.context_dim,
          f"autoencoder.semantic_dim={config.autoencoder.semantic_dim} (the decoder cross-attends "
          f"to semantic tokens)")
+  at_least("autoencoder.min_snr_gamma", config.autoencoder.min_snr_gamma, 0.0)
+  if (config.autoencoder.video_latent_per_key_frame
+      and config.autoencoder.video_z_channels % len(config.data.key_frames)):
+    fail("autoencoder.video_z_channels", config.autoencoder.video_z_channels,
+         f"a multiple of len(data.key_frames)={len(config.data.key_frames)} with "
+         f"autoencoder.video_latent_per_key_frame=True")
+  if not config.autoencoder.index_embed_scale > 0:
+    fail("autoencoder.index_embed_scale", config.autoencoder.index_embed_scale,
+         "a positive factor for the frame index before its embedding")
   if config.autoencoder.cls_weight > 0 and not config.autoencoder.classifier_head:
     fail("autoencoder.cls_weight", config.autoencoder.cls_weight,
          "0 with autoencoder.classifier_head=False (the classification loss needs the head)")

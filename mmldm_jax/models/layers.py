@@ -495,6 +495,7 @@ class FrameResBlock(nn.Module):
   resample_steps: int = 0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  zero_init_out: bool = True   # the second conv starts at zero (SD / LDM ResBlocks)
 
   @nn.compact
   def __call__(self, x: Array, emb: Array | None = None) -> Array:
@@ -502,7 +503,7 @@ class FrameResBlock(nn.Module):
     block = ResBlock(
         self.out_channels, use_temb=emb is not None,
         norm_groups=fitted_groups(self.norm_groups, x.shape[-1], self.out_channels),
-        zero_init_out=True,
+        zero_init_out=self.zero_init_out,
         resample="none" if self.resample_steps == 0 else (
             "up" if self.resample_steps > 0 else "down"),
         resample_factors=(factor, factor), dtype=self.dtype, param_dtype=self.param_dtype,

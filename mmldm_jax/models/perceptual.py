@@ -138,18 +138,31 @@ class PerceptualEncoder(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: str = "none"   # config.autoencoder.remat_policy: ResBlocks and attention blocks
+  # Video only. False (the reference): z is the content slot's output. True: no content slot;
+  # each key frame's own output gets z_channels / T channels and z stacks them on channels, in
+  # key-frame order, so that which part of z belongs to which moment is fixed by construction
+  # rather than learned (see config.autoencoder.video_latent_per_key_frame).
+  per_key_frame: bool = False
 
   @nn.compact
   def __call__(self, x):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     remat = lambda cls: layers.rematerialised(cls, self.remat, "autoencoder.remat_policy")
-    content = self.param("content", nn.with_logical_partitioning(
-        nn.initializers.normal(1.0), (None, None, "conv_in")), x.shape[-3:], self.param_dtype)
-    content = jnp.broadcast_to(content.astype(x.dtype), (x.shape[0],) + x.shape[-3:])
-    if self.video:
-      h = jnp.concatenate([content[:, None], x], axis=1)
+    key_frames = x.shape[1] if self.video else 1
+    per_key_frame = self.video and self.per_key_frame
+    if per_key_frame and self.z_channels % key_frames:
+      raise ValueError(f"a per-key-frame video latent of {self.z_channels} channels cannot be "
+                       f"split over {key_frames} key frames")
+    if per_key_frame:
+      h = x
     else:
-      h = jnp.concatenate([x, content], axis=-1)
+      content = self.param("content", nn.with_logical_partitioning(
+          nn.initializers.normal(1.0), (None, None, "conv_in")), x.shape[-3:], self.param_dtype)
+      content = jnp.broadcast_to(content.astype(x.dtype), (x.shape[0],) + x.shape[-3:])
+      if self.video:
+        h = jnp.concatenate([content[:, None], x], axis=1)
+      else:
+        h = jnp.concatenate([x, content], axis=-1)
     h = ConvNd(self.model_channels, name="conv_in", **kw)(h)
     ds = 1
     for level, mult in enumerate(self.channel_mult):
@@ -165,17 +178,21 @@ class PerceptualEncoder(nn.Module):
       if level != len(self.channel_mult) - 1:
         h = ConvNd(h.shape[-1], stride=2, name=f"down_{level}", **kw)(h)
         ds *= 2
-    mean = self._head(h, zero_last=False, name="mean_head")
-    logvar = self._head(h, zero_last=True, name="logvar_head") + self.initial_logvar
-    if self.video:
+    out_channels = self.z_channels // key_frames if per_key_frame else self.z_channels
+    mean = self._head(h, out_channels, zero_last=False, name="mean_head")
+    logvar = self._head(h, out_channels, zero_last=True, name="logvar_head") + self.initial_logvar
+    if per_key_frame:   # [B, T, h, w, z/T] -> [B, h, w, T * z/T], key frame by key frame
+      stack = lambda v: jnp.moveaxis(v, 1, -2).reshape(v.shape[:1] + v.shape[2:4] + (-1,))
+      mean, logvar = stack(mean), stack(logvar)
+    elif self.video:
       mean, logvar = mean[:, 0], logvar[:, 0]
     return mean, logvar
 
-  def _head(self, h, *, zero_last: bool, name: str):
+  def _head(self, h, out_channels: int, *, zero_last: bool, name: str):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = ConvNd(self.z_channels, name=f"{name}_conv", **kw)(h)
+    h = ConvNd(out_channels, name=f"{name}_conv", **kw)(h)
     h = nn.silu(FittedGroupNorm(self.norm_groups, name=f"{name}_norm", **kw)(h))
-    return ConvNd(self.z_channels, kernel=1, temporal_kernel=1, zero_init=zero_last,
+    return ConvNd(out_channels, kernel=1, temporal_kernel=1, zero_init=zero_last,
                   name=f"{name}_out", **kw)(h)
 
 
@@ -194,6 +211,11 @@ class FeatureInjector(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: str = "none"   # config.autoencoder.remat_policy: the ResBlocks
+  # Whether each ResBlock's second conv also starts at zero (the reference: SD's ResBlock). The
+  # zero 1x1 conv after it already makes every output zero at initialisation; a second zero in
+  # series leaves the block's own branch, the only path of the frame index, without gradient
+  # until the 1x1 conv has grown.
+  zero_init_block_out: bool = True
 
   @nn.compact
   def __call__(self, z, emb=None):
@@ -203,7 +225,7 @@ class FeatureInjector(nn.Module):
     for index, (channels, factor) in enumerate(zip(self.block_channels, self.block_factors)):
       steps = int(round(math.log2(self.latent_factor / factor)))
       h = block_cls(channels, self.norm_groups, resample_steps=steps, name=f"block_{index}",
-                    **kw)(z, emb)
+                    zero_init_out=self.zero_init_block_out, **kw)(z, emb)
       features.append(ConvNd(channels, kernel=1, zero_init=True, name=f"zero_conv_{index}",
                              **kw)(h))
     return features
