@@ -127,8 +127,18 @@ def resolve_stages(config) -> list[str]:
 
 
 def run_stage(name: str, config, workdir: str) -> None:
-  """Runs one stage; the stage logs its own start and end lines (what it does, what it wrote)."""
-  importlib.import_module(STAGES[name]).run(config, workdir)
+  """Runs one stage; the stage logs its own start and end lines (what it does, what it wrote). A
+  stage whose input is missing (`workdir.MissingInput`, raised before it does any work) gets the
+  stage that makes the input run first, then runs again: stages never run each other."""
+  run = importlib.import_module(STAGES[name]).run
+  try:
+    run(config, workdir)
+  except workdir_lib.MissingInput as missing:
+    if missing.stage not in STAGES or missing.stage == name:
+      raise
+    logging.info("%s: %s; running the %s stage first", name, missing, missing.stage)
+    run_stage(missing.stage, config, workdir)
+    run(config, workdir)
 
 
 def main(argv) -> None:

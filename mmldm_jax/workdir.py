@@ -70,3 +70,27 @@ def metrics_file(workdir: str) -> str:
 def parameters_file(workdir: str, name: str) -> str:
   """A training stage's table of every parameter (shape, size, sharding)."""
   return os.path.join(stage_dir(workdir, name), "parameters.txt")
+
+
+class MissingInput(FileNotFoundError):
+  """A stage's input, which another stage makes, is not there yet. `stage` names that stage:
+  `main.py` runs it and then the stage that raised again (stages never run each other)."""
+
+  def __init__(self, stage: str, message: str):
+    super().__init__(message)
+    self.stage = stage
+
+
+def require_dataset(config: Any, workdir: str, *, can_make: bool) -> str:
+  """The dataset folder (`data_folder`) for a stage that reads it. Without its index.json: raises
+  MissingInput('data') for the synthetic source when the data stage can make it here (`can_make`,
+  e.g. a single process), FileNotFoundError naming what to run or set otherwise."""
+  folder = data_folder(config, workdir)
+  index = os.path.join(folder, "index.json")
+  if os.path.exists(index):
+    return folder
+  if can_make and config.data.source == "synthetic":
+    raise MissingInput("data", f"no dataset in {folder} yet (the data stage writes it)")
+  raise FileNotFoundError(f"no dataset index at {index}: run the `data` stage first "
+                          f"(config.stages starting with 'data') or set config.data.data_dir to "
+                          f"ingested records")

@@ -111,3 +111,34 @@ def test_classifier_head_is_an_explicit_switch_not_a_loss_weight():
   assert not autoencoder_lib.use_classifier(config)
   audioset = config_lib.load(os.path.join(CONFIGS, "audioset.py:tiny"))
   assert not autoencoder_lib.use_classifier(audioset)
+
+
+def test_main_runs_the_stage_that_makes_a_missing_input_first(monkeypatch):
+  """A stage whose input is missing raises workdir.MissingInput naming the stage that makes it;
+  main runs that one (and what it needs in turn) first, then the stage again."""
+  import sys
+  import types
+  from mmldm_jax import main
+  from mmldm_jax import workdir as workdir_lib
+  calls, made = [], set()
+
+  def fake_stage(name, needs=None):
+    module = types.ModuleType(f"fake_stage_{name}")
+
+    def run(config, workdir):
+      if needs and needs not in made:
+        raise workdir_lib.MissingInput(needs, f"no {needs} output yet")
+      calls.append(name)
+      made.add(name)
+    module.run = run
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    return module.__name__
+
+  monkeypatch.setattr(main, "STAGES", {"data": fake_stage("data"),
+                                       "latents": fake_stage("latents", needs="data"),
+                                       "generator": fake_stage("generator", needs="latents"),
+                                       "loops": fake_stage("loops", needs="loops")})
+  main.run_stage("generator", None, "/nonexistent")
+  assert calls == ["data", "latents", "generator"]
+  with pytest.raises(workdir_lib.MissingInput, match="no loops output yet"):
+    main.run_stage("loops", None, "/nonexistent")   # a stage never runs itself first

@@ -85,3 +85,15 @@ def test_models_never_import_convert():
                  if module.startswith("mmldm_jax.models") for name in names
                  if name.startswith("mmldm_jax.convert"))
   assert not wrong, f"models/ imports convert/: {wrong}"
+
+
+def test_stages_never_import_each_other():
+  """A stage's shared pieces live outside stages/ (the sampling chain in sampling.py, the workdir
+  layout in workdir.py); a stage whose input another stage makes raises workdir.MissingInput and
+  main.py runs that stage first."""
+  graph = module_graph()
+  stages = {module for module in graph if module.startswith("mmldm_jax.stages.")}
+  assert {"mmldm_jax.stages.sample", "mmldm_jax.stages.evaluate"} <= stages
+  wrong = sorted((module, name) for module in stages for name in graph[module]
+                 if name in stages or name == "mmldm_jax.stages")
+  assert not wrong, f"stage modules importing stage modules: {wrong}"

@@ -10,5 +10,7 @@
   evaluate     stages/evaluate.py     FVD / KVD / FAD and the sync scores
 
 The training stages' Tasks and quality signals are in `train/tasks.py`; every workdir path is in
-`workdir.py`.
+`workdir.py`; the generation chain the sample stage and the generator's quality signals share is
+in `sampling.py`. Stages never import each other: a stage whose input another stage makes raises
+`workdir.MissingInput` naming that stage before doing any work, and `main.py` runs it first.
 """

@@ -33,19 +33,16 @@ _GAP = 4
 
 
 def ensure_dataset(config: Any, workdir: str) -> str:
-  """The dataset's folder (`workdir.data_folder`) for a stage that reads it. With the synthetic
-  source and no dataset yet, runs this stage first (single process), so the training stages also
-  work without 'data' in config.stages; otherwise a missing index is an error naming it."""
-  folder = workdir_lib.data_folder(config, workdir)
-  if not os.path.exists(os.path.join(folder, "index.json")):
-    if config.data.source == "synthetic" and jax.process_count() == 1:
-      logging.info("no dataset in %s yet: running the data stage first", folder)
-      run(config, workdir)
-    else:
-      raise FileNotFoundError(
-          f"no dataset index at {os.path.join(folder, 'index.json')}: run the `data` stage first "
-          f"(config.stages starting with 'data') or set config.data.data_dir to ingested records")
-  return folder
+  """The dataset's folder (`workdir.data_folder`) for a training Task that reads it. With the
+  synthetic source and no dataset yet, runs this stage first (single process), so the training
+  stages also work without 'data' in config.stages; otherwise a missing index is an error naming
+  it (`workdir.require_dataset`)."""
+  try:
+    return workdir_lib.require_dataset(config, workdir, can_make=jax.process_count() == 1)
+  except workdir_lib.MissingInput as missing:
+    logging.info("%s; running the data stage first", missing)
+    run(config, workdir)
+    return workdir_lib.data_folder(config, workdir)
 
 
 def preview_image(record: dict[str, Any], config: Any) -> np.ndarray:

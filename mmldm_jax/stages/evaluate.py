@@ -84,6 +84,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from mmldm_jax import sampling
 from mmldm_jax import workdir as workdir_lib
 from mmldm_jax.data import audio as audio_lib
 from mmldm_jax.data import pipeline
@@ -94,7 +95,6 @@ from mmldm_jax.evaluation import frechet
 from mmldm_jax.evaluation import fvd
 from mmldm_jax.evaluation import panns
 from mmldm_jax.evaluation import sync
-from mmldm_jax.stages import sample as sample_lib
 
 REAL_LIMIT = 2048
 NOISE_CLIPS = 32
@@ -172,9 +172,9 @@ def sample_files(config, folder: str) -> tuple[dict[str, Any], list[SampleFile]]
   """(description, files) of the generated samples in `folder`: the sample stage's index.json, or
   without one, when `evaluation.samples_folder` names the folder, every *.mp4 in it (sorted; a
   .wav of the same name, when there is one, is the sound)."""
-  index = sample_lib.read_index(folder)
+  index = sampling.read_index(folder)
   if index is not None:
-    files = [SampleFile(sample_lib.sample_name(entry["number"]), os.path.join(folder, entry["mp4"]),
+    files = [SampleFile(sampling.sample_name(entry["number"]), os.path.join(folder, entry["mp4"]),
                         os.path.join(folder, entry["wav"])) for entry in index["samples"]]
     description = {"folder": folder, "mode": index["settings"]["mode"],
                    "settings": index["settings"]}
@@ -189,12 +189,12 @@ def sample_files(config, folder: str) -> tuple[dict[str, Any], list[SampleFile]]
     description = {"folder": folder, "mode": "folder",
                    "settings": {"files": [os.path.basename(f.mp4) for f in files]}}
   else:
-    raise FileNotFoundError(f"{os.path.join(folder, sample_lib.INDEX_FILE)} does not exist: run the "
+    raise FileNotFoundError(f"{os.path.join(folder, sampling.INDEX_FILE)} does not exist: run the "
                             f"`sample` stage first, or set evaluation.samples_folder to a folder of "
                             f"mp4 files")
   if not files:
     raise ValueError(f"{folder}: no samples to evaluate (no entries in "
-                     f"{sample_lib.INDEX_FILE} and no mp4 files)")
+                     f"{sampling.INDEX_FILE} and no mp4 files)")
   return description, files
 
 
@@ -751,7 +751,7 @@ def run(config, workdir: str) -> None:
                     workdir_lib.samples_dir(workdir, config.sample.mode))
   work_folder = workdir_lib.stage_dir(workdir, "evaluate")
   path = workdir_lib.metrics_file(workdir)
-  index = sample_lib.read_index(samples_folder)
+  index = sampling.read_index(samples_folder)
   if index is not None and os.path.exists(path):
     with open(path) as f:
       previous = json.load(f)

@@ -4,8 +4,9 @@ generator never re-encodes.
   python -m mmldm_jax.main --config=configs/demo.py --workdir=runs/demo --config.stages=latents
 
 The autoencoder and VAE are read parameters-only (`train/weights.py`); the files are written by
-`data/latents.py` into `<workdir>/latents`. The `generator` stage runs this stage first when its
-latents are missing.
+`data/latents.py` into `<workdir>/latents`. Without a dataset it raises `workdir.MissingInput`
+('data'), and the `generator` stage raises it ('latents') without latents: `main.py` then runs the
+missing stage first.
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ from mmldm_jax import parallel
 from mmldm_jax import workdir as workdir_lib
 from mmldm_jax.data import pipeline
 from mmldm_jax.models import dit as dit_lib
-from mmldm_jax.stages import data as data_stage
 from mmldm_jax.data import latents as latents_lib
 from mmldm_jax.train import weights
 
@@ -42,6 +42,7 @@ def run(config, workdir: str) -> None:
   if latents_lib.is_complete(workdir):
     logging.info("latents: %s is complete, skipped", folder)
     return
+  data_folder = workdir_lib.require_dataset(config, workdir, can_make=jax.process_count() == 1)
   mesh = parallel.create_mesh(config)
   system = weights.autoencoder_system(config, config_lib.resolve_scale_factor(config, workdir))
   params = weights.restore_autoencoder_params(config, workdir, mesh, system)
@@ -49,7 +50,7 @@ def run(config, workdir: str) -> None:
   per_host = parallel.per_process_batch_size(config.train_autoencoder.batch_size, mesh,
                                              "train_autoencoder.batch_size")
   process, processes = jax.process_index(), jax.process_count()
-  videos = pipeline.RecordVideos(data_stage.ensure_dataset(config, workdir), "train")
+  videos = pipeline.RecordVideos(data_folder, "train")
   total = len(pipeline.clip_source(config, "train", videos))
   mine = len(range(process, total, processes))
   steps = math.ceil(math.ceil(total / processes) / per_host)  # the same on every process

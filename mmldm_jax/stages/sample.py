@@ -2,19 +2,13 @@
 
   python -m mmldm_jax.main --config=configs/demo.py --workdir=runs/demo --config.stages=sample
 
-The chain, per batch (config.sample: sampler, steps, eta, guidance_audio / guidance_video, mode,
-num_clips, seed, num_samples, batch_size):
-
-  DiT sampling of the perceptual latents (z_a, z_v)               models/dit.py `sample_latents`
-  -> autoencoder diffusion decoder + VAE decoder                  models/autoencoder.py `decode`
-     = frames [B, F, H, W, 3] and the audio image [B, S, S, 3]
-  -> log-mel at the clip's raw size (audio.image_to_mel)
-  -> waveform: HiFi-GAN when config.vocoder.pretrained_path is set, else Griffin-Lim
-  -> per sample, under `<workdir>/samples/<mode>/`:
-       sample_0000.mp4   H.264 + AAC, the frames at data.fps with the sound
-       sample_0000.wav   the sound (16-bit PCM at audio.sample_rate)
-       sample_0000.png   the frames (up to 8, evenly spaced) in a row, a gap, the audio image
-     and index.json (the settings, the models' checkpoint steps and one entry per sample).
+The chain (`sampling.Chain`, shared with the generator's quality signals), per batch of
+config.sample.batch_size: DiT -> autoencoder diffusion decoder + VAE decoder -> log-mel -> HiFi-GAN
+(config.vocoder.pretrained_path) or Griffin-Lim; per sample, under `<workdir>/samples/<mode>/`:
+  sample_0000.mp4   H.264 + AAC, the frames at data.fps with the sound
+  sample_0000.wav   the sound (16-bit PCM at audio.sample_rate)
+  sample_0000.png   the frames (up to 8, evenly spaced) in a row, a gap, the audio image
+and index.json (the settings, the models' checkpoint steps and one entry per sample).
 
 Modes:
   joint         audio and video together, unconditionally (the learnable context).
@@ -37,57 +31,30 @@ Multi-host: every process runs the (jitted) computation, process 0 writes the fi
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
 from mmldm_jax import config_lib
 from mmldm_jax import workdir as workdir_lib
-from mmldm_jax.data import audio as audio_lib
 from mmldm_jax.data import pipeline
 from mmldm_jax.data import video as video_lib
+# The chain and the samples folder's format (sampling.py). Besides this module's own use, the names
+# stay importable from here for its callers (train/tasks.py, the tests).
+from mmldm_jax.sampling import (GRID_GAP, INDEX_FILE, Chain, Models,  # noqa: F401
+                                check_mode, grid_image, load_vocoder_if_set, read_index,
+                                sample_name, write_index)
 
-MODES = config_lib.SAMPLE_MODES
-INDEX_FILE = "index.json"
 CONDITIONING_SPLIT = "validation"
-GRID_FRAMES = 8
-GRID_GAP = 4
-
-
-@dataclasses.dataclass
-class Models:
-  """Everything the chain runs, with plain (unboxed) parameter pytrees.
-
-  dit: a `models.dit.MMDiT`; system: a `models.autoencoder.AutoencoderSystem` (autoencoder, VAE and
-  the decoder's schedule); vocoder: (apply_fn, params) of `convert.hifigan.load_vocoder`, or None for
-  Griffin-Lim. description: where the parameters came from (written to index.json and compared on
-  resume)."""
-  dit: Any
-  dit_params: Any
-  system: Any
-  autoencoder_params: Any
-  vae_params: Any
-  vocoder: tuple[Any, Any] | None
-  description: dict[str, Any]
 
 
 # ------------------------------------------------------------------------------------------------
 # Models
 # ------------------------------------------------------------------------------------------------
-def load_vocoder_if_set(config):
-  """`convert.hifigan.load_vocoder(config)` when config.vocoder.pretrained_path is set, else None."""
-  if not config.vocoder.pretrained_path:
-    return None
-  from mmldm_jax.convert import hifigan
-  return hifigan.load_vocoder(config)
-
-
 def load_models(config, workdir: str) -> Models:
   """The latest `generator`, `autoencoder` and `vae` parameters of the workdir (EMA when kept).
 
@@ -123,140 +90,8 @@ def models_description(config, workdir: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------
-# The chain
-# ------------------------------------------------------------------------------------------------
-def check_mode(config) -> str:
-  """config.sample.mode, checked against num_clips and the DiT's continuation flag."""
-  mode, num_clips = config.sample.mode, int(config.sample.num_clips)
-  if mode not in MODES:
-    raise ValueError(f"config.sample.mode={mode!r}: expected one of {', '.join(MODES)}")
-  if num_clips < 1:
-    raise ValueError(f"config.sample.num_clips={num_clips}: expected >= 1")
-  if mode == "continuation" and not config.dit.continuation:
-    raise ValueError("config.sample.mode='continuation' needs a continuation DiT "
-                     "(config.dit.continuation=True)")
-  if mode != "continuation" and num_clips != 1:
-    raise ValueError(f"config.sample.num_clips={num_clips}: more than one clip needs "
-                     f"config.sample.mode='continuation' (got {mode!r})")
-  if config.dit.continuation and mode != "continuation":
-    raise ValueError(f"config.dit.continuation=True: the DiT samples clip by clip; set "
-                     f"config.sample.mode='continuation' (got {mode!r})")
-  return mode
-
-
-class Chain:
-  """The jitted generation chain for one config and one set of models (see the module doc).
-
-  `generate(rng, batch_size, condition=None)` returns host arrays:
-    frames       uint8 [B, num_clips * F, H, W, 3]
-    waveform     float32 [B, num_clips * clip_samples] in [-1, 1]
-    audio_image  float32 [B, S, num_clips * S, 3] in [-1, 1] (the decoded audio images, in time order)
-  `condition` (a2v / v2a): {'audio': waveform [B, N], 'frames': uint8 [B, F, H, W, 3]} of real clips.
-  """
-
-  def __init__(self, config, models: Models):
-    from mmldm_jax.models import dit as dit_lib
-    self.config = config
-    self.models = models
-    self.mode = check_mode(config)
-    self.num_clips = int(config.sample.num_clips)
-    self.clip_samples = config_lib.clip_samples(config)
-    self.mel_frames = audio_lib.num_mel_frames(self.clip_samples, config.audio)
-    model = models.dit
-    dit_mode = "joint" if self.mode == "continuation" else self.mode  # continuation: via `prev`
-
-    def latents(params, key, batch_size, audio_latent, video_latent, prev):
-      return dit_lib.sample_latents(params, config, key, batch_size, model=model, mode=dit_mode,
-                                    audio_latent=audio_latent, video_latent=video_latent,
-                                    prev=prev)
-    self._latents = jax.jit(latents, static_argnums=2)
-    self._encode = jax.jit(models.system.encode)
-    self._waveform = jax.jit(self._image_to_waveform)
-
-  def _image_to_waveform(self, vocoder_params, audio_image):
-    """Audio images [B, S, S, 3] -> waveforms [B, clip_samples] (vocoder or Griffin-Lim)."""
-    config = self.config
-    mel = audio_lib.image_to_mel(audio_image, int(config.audio.num_mels), self.mel_frames)
-    if self.models.vocoder is None:
-      return audio_lib.griffin_lim(mel, config.audio, num_samples=self.clip_samples)
-    apply_fn, _ = self.models.vocoder
-    waveform = apply_fn(vocoder_params, jnp.swapaxes(mel, -1, -2))
-    missing = self.clip_samples - waveform.shape[-1]
-    if missing > 0:
-      waveform = jnp.pad(waveform, ((0, 0), (0, missing)))
-    return waveform[:, :self.clip_samples]
-
-  def encode_condition(self, condition: dict[str, np.ndarray]):
-    """The autoencoder's (audio, video) latents of real clips (key frames + waveform)."""
-    frames = condition["frames"]
-    keys = video_lib.key_frame_indices(frames.shape[1], tuple(self.config.data.key_frames))
-    batch = {"key_frames": jnp.asarray(video_lib.to_float(frames[:, keys])),
-             "audio": jnp.asarray(condition["audio"], jnp.float32)}
-    return self._encode(self.models.autoencoder_params, self.models.vae_params, batch)
-
-  def generate(self, rng, batch_size: int, condition: dict[str, np.ndarray] | None = None):
-    models = self.models
-    latent_rng, decode_rng = jax.random.split(rng)
-    audio_latent = video_latent = None
-    if self.mode in ("a2v", "v2a"):
-      if condition is None:
-        raise ValueError(f"mode {self.mode!r} needs the conditioning clips")
-      audio_latent, video_latent = self.encode_condition(condition)
-    prev = None
-    if self.mode == "continuation":
-      shapes = {"audio": models.dit.audio_shape, "video": models.dit.video_shape}
-      prev = {name: jnp.zeros((batch_size,) + tuple(shape)) for name, shape in shapes.items()}
-    frames, waveforms, images = [], [], []
-    for clip in range(self.num_clips):
-      latents = self._latents(models.dit_params, jax.random.fold_in(latent_rng, clip), batch_size,
-                              audio_latent, video_latent, prev)
-      prev = latents if self.mode == "continuation" else None
-      clip_frames, audio_image = models.system.decode(
-          models.autoencoder_params, models.vae_params, latents["audio"], latents["video"],
-          jax.random.fold_in(decode_rng, clip))
-      vocoder_params = None if models.vocoder is None else models.vocoder[1]
-      frames.append(to_host(clip_frames))
-      images.append(to_host(audio_image))
-      waveforms.append(to_host(self._waveform(vocoder_params, audio_image)))
-    result = {"frames": video_lib.to_uint8(np.concatenate(frames, axis=1)),
-              "waveform": np.clip(np.concatenate(waveforms, axis=1), -1.0, 1.0),
-              "audio_image": np.concatenate(images, axis=2)}
-    if self.mode == "a2v":   # keep the real sound the video was generated from
-      result["waveform"] = np.asarray(condition["audio"], np.float32)
-      result["audio_image"] = to_host(audio_lib.waveform_to_image(
-          jnp.asarray(condition["audio"]), self.config.audio))
-    elif self.mode == "v2a":  # keep the real frames the sound was generated from
-      result["frames"] = np.asarray(condition["frames"], np.uint8)
-    return result
-
-
-def to_host(array) -> np.ndarray:
-  """A (possibly multi-host, replicated) jax array as a NumPy array on this host."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
-  return np.asarray(array)
-
-
-# ------------------------------------------------------------------------------------------------
 # Files
 # ------------------------------------------------------------------------------------------------
-def sample_name(number: int) -> str:
-  return f"sample_{number:04d}"
-
-
-def grid_image(frames: np.ndarray, audio_image: np.ndarray) -> np.ndarray:
-  """uint8 [H', W', 3]: up to GRID_FRAMES evenly spaced frames in a row, a gap, the audio image."""
-  picks = np.unique(np.linspace(0, len(frames) - 1, min(GRID_FRAMES, len(frames))).round())
-  strip = np.concatenate(list(frames[picks.astype(int)]), axis=1)
-  image = video_lib.to_uint8(audio_image)
-  height = max(strip.shape[0], image.shape[0])
-  canvas = np.zeros((height, strip.shape[1] + GRID_GAP + image.shape[1], 3), np.uint8)
-  canvas[:strip.shape[0], :strip.shape[1]] = strip
-  canvas[:image.shape[0], strip.shape[1] + GRID_GAP:] = image
-  return canvas
-
-
 def write_sample(folder: str, number: int, frames: np.ndarray, waveform: np.ndarray,
                  audio_image: np.ndarray, fps: float, sample_rate: int) -> dict[str, Any]:
   """Writes sample `number` (mp4 with sound, wav, png; each atomically) and returns its index
@@ -271,28 +106,6 @@ def write_sample(folder: str, number: int, frames: np.ndarray, waveform: np.ndar
   video_lib.write_mp4(os.path.join(folder, files["mp4"]), frames, fps, waveform, sample_rate)
   return {"number": number, **files, "num_frames": int(len(frames)),
           "num_audio_samples": int(len(waveform))}
-
-
-def read_index(folder: str) -> dict[str, Any] | None:
-  """The folder's index.json, or None when there is none."""
-  path = os.path.join(folder, INDEX_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    index = json.load(f)
-  for field in ("settings", "samples", "fps", "sample_rate"):
-    if field not in index:
-      raise ValueError(f"{path}: field {field!r} is missing; expected an index written by the "
-                       f"sample stage")
-  return index
-
-
-def write_index(folder: str, index: dict[str, Any]) -> None:
-  path = os.path.join(folder, INDEX_FILE)
-  index = dict(index, samples=sorted(index["samples"], key=lambda entry: entry["number"]))
-  with open(path + ".tmp", "w") as f:
-    json.dump(index, f, indent=1)
-  os.replace(path + ".tmp", path)
 
 
 def is_complete_entry(folder: str, entry: dict[str, Any]) -> bool:
