@@ -133,12 +133,16 @@ def run_stage(name: str, config, workdir: str) -> None:
   run = importlib.import_module(STAGES[name]).run
   try:
     run(config, workdir)
+    return
   except workdir_lib.MissingInput as missing:
     if missing.stage not in STAGES or missing.stage == name:
       raise
     logging.info("%s: %s; running the %s stage first", name, missing, missing.stage)
-    run_stage(missing.stage, config, workdir)
-    run(config, workdir)
+    needed = missing.stage
+  # Outside the except block, so that an error of the needed stage is not reported as raised
+  # while handling the missing input.
+  run_stage(needed, config, workdir)
+  run(config, workdir)
 
 
 def main(argv) -> None:
