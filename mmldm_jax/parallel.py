@@ -10,9 +10,9 @@ carries through `nn.with_logical_partitioning`) onto mesh axes. The small functi
   batch = global_batch(host_batch, mesh)                       # per-process data -> one global jax.Array
 
 A dimension that its mesh axes do not divide evenly drops the trailing axes until they do (in the end it
-stays replicated), and arrays smaller than `min_sharded_bytes` stay replicated: both are logged by
-`describe_shardings`, and `check_sharded` fails when the arrays on the devices are less sharded than the
-mesh allows for the bytes the policy meant to shard.
+stays replicated), and arrays smaller than `min_sharded_bytes` stay replicated; `check_sharded` fails
+when the arrays on the devices are less sharded than the mesh allows for the bytes the policy meant
+to shard.
 """
 from __future__ import annotations
 
@@ -228,17 +228,6 @@ def check_sharded(tree, mesh: Mesh, axes: Sequence[str] = ("fsdp", "tensor"),
         f"{what} are less sharded than configured: {on_device} bytes on one device, allowed "
         f"{allowed:.0f} (= total {total} over {'x'.join(axes)}={factor}, +{tolerance:.0%}, plus "
         f"{exempt_bytes} replicated by policy). Largest replicated: {biggest}")
-
-
-def describe_shardings(abstract_tree, shardings, limit: int = 12) -> str:
-  """A few lines naming the largest arrays and their PartitionSpecs, for the log."""
-  rows = []
-  for (path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(unbox(abstract_tree)),
-                                    jax.tree.leaves(shardings)):
-    rows.append((_nbytes(leaf.shape, leaf.dtype), jax.tree_util.keystr(path), leaf.shape,
-                 sharding.spec))
-  rows.sort(key=lambda r: -r[0])
-  return "\n".join(f"  {path} {shape} -> {spec}" for _, path, shape, spec in rows[:limit])
 
 
 # ------------------------------------------------------------------------------------------------

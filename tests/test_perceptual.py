@@ -3,9 +3,12 @@ layer the frame index reaches the first update."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import linen as nn
 
 from mmldm_jax.models import perceptual
+
+pytestmark = pytest.mark.slow   # each test compiles small models: 10-20 s on 2 cores
 
 
 def _injector(double_zero):

@@ -31,11 +31,11 @@ from jax.experimental import multihost_utils
 
 from mmldm_jax import config_lib
 from mmldm_jax import parallel
+from mmldm_jax import sampling as sample_lib
 from mmldm_jax import workdir as workdir_lib
 from mmldm_jax.data import audio as audio_lib
 from mmldm_jax.data import pipeline
 from mmldm_jax.stages import data as data_stage
-from mmldm_jax.stages import sample as sample_lib
 from mmldm_jax.data import latents as latents_lib
 from mmldm_jax.train import loop
 from mmldm_jax.train import weights
