@@ -7,8 +7,8 @@ Cost: see the README for the measured wall time on 2 CPU cores (install included
 cache), about 6 GB of memory and a few hundred MB of disk. The samples show the scene classes'
 backgrounds with coloured objects that change place during the clip, but in jumps (the decoder
 switches between what it keeps of the four key frames rather than moving the objects smoothly), and
-their colours are often wrong, so their tones land on their bounces only a little more often than
-on another sample's (sync F1 0.27 against 0.22 shuffled, 0.99 real). The synthetic
+their colours are often wrong, and their tones land on their bounces no more often than on another
+sample's (sync F1 0.22-0.27 in two runs, shuffled pairs 0.22, real clips 0.99). The synthetic
 clips (coloured objects bouncing over a class-dependent background; every wall hit is a tone whose
 pitch is the object's colour) are generated from a seed, so nothing is downloaded. Frames are 64x64
 at 10 fps, audio 16 kHz; every network is the `tiny` size of the paper configs, trained from scratch
