@@ -4,7 +4,7 @@ Run:
   python -m mmldm_jax.main --config=configs/demo.py --workdir=runs/demo
 
 Cost: see the README for the measured wall time on 2 CPU cores (install included, empty compile
-cache), about 6 GB of memory and a few hundred MB of disk. The samples show the scene classes'
+cache), 5 to 6.5 GB of memory and a few hundred MB of disk. The samples show the scene classes'
 backgrounds with coloured objects that change place during the clip, but in jumps (the decoder
 switches between what it keeps of the four key frames rather than moving the objects smoothly), and
 their colours are often wrong, and their tones land on their bounces no more often than on another
@@ -58,13 +58,15 @@ def get_config(arg=None):
   # ones into the background, and every later stage can only draw what the VAE keeps.
   config.synthetic.object_radius = 0.12
   # A decoder that places the objects frame by frame within a few hundred steps (see the
-  # autoencoder module docstring: frame_order_accuracy 0.18 = chance through 1000 steps with the
-  # reference's content slot, 0.33 at 500 and 0.50 at 1000 with these).
+  # autoencoder module docstring: on an 800-step VAE, frame_order_accuracy 0.18 = chance through
+  # 1000 steps with the reference's content slot, 0.33 at 500 and 0.50 at 1000 with these; this
+  # demo, on its 400-step VAE, reaches 0.27 at its 600 steps).
   config.autoencoder.update(video_latent_per_key_frame=True, index_embed_scale=1000.0,
                             injector_double_zero_init=False, index_in_time_embedding=True)
   # v-prediction weighs the clean-latent error of the noisiest steps ~200x more than eps does, and
   # those are the steps where the decoder must take the picture from its latents (audio image
-  # PSNR 19.3 -> 24.6 dB at 500 autoencoder steps).
+  # PSNR 19.3 -> 24.6 dB at 500 autoencoder steps). The DiT shares the diffusion section, so it
+  # predicts v too.
   config.diffusion.prediction = "v"
   # From scratch, not fine-tuning: the paper's learning rates (1e-5 / 1e-4 / 1e-5) are for
   # pretrained starts and long runs.

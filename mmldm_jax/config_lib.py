@@ -189,7 +189,7 @@ def autoencoder_config() -> ConfigDict:
       # by at most one radian across the clip, so neighbouring frames get nearly equal codes.
       index_embed_scale=1.0,
       # Min-SNR-gamma weighting of the decoder's denoising loss (`diffusion.losses.min_snr_weights`);
-      # 0 = plain eps-MSE (the reference).
+      # 0 = plain MSE on eps or v (the reference).
       min_snr_gamma=0.0,
       # The feature injectors' ResBlocks zero-initialise their second conv as well as the 1x1 conv
       # after them (the reference). False: only the 1x1 conv starts at zero (outputs are still
