@@ -248,6 +248,44 @@ def test_nan_stops_naming_the_step(tmp_path):
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 
 
+def test_non_finite_step_leaves_the_state_unchanged_and_a_finite_one_is_adamw():
+  """The step's NaN guard (one conditional around the update): a batch that makes the loss NaN
+  leaves parameters and optimiser state bitwise as they were; a finite batch gives exactly the
+  AdamW update of the same gradients."""
+  config = generator_config(mesh=(("data", 1), ("fsdp", 1), ("tensor", 1)))
+  task = tasks.generator_task(config, "unused")
+  init_state, optimizers = loop.make_state_init(task)
+  state = jax.jit(lambda rng: parallel.unbox(init_state(rng)))(loop.init_key(0))
+  step = jax.jit(loop.make_train_step(task, optimizers, 0))
+  shapes = dit_lib.latent_shapes(config)
+  rng = np.random.default_rng(0)
+  batch = {"audio_latent": rng.normal(size=(4,) + shapes["audio"]).astype(np.float32),
+           "video_latent": rng.normal(size=(4,) + shapes["video"]).astype(np.float32)}
+  poisoned = dict(batch, video_latent=np.full_like(batch["video_latent"], np.nan))
+
+  after_nan, metrics = step(state, None, poisoned)
+  assert float(metrics["finite"]) == 0.0 and int(after_nan["step"]) == 1
+  for name in ("params", "opt_state"):
+    for a, b in zip(jax.tree.leaves(after_nan[name]), jax.tree.leaves(state[name])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+  after, metrics = step(state, None, batch)
+  assert float(metrics["finite"]) == 1.0
+  group = task.groups[0]
+  grads = jax.grad(lambda p: task.loss(group, {group: p}, None, batch,
+                                       jax.random.fold_in(jax.random.fold_in(
+                                           jax.random.key(0), 0), 0), 0)[0])(
+                                               state["params"][group])
+  updates, _ = optimizers[group].update(grads, state["opt_state"][group], state["params"][group])
+  expected = jax.tree.map(lambda p, u: p + u, state["params"][group], updates)
+  changed = 0
+  for a, b, before in zip(jax.tree.leaves(after["params"][group]), jax.tree.leaves(expected),
+                          jax.tree.leaves(state["params"][group])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    changed += int(not np.array_equal(np.asarray(a), np.asarray(before)))
+  assert changed > 0
+
+
 def test_optimizer_matches_torch_adamw_defaults_and_schedule():
   config = generator_config()
   train = config.train_generator

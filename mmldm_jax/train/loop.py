@@ -242,14 +242,21 @@ def make_train_step(task: Task, optimizers, seed: int):
       (loss, aux), grads = jax.value_and_grad(group_loss, has_aux=True)(params[group])
       grad_norm = optax.tree.norm(grads)
       finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-      updates, new_opt = optimizers[group].update(grads, opt_state[group], params[group])
-      new_params = optax.apply_updates(params[group], updates)
+
+      def apply_update(grads, group_opt_state, group_params, group=group):
+        updates, new_opt = optimizers[group].update(grads, group_opt_state, group_params)
+        return optax.apply_updates(group_params, updates), new_opt
+
+      def keep_unchanged(grads, group_opt_state, group_params):
+        del grads
+        return group_params, group_opt_state
+
       # A non-finite step leaves the group unchanged (nan_policy 'skip' continues from there,
-      # 'stop' raises on the host; one program for both).
-      keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-      new_params = jax.tree.map(keep, new_params, params[group])
-      new_opt = jax.tree.map(keep, new_opt, opt_state[group])
-      params[group], opt_state[group] = new_params, new_opt
+      # 'stop' raises on the host; one program for both). One conditional around the whole
+      # update rather than a select per leaf: on the demo autoencoder (1,232 leaves) its train
+      # step compiled in 108 s against 125 s, same step time (benchmarks/nan_guard.py).
+      params[group], opt_state[group] = jax.lax.cond(
+          finite, apply_update, keep_unchanged, grads, opt_state[group], params[group])
       all_finite &= finite
       prefix = "" if len(task.groups) == 1 else f"{group}/"
       metrics.update({f"{prefix}loss": loss, f"{prefix}grad_norm": grad_norm})
