@@ -37,6 +37,7 @@ MACHINE = "2-core x86_64 CPU, 24 GiB"
 # ------------------------------------------------------------------------------------------------
 def _worker(repo: str, config_path: str, stage: str, steps: int) -> dict:
   """Measures one stage of the code under `repo` (run in its own process)."""
+  import inspect
   import resource
   import time
 
@@ -67,7 +68,12 @@ def _worker(repo: str, config_path: str, stage: str, steps: int) -> dict:
 
   config = config_lib.load(os.path.join(repo, config_path))
   mesh = parallel.create_mesh(config)
-  task = getattr(tasks, f"{stage}_task")(config, "unused")
+  make_task = getattr(tasks, f"{stage}_task")
+  # The autoencoder's task takes the VAE's measured scale factor (since issue 14); older revisions
+  # read it from the config.
+  needs_scale = "scale_factor" in inspect.signature(make_task).parameters
+  task = (make_task(config, "unused", config.vae.scale_factor) if needs_scale
+          else make_task(config, "unused"))
   train_config = config[f"train_{stage}"]
   init_state, optimizers = loop.make_state_init(task)
   _, shardings, _ = loop.abstract_state(init_state, task, mesh, config)

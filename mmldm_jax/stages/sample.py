@@ -21,7 +21,7 @@ Modes:
                 models only); the clips are joined in time.
 
 Determinism and resume: batch b (samples b*batch_size ... ) draws everything from
-fold_in(PRNGKey(sample.seed), b), so a sample depends on (seed, batch_size, its number, the models),
+fold_in(key(sample.seed), b), so a sample depends on (seed, batch_size, its number, the models),
 not on which batches ran before. A sample is complete when its three files exist and index.json
 lists it; a rerun skips complete batches and regenerates (identically) the rest. Changing a setting
 that changes the samples (sampler, steps, guidance, seed, batch size, models, ...) for an existing
@@ -179,7 +179,10 @@ def write_samples(config, models: Models, folder: str, *,
   logging.info("sample: %d of %d samples in %s are complete; %d batches of %d to run", len(done),
                total, folder, len(batches), batch_size)
   chain = Chain(config, models) if batches else None
-  base_key = jax.random.PRNGKey(int(config.sample.seed))
+  # A typed key, as the generator's quality signals use: the chain's jitted functions then see the
+  # same argument types there and here, and the persistent compilation cache serves this stage the
+  # programs the generator stage compiled (with a raw uint32[2] key the decoder compiled again).
+  base_key = jax.random.key(int(config.sample.seed))
   for b in tqdm(batches, desc=f"sample {mode}", unit="batch", disable=not (progress and writer)):
     numbers = range(b * batch_size, (b + 1) * batch_size)   # the last batch is padded
     condition, sources = (None, None)
