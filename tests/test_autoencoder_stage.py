@@ -20,7 +20,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIGNALS = ("psnr_frames", "psnr_audio_image", "psnr_frames_other_latents",
            "psnr_audio_image_other_latents", "retrieval_v2a", "retrieval_a2v", "retrieval_chance",
            "class_accuracy", "sync_f1", "sync_f1_real", "frame_order_accuracy",
-           "frame_order_chance")
+           "frame_order_chance", "sync_f1_decoded_video", "sync_f1_decoded_audio",
+           "video_events_per_second", "audio_events_per_second", "real_video_events_per_second",
+           "real_audio_events_per_second")
 
 
 def test_autoencoder_quality_signals_are_computed_and_logged(tmp_path):
@@ -43,7 +45,9 @@ def test_autoencoder_quality_signals_are_computed_and_logged(tmp_path):
   for name in SIGNALS[:4]:
     assert 0.0 < scalars[name] < 60.0, (name, scalars[name])   # an untrained decoder
   assert scalars["sync_f1_real"] == 1.0          # the originals: every bounce has its tone
-  assert 0.0 <= scalars["sync_f1"] <= 1.0
+  for name in ("sync_f1", "sync_f1_decoded_video", "sync_f1_decoded_audio"):
+    assert 0.0 <= scalars[name] <= 1.0
+  assert scalars["real_video_events_per_second"] > 0.5 and scalars["real_audio_events_per_second"] > 0.5
   frames = config.data.num_frames
   assert scalars["frame_order_chance"] == metrics.frame_order_chance(frames)
   assert scalars["frame_order_accuracy"] * clips * frames == pytest.approx(
@@ -104,3 +108,32 @@ def _batch_shapes(config):
           "target_indices": jax.ShapeDtypeStruct((batch, config.data.num_target_frames), np.float32),
           "audio": jax.ShapeDtypeStruct((batch, config_lib.clip_samples(config)), np.float32),
           "label": jax.ShapeDtypeStruct((batch,), np.int32)}
+
+
+def test_decoded_sync_signals_name_the_modality_that_lost_its_timing():
+  """`tasks.decoded_sync_signals` on real clips standing in for decoded ones: perfect "decoding"
+  scores like the originals on every row; a decoder whose sound belongs to another clip (the
+  sounds shifted by one clip) keeps sync_f1_decoded_video at the real level and drops
+  sync_f1_decoded_audio and sync_f1 to the shuffled-pairs level; silence finds no onset."""
+  from mmldm_jax.data import synthetic
+  config = config_lib.load(os.path.join(REPO, "configs", "demo.py") + ":tiny")
+  clips = [synthetic.generate_video(300 + n, n % config.synthetic.num_classes, config,
+                                    seconds=config.data.num_frames / config.data.fps)
+           for n in range(16)]
+  frames = np.stack([clip["frames"][:config.data.num_frames] for clip in clips])
+  samples = config_lib.clip_samples(config)
+  audio = np.stack([clip["audio"][:samples] for clip in clips]).astype(np.float32)
+
+  exact = tasks.decoded_sync_signals(config, frames, audio, frames, audio)
+  assert exact["sync_f1_real"] > 0.95
+  for name in ("sync_f1", "sync_f1_decoded_video", "sync_f1_decoded_audio"):
+    assert exact[name] == exact["sync_f1_real"], (name, exact)
+  assert exact["video_events_per_second"] == exact["real_video_events_per_second"] > 0.5
+
+  wrong_sound = tasks.decoded_sync_signals(config, frames, audio, frames, np.roll(audio, 1, 0))
+  assert wrong_sound["sync_f1_decoded_video"] == exact["sync_f1_real"]
+  for name in ("sync_f1", "sync_f1_decoded_audio"):
+    assert wrong_sound[name] < 0.5 * exact["sync_f1_real"], (name, wrong_sound)
+
+  silent = tasks.decoded_sync_signals(config, frames, audio, frames, np.zeros_like(audio))
+  assert silent["audio_events_per_second"] == 0.0 and silent["sync_f1_decoded_audio"] == 0.0

@@ -49,6 +49,11 @@ def test_from_scratch_vae_measures_the_scale_factor_later_stages_use(tmp_path):
     assert 0.0 < quality[0][f"eval/{name}"] < 60.0, quality[0]   # a 2-step VAE: far from exact
   for name in ("l1_frames", "l1_audio_image"):
     assert 0.0 < quality[0][f"eval/{name}"] < 2.0, quality[0]
+  # Synthetic data: whole clips reconstructed and scored for sync, modality by modality.
+  assert quality[0]["eval/sync_f1_real"] == 1.0, quality[0]
+  for name in ("sync_f1", "sync_f1_decoded_video", "sync_f1_decoded_audio"):
+    assert 0.0 <= quality[0][f"eval/{name}"] <= 1.0, quality[0]
+  assert quality[0]["eval/real_video_events_per_second"] > 0.5, quality[0]
   events = [f for f in os.listdir(logs) if f.startswith("events.out.tfevents")]
   assert events and b"eval/vae_frames" in b"".join((logs / f).read_bytes() for f in events)
   path = tmp_path / "vae" / "scale_factor.json"
