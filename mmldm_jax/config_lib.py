@@ -168,7 +168,7 @@ def unet_config() -> ConfigDict:
 
 def autoencoder_config() -> ConfigDict:
   return ConfigDict(dict(
-      video_z_channels=16,          # z_v: 16 x (latent/2) x (latent/2)
+      video_z_channels=16,          # z_v: 16 x (latent/2) x (latent/2) (encoder_factor)
       audio_z_channels=16,          # z_a: 16 x (latent/4) x (latent/4)
       video_encoder=ConfigDict(dict(
           model_channels=320, channel_mult=(1, 2), num_res_blocks=2,
@@ -421,6 +421,12 @@ def vae_factor(config: ConfigDict) -> int:
   return 2 ** (len(config.vae.channel_mult) - 1)
 
 
+def encoder_factor(config: ConfigDict, modality: str) -> int:
+  """Spatial downsampling of the autoencoder's `modality` ('audio' or 'video') encoder relative to
+  the VAE latent: z is the VAE latent's side / this."""
+  return 2 ** (len(config.autoencoder[f"{modality}_encoder"].channel_mult) - 1)
+
+
 def validate(config: ConfigDict) -> None:
   """Fails with a message naming the field and the value when the config cannot work."""
   def fail(field: str, value: Any, expected: str) -> None:
@@ -433,9 +439,12 @@ def validate(config: ConfigDict) -> None:
       fail(field, size, f"a positive multiple of the VAE factor {factor} "
            f"(2 ** (len(vae.channel_mult) - 1))")
   latent = config.data.image_size // factor
-  if latent % 4:
-    fail("data.image_size", config.data.image_size,
-         f"a multiple of {4 * factor} (the autoencoder halves the {latent}x{latent} latent twice)")
+  for modality in ("video", "audio"):
+    down = encoder_factor(config, modality)
+    if latent % down:
+      fail("data.image_size", config.data.image_size,
+           f"a multiple of {down * factor} (the {modality} encoder downsamples the "
+           f"{latent}x{latent} VAE latent {down}x: autoencoder.{modality}_encoder.channel_mult)")
   if config.data.num_frames <= 0:
     fail("data.num_frames", config.data.num_frames, "a positive frame count")
   for index in config.data.key_frames:

@@ -119,8 +119,8 @@ class MultiModalAutoencoder(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     groups = config.unet.norm_groups
     latent_size = config.data.image_size // config_lib.vae_factor(config)
-    self.video_factor = 2 ** (len(ae.video_encoder.channel_mult) - 1)
-    self.audio_factor = 2 ** (len(ae.audio_encoder.channel_mult) - 1)
+    self.video_factor = config_lib.encoder_factor(config, "video")
+    self.audio_factor = config_lib.encoder_factor(config, "audio")
     if latent_size % self.video_factor or latent_size % self.audio_factor:
       raise ValueError(f"config.data.image_size={config.data.image_size}: the {latent_size}-pixel "
                        f"VAE latent must be divisible by the encoders' downsampling "

@@ -363,11 +363,13 @@ class PreviousEncoder(nn.Module):
 
 
 def latent_shapes(config) -> dict[str, tuple[int, int, int]]:
-  """(h, w, C) of the generator's audio and video latents: data.image_size / vae_factor / 4 (audio)
-  and / 2 (video), channels from config.autoencoder."""
+  """(h, w, C) of the generator's audio and video latents: the VAE latent's side over each
+  autoencoder encoder's downsampling (`config_lib.encoder_factor`: 4 for audio and 2 for video at
+  paper size), channels from config.autoencoder."""
   side = config.data.image_size // config_lib.vae_factor(config)
-  return {"audio": (side // 4, side // 4, config.autoencoder.audio_z_channels),
-          "video": (side // 2, side // 2, config.autoencoder.video_z_channels)}
+  audio, video = (side // config_lib.encoder_factor(config, m) for m in ("audio", "video"))
+  return {"audio": (audio, audio, config.autoencoder.audio_z_channels),
+          "video": (video, video, config.autoencoder.video_z_channels)}
 
 
 def build_dit(config, dtype: Dtype = jnp.float32, **overrides) -> MMDiT:
