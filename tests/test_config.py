@@ -142,3 +142,15 @@ def test_main_runs_the_stage_that_makes_a_missing_input_first(monkeypatch):
   assert calls == ["data", "latents", "generator"]
   with pytest.raises(workdir_lib.MissingInput, match="no loops output yet"):
     main.run_stage("loops", None, "/nonexistent")   # a stage never runs itself first
+
+
+def test_latent_shapes_follow_the_encoders_downsampling():
+  """The generator's latent grids are the VAE latent over each encoder's downsampling: the paper's
+  z_a at a quarter and z_v at half; an audio encoder one level shallower gives z_a at half."""
+  from mmldm_jax.models import dit
+  aist = config_lib.load(os.path.join(CONFIGS, "aist.py"))
+  assert dit.latent_shapes(aist) == {"audio": (8, 8, 16), "video": (16, 16, 16)}
+  demo = config_lib.load(os.path.join(CONFIGS, "demo.py"))
+  demo.autoencoder.audio_encoder.channel_mult = (1, 2)
+  assert config_lib.encoder_factor(demo, "audio") == 2
+  assert dit.latent_shapes(demo)["audio"] == (4, 4, demo.autoencoder.audio_z_channels)
