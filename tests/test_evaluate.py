@@ -134,6 +134,9 @@ def test_sync_of_real_clips_is_high(train_copy_metrics):
   # The "generated" copies re-paired (picture i with sound i + 1) drop to that chance level.
   shuffled = train_copy_metrics["sync"]["generated_shuffled"]
   assert shuffled["f1"] < 0.6 * generated["f1"], (shuffled, generated)
+  for entry in (generated, shuffled):   # the bootstrap interval over the samples holds the F1
+    low, high = entry["f1_interval_95"]
+    assert 0.0 <= low <= entry["f1"] <= high <= 1.0, entry
   # Uniform random frames with white noise: no objects, no tones, nothing to match.
   noise = train_copy_metrics["sync"]["noise"]
   assert noise["f1"] <= 0.1, noise

@@ -167,3 +167,16 @@ def test_noise_scores_nothing_and_shuffled_pairs_score_chance(videos, video_even
   shuffled = _score(video_events, [sound(videos[j], SHIFT)
                                    for j in np.random.default_rng(1).permutation(NUM_CLIPS)])
   assert shuffled.f1 <= 0.3 and shuffled.f1 < 0.35 * true.f1, (shuffled.as_dict(), true.as_dict())
+
+
+def test_f1_interval_is_a_bootstrap_over_clips():
+  """Clips that all score alike give a zero-width interval at their F1; a mixed set's interval holds
+  its aggregate F1, and shrinks as the same mixture comes from more clips."""
+  alike = [sync.SyncScore(2, 1, 1)] * 8
+  assert sync.f1_interval(alike) == pytest.approx((2 / 3, 2 / 3))
+  mixed = [sync.SyncScore(2, 0, 0), sync.SyncScore(0, 2, 2)] * 4
+  low, high = sync.f1_interval(mixed)
+  assert low < sync.aggregate(mixed).f1 == 0.5 < high
+  wide, narrow = high - low, np.subtract(*sync.f1_interval(mixed * 16)[::-1])
+  assert narrow < 0.5 * wide
+  assert sync.f1_interval([]) == (0.0, 0.0)

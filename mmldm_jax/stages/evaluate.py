@@ -668,9 +668,14 @@ def evaluate(config, samples_folder: str, data_folder: str,
   if with_sync:
     real_scored = validation_scores + heldout_scores
     fps = float(config.data.fps)
+    generated_clips = [score for score, _ in generated_scores]
+    shuffled_clips = sync.mismatched_scores(generated_scores)
+    interval = lambda scores: list(sync.f1_interval(scores))  # noqa: E731
     metrics["sync"] = {
-        "generated": sync.aggregate(score for score, _ in generated_scores).as_dict(),
-        "generated_shuffled": sync.mismatched_sync(generated_scores).as_dict(),
+        "generated": dict(sync.aggregate(generated_clips).as_dict(),
+                          f1_interval_95=interval(generated_clips)),
+        "generated_shuffled": dict(sync.aggregate(shuffled_clips).as_dict(),
+                                   f1_interval_95=interval(shuffled_clips)),
         "real": sync.aggregate(score for score, _ in real_scored).as_dict(),
         "real_mismatched": sync.mismatched_sync(real_scored).as_dict(),
         "noise": sync.aggregate(score for score, _ in noise_scores).as_dict(),
@@ -720,6 +725,11 @@ def summary_scalars(metrics: dict[str, Any]) -> dict[str, float]:
   for count in ("count", "unreadable", "rejected"):
     put(f"samples/{count}", metrics["samples"][count])
   return scalars
+
+
+def _interval(entry: dict[str, Any]) -> str:
+  low, high = entry["f1_interval_95"]
+  return f"{low:.2f}-{high:.2f}"
 
 
 def generator_step(metrics: dict[str, Any]) -> int:
@@ -781,7 +791,9 @@ def run(config, workdir: str) -> None:
              if values["frechet"] is not None}
   logging.info("evaluate: wrote %s (FVD %s, KVD %s; weight-free Frechet distances %s%s)", path,
                metrics["fvd"]["value"], metrics["kvd"]["value"], summary,
-               f", sync F1 {metrics['sync']['generated']['f1']:.3f} (shuffled pairs "
-               f"{metrics['sync']['generated_shuffled']['f1']:.3f}, real "
+               f", sync F1 {metrics['sync']['generated']['f1']:.3f} (95% interval "
+               f"{_interval(metrics['sync']['generated'])}; shuffled pairs "
+               f"{metrics['sync']['generated_shuffled']['f1']:.3f}, "
+               f"{_interval(metrics['sync']['generated_shuffled'])}; real "
                f"{metrics['sync']['real']['f1']:.3f}, noise {metrics['sync']['noise']['f1']:.3f})"
                if "sync" in metrics else "")
