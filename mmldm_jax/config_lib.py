@@ -168,7 +168,7 @@ def unet_config() -> ConfigDict:
 
 def autoencoder_config() -> ConfigDict:
   return ConfigDict(dict(
-      video_z_channels=16,          # z_v: 16 x (latent/2) x (latent/2) (encoder_factor)
+      video_z_channels=16,          # z_v: 16 x (latent/2) x (latent/2)
       audio_z_channels=16,          # z_a: 16 x (latent/4) x (latent/4)
       video_encoder=ConfigDict(dict(
           model_channels=320, channel_mult=(1, 2), num_res_blocks=2,

@@ -395,17 +395,19 @@ def event_rates(scored: list, fps: float) -> dict[str, float]:
           "audio_per_second": sum(len(d.audio_times) for _, d in scored) / seconds}
 
 
+def repaired(video_side: "ClipDetections", sound_side: "ClipDetections") -> SyncScore:
+  """The bounces of one scored clip matched against the onsets of another (no detection re-run)."""
+  score, _ = score_detections(video_side.video_times, video_side.video_colours,
+                              sound_side.audio_times, sound_side.audio_pitches,
+                              video_side.num_frames)
+  return score
+
+
 def mismatched_scores(scored: list) -> list[SyncScore]:
   """Per clip, its picture scored against the NEXT clip's sound (the detections of `score_clip`,
   re-paired)."""
-  scores = []
-  for index, (_, video_side) in enumerate(scored):
-    sound_side = scored[(index + 1) % len(scored)][1]
-    score, _ = score_detections(video_side.video_times, video_side.video_colours,
-                                sound_side.audio_times, sound_side.audio_pitches,
-                                video_side.num_frames)
-    scores.append(score)
-  return scores
+  return [repaired(video_side, scored[(index + 1) % len(scored)][1])
+          for index, (_, video_side) in enumerate(scored)]
 
 
 def mismatched_sync(scored: list) -> SyncScore:
