@@ -668,14 +668,14 @@ def evaluate(config, samples_folder: str, data_folder: str,
   if with_sync:
     real_scored = validation_scores + heldout_scores
     fps = float(config.data.fps)
-    generated_clips = [score for score, _ in generated_scores]
-    shuffled_clips = sync.mismatched_scores(generated_scores)
+    sample_sync_scores = [score for score, _ in generated_scores]
+    shuffled_sync_scores = sync.mismatched_scores(generated_scores)
     interval = lambda scores: list(sync.f1_interval(scores))  # noqa: E731
     metrics["sync"] = {
-        "generated": dict(sync.aggregate(generated_clips).as_dict(),
-                          f1_interval_95=interval(generated_clips)),
-        "generated_shuffled": dict(sync.aggregate(shuffled_clips).as_dict(),
-                                   f1_interval_95=interval(shuffled_clips)),
+        "generated": dict(sync.aggregate(sample_sync_scores).as_dict(),
+                          f1_interval_95=interval(sample_sync_scores)),
+        "generated_shuffled": dict(sync.aggregate(shuffled_sync_scores).as_dict(),
+                                   f1_interval_95=interval(shuffled_sync_scores)),
         "real": sync.aggregate(score for score, _ in real_scored).as_dict(),
         "real_mismatched": sync.mismatched_sync(real_scored).as_dict(),
         "noise": sync.aggregate(score for score, _ in noise_scores).as_dict(),
