@@ -175,7 +175,7 @@ def main(argv) -> None:
                  f"{workdir_lib.samples_dir(workdir, config.sample.mode)}/*.mp4 (a .png beside "
                  f"each)")
   if "evaluate" in stages:
-    where.append(f"scores: {workdir_lib.metrics_file(workdir)}")
+    where.append(f"scores: {workdir_lib.metrics_file(workdir, config.sample.mode)}")
   where.append(f"curves, pictures and sounds: tensorboard --logdir {workdir} (also in "
                f"<stage>/logs/media)")
   logging.info("done: %s", "; ".join(where))

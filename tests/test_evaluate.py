@@ -166,6 +166,24 @@ def test_memorisation_flags_training_copies(config, workdir, train_copy_metrics)
     assert metrics["features_computed_this_run"]["i3d"] == 3
 
 
+def test_each_sample_mode_has_its_own_scores(config, workdir, train_copy_metrics):
+  """Scoring a2v samples writes metrics_a2v.json and keeps the joint samples' metrics.json."""
+  joint_path = workdir_lib.metrics_file(workdir)
+  mtime = os.path.getmtime(joint_path)
+  a2v = config.copy_and_resolve_references()
+  a2v.sample.mode = "a2v"
+  write_copies(a2v, os.path.join(workdir, "data"), "heldout",
+               workdir_lib.samples_dir(workdir, "a2v"), 2)
+  stage.run(a2v, workdir)
+  a2v_path = workdir_lib.metrics_file(workdir, "a2v")
+  assert a2v_path == os.path.join(workdir, "metrics_a2v.json")
+  with open(a2v_path) as f:
+    scores = json.load(f)
+  assert scores["samples"]["count"] == 2 and scores["samples"]["mode"] == "a2v"
+  assert os.path.getmtime(joint_path) == mtime
+  assert os.listdir(os.path.join(workdir, "evaluate", "logs_a2v"))
+
+
 def test_rerun_skips_and_feature_checks(config, workdir, train_copy_metrics):
   path = workdir_lib.metrics_file(workdir)
   mtime = os.path.getmtime(path)

@@ -1,4 +1,5 @@
-"""The `evaluate` stage: scores of the sample stage's sounding videos, in `<workdir>/metrics.json`.
+"""The `evaluate` stage: scores of the sample stage's sounding videos, in `<workdir>/metrics.json`
+(`metrics_a2v.json`, `metrics_v2a.json`, ... for the samples of another config.sample.mode).
 
   python -m mmldm_jax.main --config=configs/demo.py --workdir=runs/demo --config.stages=evaluate
 
@@ -753,14 +754,15 @@ def write_tensorboard(metrics: dict[str, Any], log_dir: str) -> dict[str, float]
 
 def run(config, workdir: str) -> None:
   """The stage: writes `<workdir>/metrics.json` and its headline numbers to TensorBoard in
-  `<workdir>/evaluate/logs/` (skipped when metrics.json exists for the same samples and
+  `<workdir>/evaluate/logs/` (`metrics_<mode>.json` and `evaluate/logs_<mode>/` for a
+  config.sample.mode other than joint; skipped when metrics.json exists for the same samples and
   evaluation settings); features are cached in `<workdir>/evaluate/` so a rerun resumes. With
   several processes each computes its share of the features first (`compute_share`; the workdir
   must be shared), then process 0 scores."""
   samples_folder = (config.evaluation.samples_folder or
                     workdir_lib.samples_dir(workdir, config.sample.mode))
   work_folder = workdir_lib.stage_dir(workdir, "evaluate")
-  path = workdir_lib.metrics_file(workdir)
+  path = workdir_lib.metrics_file(workdir, config.sample.mode)
   index = sampling.read_index(samples_folder)
   if index is not None and os.path.exists(path):
     with open(path) as f:
@@ -786,7 +788,9 @@ def run(config, workdir: str) -> None:
   with open(path + ".tmp", "w") as f:
     json.dump(metrics, f, indent=1)
   os.replace(path + ".tmp", path)
-  write_tensorboard(metrics, os.path.join(work_folder, "logs"))
+  # One TensorBoard folder per sample mode, as one metrics file: a2v scores do not overwrite joint.
+  logs = "logs" if config.sample.mode == "joint" else f"logs_{config.sample.mode}"
+  write_tensorboard(metrics, os.path.join(work_folder, logs))
   summary = {name: round(values["frechet"], 4) for name, values in metrics["features"].items()
              if values["frechet"] is not None}
   logging.info("evaluate: wrote %s (FVD %s, KVD %s; weight-free Frechet distances %s%s)", path,
