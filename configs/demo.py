@@ -50,6 +50,10 @@ def get_config(arg=None):
   # Squared pixel error: with LDM's L1 the VAE leaves the 10-pixel objects at the background
   # colour (their pixels are the outliers L1 discounts); with l2 it draws them.
   config.vae.pixel_loss = "l2"
+  # One target frame per clip beside its audio image, not two: a third less per VAE step, and at
+  # 400 steps frames and audio images reconstructed as well or better (PSNR 24.2 / 27.7 dB against
+  # 23.2 / 26.9 with both frames).
+  config.vae.frames_per_clip = 1
   # The paper's 16 channels for z_v, not the tiny preset's 4: measured on this demo, the samples'
   # distances were video 70 / audio 204 with 4 channels and 60 / 97 with 16.
   config.autoencoder.video_z_channels = 16
@@ -90,3 +94,4 @@ def get_config(arg=None):
     config.autoencoder.decode_steps = 4
     config.sample.update(steps=4, num_samples=2, batch_size=2)
   return config
+

@@ -146,6 +146,10 @@ def vae_config() -> ConfigDict:
       lpips_path="",                # LPIPS weights file; '' = no perceptual term
       perceptual_weight=1.0,
       freeze_encoder=True,
+      # How many of each clip's `data.num_target_frames` frames the vae stage trains on beside the
+      # clip's audio image; 0 = all. 1 gives audio images half of every batch (a third with 2
+      # target frames) at two thirds of the step's cost.
+      frames_per_clip=0,
   ))
 
 
@@ -486,6 +490,9 @@ def validate(config: ConfigDict) -> None:
 
   one_of("precision", config.precision, ("auto", "float32", "bfloat16"))
   one_of("vae.pixel_loss", config.vae.pixel_loss, ("l1", "l2"))
+  if not 0 <= config.vae.frames_per_clip <= config.data.num_target_frames:
+    fail("vae.frames_per_clip", config.vae.frames_per_clip,
+         f"0 (all) to data.num_target_frames={config.data.num_target_frames}")
   one_of("distributed", config.distributed, ("auto", "on", "off"))
   for stage in ("train_vae", "train_autoencoder", "train_generator"):
     section = config[stage]

@@ -42,6 +42,8 @@ def test_locked_config_rejects_unknown_field():
 @pytest.mark.parametrize("field,value,message", [
     ("data.image_size", 60, "config.data.image_size=60"),
     ("data.key_frames", (0, 5, 10, 20), "config.data.key_frames"),
+    ("vae.frames_per_clip", 3, "config.vae.frames_per_clip=3: expected 0 .all. to "
+     "data.num_target_frames=2"),
     ("stages", "data,bogus", "unknown: bogus"),
     ("synthetic.video_seconds", 1.0, "config.synthetic.video_seconds=1.0: expected videos of at "
      "least one clip"),

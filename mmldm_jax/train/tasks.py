@@ -239,8 +239,11 @@ def vae_quality_signals(config, workdir: str, vae):
 
 
 def _vae_images(config, batch):
-  """What the VAE stage trains on: a batch's target frames and audio images, [N, H, W, 3]."""
+  """What the VAE stage trains on: a batch's target frames (the first `vae.frames_per_clip` of each
+  clip's, all when 0) and audio images, [N, H, W, 3]."""
   frames = batch["target_frames"]
+  if config.vae.frames_per_clip:
+    frames = frames[:, :config.vae.frames_per_clip]
   frames = frames.reshape((-1,) + frames.shape[2:])
   audio_image = audio_lib.waveform_to_image(batch["audio"], config.audio)
   return jnp.concatenate([frames, audio_image.astype(frames.dtype)], axis=0)
