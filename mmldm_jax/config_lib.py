@@ -255,6 +255,12 @@ def dit_config() -> ConfigDict:
       context_dropout=0.1,          # classifier-free guidance dropout
       scan_layers=True,
       remat_policy="nothing_saveable",  # a jax.checkpoint_policies name, or 'none'
+      # Time-aligned tokens (not in the reference): the per-key-frame video latent
+      # (autoencoder.video_latent_per_key_frame) becomes one token per key frame and position
+      # instead of one per position, and video and audio tokens both carry a sin-cos code of their
+      # moment in the clip (key frame index; the audio latent's column), so that attention can
+      # pair a bounce with the tone of the same moment. Not with continuation.
+      time_tokens=False,
       # Long-video continuation (side DiT over [previous latent; current noisy latent]).
       continuation=False,
       prev_depth=14,
@@ -490,6 +496,12 @@ def validate(config: ConfigDict) -> None:
 
   one_of("precision", config.precision, ("auto", "float32", "bfloat16"))
   one_of("vae.pixel_loss", config.vae.pixel_loss, ("l1", "l2"))
+  if config.dit.time_tokens and not config.autoencoder.video_latent_per_key_frame:
+    fail("dit.time_tokens", True, "autoencoder.video_latent_per_key_frame=True (the video "
+         "latent's channels must be one block per key frame)")
+  if config.dit.time_tokens and config.dit.continuation:
+    fail("dit.time_tokens", True, "dit.continuation=False (the continuation side DiT reads the "
+         "reference's token layout)")
   if not 0 <= config.vae.frames_per_clip <= config.data.num_target_frames:
     fail("vae.frames_per_clip", config.vae.frames_per_clip,
          f"0 (all) to data.num_target_frames={config.data.num_target_frames}")

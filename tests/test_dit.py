@@ -153,6 +153,50 @@ def test_cross_modal_conditioning_path(tiny_model, random_apply):
                              atol=1e-6)
 
 
+def test_time_tokens_split_the_video_latent_by_key_frame():
+  """dit.time_tokens: block k of the per-key-frame video latent's channels becomes its own tokens,
+  each carrying the time code of key frame k; the audio latent's columns carry the code of their
+  moment, so a tone column and the key frame of the same moment share it; outputs keep the latent
+  shapes."""
+  config = config_lib.load(os.path.join(CONFIGS, "demo.py:tiny"))
+  config.data.key_frames = (0, 2, 4, 6, 8, 10, 12, 14)
+  config.autoencoder.update(video_z_channels=32, audio_z_channels=8)
+  config.autoencoder.audio_encoder.channel_mult = (1, 2)
+  config.dit.time_tokens = True
+  config_lib.validate(config)
+  model = dit.build_dit(config)
+  assert model.video_shape == (4, 4, 32) and model.audio_shape == (4, 4, 8)
+  video = jax.random.normal(jax.random.PRNGKey(0), (2,) + model.video_shape)
+  tokens = dit.to_tokens(video, 8)
+  assert tokens.shape == (2, 8 * 16, 4)
+  # Token k*16 + p is key frame k at position p (row-major): channels 4k..4k+3 there.
+  np.testing.assert_array_equal(tokens[:, 3 * 16 + 5], video[:, 1, 1, 12:16])
+  np.testing.assert_array_equal(dit.from_tokens(tokens, model.video_shape, 8), video)
+  video_times = model.token_layout("video")["times"]
+  audio_times = model.token_layout("audio")["times"]
+  assert video_times[3 * 16 + 5] == 6.0
+  assert audio_times[:4] == (2.0, 6.0, 10.0, 14.0)    # the columns' centres, in frames
+  params = rerandomise(nn.unbox(dit.init_params(model, jax.random.PRNGKey(1))))
+  assert params["embed_video"]["x_embedder"]["kernel"].shape == (4, config.dit.hidden_size)
+  assert params["embed_video"]["mod_embed"].shape == (128, config.dit.hidden_size)
+  x = {"audio": jax.random.normal(jax.random.PRNGKey(2), (2,) + model.audio_shape), "video": video}
+  out = model.apply({"params": params}, x, jnp.array([100, 700]), {"context_mask": jnp.ones(2)})
+  assert out["video"].shape == video.shape and out["audio"].shape == x["audio"].shape
+  # Moving the audio in time (its columns reversed) changes what the video tokens attend to.
+  reversed_audio = dict(x, audio=x["audio"][:, :, ::-1])
+  moved = model.apply({"params": params}, reversed_audio, jnp.array([100, 700]),
+                      {"context_mask": jnp.ones(2)})
+  assert float(jnp.max(jnp.abs(moved["video"] - out["video"]))) > 1e-3
+  config.dit.continuation = True
+  with pytest.raises(ValueError, match="config.dit.time_tokens=True: expected dit.continuation=False"):
+    config_lib.validate(config)
+  config.dit.continuation = False
+  config.autoencoder.video_latent_per_key_frame = False
+  with pytest.raises(ValueError, match="config.dit.time_tokens=True: expected "
+                     "autoencoder.video_latent_per_key_frame=True"):
+    config_lib.validate(config)
+
+
 def test_training_conditioning_probabilities(tiny_config):
   size = 20000
   batch = {"audio_latent": jnp.ones((size, 2, 2, 4)), "video_latent": jnp.ones((size, 4, 4, 4))}

@@ -12,6 +12,13 @@ Tokens per sample, full self-attention over all of them:
     (0 = dropped, for classifier-free guidance), through Dense(768 -> hidden).
 adaLN-Zero blocks are conditioned on the timestep only; separate FinalLayers give eps per modality.
 
+Time-aligned tokens (`config.dit.time_tokens`, off in the reference configs): with the per-key-frame
+video latent (`autoencoder.video_latent_per_key_frame`, one block of channels per key frame) the
+reference layout hides time in the channels of every video token, while the audio latent has it on
+its columns. With the option each key frame's block is its own set of hv*wv tokens (`to_tokens`),
+and every video and audio token adds a 1-D sin-cos code of its moment in the clip (key frame index;
+the centre of the audio column, in frames), so a bounce's tokens and its tone's share a code.
+
 Parameters vs constants: the sin-cos tables are NOT parameters (computed in numpy when tracing); the
 PyTorch module holds them as frozen parameters (368,640 of its 678,022,304 at paper size). The learnable
 context (`context_embedding`, 77 x 768) sits in the generator wrapper in the reference and here in the
@@ -182,22 +189,51 @@ class FinalLayer(nn.Module):
     return dense(self.channels, ("embed", None), zero_init=True, name="linear", **kw)(x)
 
 
+def to_tokens(latent: Array, groups: int = 1) -> Array:
+  """Latent grid [B, h, w, C] -> tokens [B, groups*h*w, C / groups]. With groups > 1 the channels
+  are split into `groups` consecutive blocks (the per-key-frame video latent stacks one block per
+  key frame) and the tokens run block-major: all of block 0's positions, then block 1's, ..."""
+  batch, height, width, channels = latent.shape
+  if groups == 1:
+    return latent.reshape(batch, height * width, channels)
+  grouped = latent.reshape(batch, height, width, groups, channels // groups)
+  return jnp.moveaxis(grouped, 3, 1).reshape(batch, groups * height * width, channels // groups)
+
+
+def from_tokens(tokens: Array, shape: tuple[int, int, int], groups: int = 1) -> Array:
+  """The inverse of `to_tokens`: [B, groups*h*w, C / groups] -> [B, h, w, C]; shape = (h, w, C)."""
+  height, width, channels = shape
+  batch = tokens.shape[0]
+  if groups == 1:
+    return tokens.reshape(batch, height, width, channels)
+  grouped = tokens.reshape(batch, groups, height, width, channels // groups)
+  return jnp.moveaxis(grouped, 1, 3).reshape(batch, height, width, channels)
+
+
 class TokenEmbedder(nn.Module):
-  """Latent grid [B, h, w, C] -> tokens [B, h*w, hidden]: patch-1 Dense + sin-cos + modality emb."""
+  """Latent grid [B, h, w, C] -> tokens [B, groups*h*w, hidden] (`to_tokens`): patch-1 Dense +
+  sin-cos of (row, column) + a learnable per-token modality embedding, + with `times` (one time per
+  token, in frames of the clip) a 1-D sin-cos code of that time, the same function for both
+  modalities so that a video token and an audio token of the same moment carry the same code."""
   hidden_size: int
+  groups: int = 1
+  times: tuple[float, ...] = ()
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, latent: Array) -> Array:
-    batch, height, width, channels = latent.shape
+    _, height, width, _ = latent.shape
+    flat = to_tokens(latent, self.groups)
     tokens = dense(self.hidden_size, (None, "embed"), name="x_embedder", dtype=self.dtype,
-                   param_dtype=self.param_dtype)(latent.reshape(batch, height * width, channels))
+                   param_dtype=self.param_dtype)(flat)
     modality = self.param(
         "mod_embed", nn.with_logical_partitioning(nn.initializers.normal(0.01), (None, "embed")),
-        (height * width, self.hidden_size), self.param_dtype)
-    positions = jnp.asarray(sincos_2d(self.hidden_size, height, width), self.dtype)
-    return tokens + positions + modality.astype(self.dtype)
+        (flat.shape[1], self.hidden_size), self.param_dtype)
+    positions = np.tile(sincos_2d(self.hidden_size, height, width), (self.groups, 1))
+    if self.times:
+      positions = positions + sincos_1d(self.hidden_size, np.asarray(self.times)).astype(np.float32)
+    return tokens + jnp.asarray(positions, self.dtype) + modality.astype(self.dtype)
 
 
 def embed_timesteps(t: Array, hidden_size: int, dtype: Dtype, param_dtype: Dtype) -> Array:
@@ -228,8 +264,25 @@ class MMDiT(nn.Module):
   prev_depth: int = 14
   scan_layers: bool = True
   remat: str = "none"
+  # Time-aligned tokens (`config.dit.time_tokens`): the times, in frames of the clip, of the video
+  # latent's channel blocks (one per key frame; empty = the reference's one token per position)
+  # and the clip's length in frames (the audio latent's columns span it).
+  key_frame_times: tuple[float, ...] = ()
+  clip_frames: int = 0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+
+  def token_layout(self, name: str) -> dict[str, Any]:
+    """`TokenEmbedder` fields of modality `name`: channel groups and per-token times."""
+    if not self.key_frame_times:
+      return {}
+    if name == "video":
+      height, width, _ = self.video_shape
+      return {"groups": len(self.key_frame_times),
+              "times": tuple(float(t) for t in np.repeat(self.key_frame_times, height * width))}
+    height, width, _ = self.audio_shape
+    column_times = (np.arange(width) + 0.5) * self.clip_frames / width
+    return {"times": tuple(float(t) for t in np.tile(column_times, height))}
 
   def _stack(self, depth, emit, name):
     return BlockStack(depth=depth, hidden_size=self.hidden_size, num_heads=self.num_heads,
@@ -262,15 +315,17 @@ class MMDiT(nn.Module):
 
     tokens = {}
     for name, latent in (("audio", audio), ("video", video)):
+      layout = self.token_layout(name)
       clean = cond.get(f"cond_{name}")
       clean = jnp.zeros_like(latent) if clean is None else clean.astype(self.dtype)
-      side = clean.shape[1] * clean.shape[2]
+      clean = to_tokens(clean, layout.get("groups", 1))
       # A 1x1 conv in the reference: torch's default init, bias included.
       cond_tokens = layers.Dense(
           self.hidden_size, kernel_axes=(None, "embed"),
           bias_init=layers.torch_bias_init(clean.shape[-1]), name=f"cond_embedder_{name}", **kw)(
-              clean.reshape(batch, side, clean.shape[-1]))
-      tokens[name] = TokenEmbedder(self.hidden_size, name=f"embed_{name}", **kw)(latent) + cond_tokens
+              clean)
+      tokens[name] = TokenEmbedder(self.hidden_size, name=f"embed_{name}", **layout, **kw)(
+          latent) + cond_tokens
     sequence = self._sequence(tokens["audio"], tokens["video"], context_tokens, "")
 
     residuals = None
@@ -287,8 +342,9 @@ class MMDiT(nn.Module):
     video_out = sequence[:, num_context + 2 + num_audio:]
     out = {}
     for name, hidden, latent in (("audio", audio_out, audio), ("video", video_out, video)):
-      eps = FinalLayer(latent.shape[-1], name=f"final_layer_{name}", **kw)(hidden, t_emb)
-      out[name] = eps.reshape(latent.shape).astype(jnp.float32)
+      groups = self.token_layout(name).get("groups", 1)
+      eps = FinalLayer(latent.shape[-1] // groups, name=f"final_layer_{name}", **kw)(hidden, t_emb)
+      out[name] = from_tokens(eps, latent.shape[1:], groups).astype(jnp.float32)
     return out
 
   def context(self, cond, batch: int) -> Array:
@@ -381,6 +437,9 @@ def build_dit(config, dtype: Dtype = jnp.float32, **overrides) -> MMDiT:
               context_tokens=d.context_tokens, context_dim=d.context_dim,
               continuation=d.continuation, prev_depth=d.prev_depth, scan_layers=d.scan_layers,
               remat=d.remat_policy, dtype=dtype)
+  if d.time_tokens:
+    args.update(key_frame_times=tuple(float(index) for index in config.data.key_frames),
+                clip_frames=int(config.data.num_frames))
   args.update(overrides)
   return MMDiT(**args)
 
