@@ -112,6 +112,17 @@ def test_joint_samples_are_playable_sounding_videos(config, joint_folder):
       assert wav.getnframes() == clip_samples
 
 
+def test_contact_sheet_stacks_the_first_samples(joint_folder):
+  rows = [np.asarray(Image.open(os.path.join(joint_folder, f"{sample.sample_name(n)}.png"))
+                     .convert("RGB")) for n in range(2)]
+  sheet = np.asarray(Image.open(os.path.join(joint_folder, sample.CONTACT_SHEET)))
+  height = rows[0].shape[0]
+  assert sheet.shape == (2 * height + 2,) + rows[0].shape[1:]
+  np.testing.assert_array_equal(sheet[:height], rows[0])
+  np.testing.assert_array_equal(sheet[height:height + 2], 255)
+  np.testing.assert_array_equal(sheet[height + 2:], rows[1])
+
+
 def test_resume_skips_complete_and_regenerates_identically(config, models, joint_folder):
   paths = {n: os.path.join(joint_folder, sample.sample_name(n)) for n in range(2)}
   kept_mtime = os.path.getmtime(paths[0] + ".mp4")

@@ -8,7 +8,8 @@ config.sample.batch_size: DiT -> autoencoder diffusion decoder + VAE decoder -> 
   sample_0000.mp4   H.264 + AAC, the frames at data.fps with the sound
   sample_0000.wav   the sound (16-bit PCM at audio.sample_rate)
   sample_0000.png   the frames (up to 8, evenly spaced) in a row, a gap, the audio image
-and index.json (the settings, the models' checkpoint steps and one entry per sample).
+and index.json (the settings, the models' checkpoint steps and one entry per sample), and
+contact_sheet.png (the png rows of the first 8 samples, one under the other).
 
 Modes:
   joint         audio and video together, unconditionally (the learnable context).
@@ -203,7 +204,27 @@ def write_samples(config, models: Models, folder: str, *,
       write_index(folder, index)
   if writer:
     write_index(folder, index)
+    write_contact_sheet(folder, index)
   return index
+
+
+CONTACT_SHEET = "contact_sheet.png"
+CONTACT_SHEET_ROWS = 8
+
+
+def write_contact_sheet(folder: str, index: dict[str, Any]) -> str:
+  """`folder`/contact_sheet.png: the png rows of the first `CONTACT_SHEET_ROWS` samples, one under
+  the other with a white line between, to see a run's samples at a glance. Returns its path."""
+  from PIL import Image
+  entries = sorted(index["samples"], key=lambda entry: entry["number"])[:CONTACT_SHEET_ROWS]
+  rows = [np.asarray(Image.open(os.path.join(folder, entry["png"])).convert("RGB"))
+          for entry in entries]
+  gap = np.full((2, rows[0].shape[1], 3), 255, np.uint8)
+  sheet = np.concatenate([part for row in rows for part in (row, gap)][:-1], axis=0)
+  path = os.path.join(folder, CONTACT_SHEET)
+  Image.fromarray(sheet).save(path + ".tmp.png", optimize=True)
+  os.replace(path + ".tmp.png", path)
+  return path
 
 
 def run(config, workdir: str) -> None:
