@@ -19,6 +19,16 @@ def test_configs_load_and_validate(name, preset):
   assert config.data.image_size % config_lib.vae_factor(config) == 0
 
 
+def test_demo_quality_preset_shapes_the_latents_for_timing():
+  from mmldm_jax.models import dit
+  config = config_lib.load(os.path.join(CONFIGS, "demo.py:quality"))
+  config_lib.validate(config)
+  assert len(config.data.key_frames) == 8 and config.dit.time_tokens
+  assert dit.latent_shapes(config) == {"audio": (4, 4, 8), "video": (4, 4, 32)}
+  assert config.train_autoencoder.num_steps > config_lib.load(
+      os.path.join(CONFIGS, "demo.py")).train_autoencoder.num_steps
+
+
 def test_paper_numbers():
   aist = config_lib.load(os.path.join(CONFIGS, "aist.py"))
   assert (aist.data.num_frames, aist.data.fps, aist.data.image_size) == (16, 10.0, 256)
