@@ -148,7 +148,8 @@ def vae_config() -> ConfigDict:
       freeze_encoder=True,
       # How many of each clip's `data.num_target_frames` frames the vae stage trains on beside the
       # clip's audio image; 0 = all. 1 gives audio images half of every batch (a third with 2
-      # target frames) at two thirds of the step's cost.
+      # target frames) at two thirds of the step's cost. The first ones are taken, and the targets
+      # are sorted draws, so earlier frames of a clip are seen somewhat more often.
       frames_per_clip=0,
   ))
 
