@@ -184,6 +184,24 @@ def test_each_sample_mode_has_its_own_scores(config, workdir, train_copy_metrics
   assert os.listdir(os.path.join(workdir, "evaluate", "logs_a2v"))
 
 
+def test_audio_features_ignore_what_the_audio_image_cannot_keep():
+  """Sound under the audio image's -80 dB is silence to the chain and to the audio features;
+  sound above it counts."""
+  config = config_lib.load(os.path.join(CONFIGS, "demo.py:tiny"))
+  rate = int(config.audio.sample_rate)
+  time = np.arange(rate, dtype=np.float64) / rate
+  loud = 0.5 * np.sin(2 * np.pi * 500 * time)
+  quiet_tone = np.sin(2 * np.pi * 6000 * time)
+
+  def features(quiet_db):
+    return stage.audio_features((loud + 10 ** (quiet_db / 20) * quiet_tone).astype(np.float32),
+                                config.audio)
+  # Equal up to the float32 rounding of the sum (without the floor: 15 dB apart in the 6 kHz bins).
+  np.testing.assert_allclose(features(-110), features(-95), atol=1e-3)
+  audible = np.abs(features(-40) - features(-110)).max()
+  assert audible > 1.0, audible
+
+
 def test_rerun_skips_and_feature_checks(config, workdir, train_copy_metrics):
   path = workdir_lib.metrics_file(workdir)
   mtime = os.path.getmtime(path)

@@ -45,6 +45,9 @@ import numpy as np
 # dB range kept by the audio image: (dB - 20 + 100) / 100 in [0, 1] keeps dB in [-80, +20].
 _DB_OFFSET = 100.0 - 20.0
 _DB_SCALE = 100.0
+# The quietest level the audio image keeps (-80 dB, as a natural-log magnitude): anything below
+# it decodes to it, so the chain cannot tell it from silence.
+IMAGE_FLOOR_LOG = -_DB_OFFSET * math.log(10.0) / 20.0
 _LOG_CLAMP = 1e-5         # HiFi-GAN's dynamic_range_compression clip value
 _MAGNITUDE_EPS = 1e-9     # HiFi-GAN's sqrt(re^2 + im^2 + 1e-9)
 
