@@ -36,7 +36,7 @@ ConfigDict = ml_collections.ConfigDict
 # Stages `main` knows, in the order they run.
 ALL_STAGES = ("data", "vae", "autoencoder", "latents", "generator", "sample", "evaluate")
 # What `config.sample.mode` may be (stages/sample.py documents each).
-SAMPLE_MODES = ("joint", "a2v", "v2a", "continuation")
+SAMPLE_MODES = ("joint", "a2v", "v2a", "continuation", "reconstruction")
 
 
 def parse_preset(arg: str | None, known: tuple[str, ...] = ("tiny",)) -> dict[str, Any]:
@@ -291,7 +291,7 @@ def sample_config() -> ConfigDict:
       guidance_video=9.0,           # reference CLI default (--ucgs_video)
       num_samples=16,
       batch_size=4,
-      mode="joint",                 # 'joint', 'a2v', 'v2a' or 'continuation'
+      mode="joint",                 # 'joint', 'a2v', 'v2a', 'continuation' or 'reconstruction'
       num_clips=1,                  # > 1: autoregressive continuation
       seed=23,
   ))

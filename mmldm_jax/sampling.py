@@ -86,7 +86,8 @@ class Chain:
     frames       uint8 [B, num_clips * F, H, W, 3]
     waveform     float32 [B, num_clips * clip_samples] in [-1, 1]
     audio_image  float32 [B, S, num_clips * S, 3] in [-1, 1] (the decoded audio images, in time order)
-  `condition` (a2v / v2a): {'audio': waveform [B, N], 'frames': uint8 [B, F, H, W, 3]} of real clips.
+  `condition` (a2v / v2a / reconstruction): {'audio': waveform [B, N], 'frames': uint8
+  [B, F, H, W, 3]} of real clips.
   """
 
   def __init__(self, config, models: Models):
@@ -133,7 +134,7 @@ class Chain:
     models = self.models
     latent_rng, decode_rng = jax.random.split(rng)
     audio_latent = video_latent = None
-    if self.mode in ("a2v", "v2a"):
+    if self.mode in ("a2v", "v2a", "reconstruction"):
       if condition is None:
         raise ValueError(f"mode {self.mode!r} needs the conditioning clips")
       audio_latent, video_latent = self.encode_condition(condition)
@@ -143,8 +144,11 @@ class Chain:
       prev = {name: jnp.zeros((batch_size,) + tuple(shape)) for name, shape in shapes.items()}
     frames, waveforms, images = [], [], []
     for clip in range(self.num_clips):
-      latents = self._latents(models.dit_params, jax.random.fold_in(latent_rng, clip), batch_size,
-                              audio_latent, video_latent, prev)
+      if self.mode == "reconstruction":   # the real clips' own latents, no DiT
+        latents = {"audio": audio_latent, "video": video_latent}
+      else:
+        latents = self._latents(models.dit_params, jax.random.fold_in(latent_rng, clip),
+                                batch_size, audio_latent, video_latent, prev)
       prev = latents if self.mode == "continuation" else None
       clip_frames, audio_image = models.system.decode(
           models.autoencoder_params, models.vae_params, latents["audio"], latents["video"],

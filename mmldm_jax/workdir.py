@@ -65,8 +65,8 @@ def samples_dir(workdir: str, mode: str) -> str:
 
 def metrics_file(workdir: str, mode: str = "joint") -> str:
   """The evaluate stage's scores of the samples of `mode` (config.sample.mode): metrics.json for
-  joint samples, metrics_<mode>.json for the others (a2v, v2a, continuation), so that scoring one
-  mode keeps the others' scores."""
+  joint samples, metrics_<mode>.json for the others (a2v, v2a, continuation, reconstruction), so
+  that scoring one mode keeps the others' scores."""
   if mode == "joint":
     return os.path.join(workdir, METRICS_FILE)
   stem, extension = os.path.splitext(METRICS_FILE)

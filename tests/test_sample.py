@@ -190,6 +190,31 @@ def save_checkpoint(config, workdir, task, params, step):
   checkpointer.close()
 
 
+def test_reconstruction_decodes_the_real_clips_own_latents(models, tmp_path):
+  """mode='reconstruction' runs no DiT: each sample is the autoencoder's decode of its real clip's
+  latents, with the chain's decode key; the folder is scored like any other."""
+  config = tiny_config(mode="reconstruction", num_samples=2)
+  data = str(tmp_path / "data")
+  synthetic.write_dataset(config, data, progress=False)
+  clips = pipeline.SplitClips(config, data, "validation")
+  without_dit = dataclasses.replace(models, dit_params=None)
+  chain = sample.Chain(config, without_dit)
+  condition = {"frames": np.stack([clips[i]["frames"] for i in (0, 1)]),
+               "audio": np.stack([clips[i]["audio"] for i in (0, 1)])}
+  key = jax.random.key(3)
+  result = chain.generate(key, 2, condition)
+  audio_latent, video_latent = chain.encode_condition(condition)
+  frames, audio_image = models.system.decode(
+      models.autoencoder_params, models.vae_params, audio_latent, video_latent,
+      jax.random.fold_in(jax.random.split(key)[1], 0))
+  np.testing.assert_array_equal(result["frames"], video.to_uint8(np.asarray(frames)))
+  np.testing.assert_array_equal(result["audio_image"], np.asarray(audio_image))
+  folder = str(tmp_path / "reconstruction")
+  index = sample.write_samples(config, without_dit, folder, clips=clips, progress=False)
+  assert [entry["conditioning"]["clip_start"] for entry in index["samples"]] == [0, 16]
+  assert index["settings"]["mode"] == "reconstruction"
+
+
 def test_stage_restores_checkpoints_and_matches_the_chain(config, models, joint_folder, tmp_path):
   """`run` restores the generator / autoencoder / vae checkpoints of a workdir and writes the same
   samples the chain writes from those parameters directly."""

@@ -20,6 +20,10 @@ Modes:
                 sound), so the file shows whether the generated half follows the given half.
   continuation  num_clips clips, each conditioned on the previous one (config.dit.continuation
                 models only); the clips are joined in time.
+  reconstruction  no DiT: the same validation clips as a2v / v2a, encoded by the autoencoder and
+                decoded again. Scored by `evaluate` (metrics_reconstruction.json), this is the
+                ceiling of the chain: what the generated samples would score if the DiT drew the
+                real clips' latents exactly.
 
 Determinism and resume: batch b (samples b*batch_size ... ) draws everything from
 fold_in(key(sample.seed), b), so a sample depends on (seed, batch_size, its number, the models),
@@ -51,6 +55,8 @@ from mmldm_jax.sampling import (GRID_GAP, INDEX_FILE, Chain, Models,  # noqa: F4
                                 sample_name, write_index)
 
 CONDITIONING_SPLIT = "validation"
+# The modes that read real clips of CONDITIONING_SPLIT.
+CONDITIONED_MODES = ("a2v", "v2a", "reconstruction")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -155,7 +161,8 @@ def write_samples(config, models: Models, folder: str, *,
                   clips: pipeline.SplitClips | None = None,
                   progress: bool = True) -> dict[str, Any]:
   """Generates and writes samples 0 .. config.sample.num_samples - 1 into `folder`, skipping the
-  complete ones (module doc). `clips`: the conditioning clips of a2v / v2a. Returns the index."""
+  complete ones (module doc). `clips`: the real clips of a2v / v2a / reconstruction. Returns the
+  index."""
   from tqdm import tqdm
   mode = check_mode(config)
   settings = sample_settings(config, models.description)
@@ -168,7 +175,7 @@ def write_samples(config, models: Models, folder: str, *,
   _check_settings(folder, index, settings)
   index["samples"] = [entry for entry in index["samples"] if is_complete_entry(folder, entry)]
   done = {entry["number"] for entry in index["samples"]}
-  if mode in ("a2v", "v2a") and not clips:
+  if mode in CONDITIONED_MODES and not clips:
     raise ValueError(f"config.sample.mode={mode!r} needs real clips to condition on "
                      f"(the {CONDITIONING_SPLIT} split of the dataset); none given")
   total, batch_size = int(config.sample.num_samples), int(config.sample.batch_size)
@@ -187,7 +194,7 @@ def write_samples(config, models: Models, folder: str, *,
   for b in tqdm(batches, desc=f"sample {mode}", unit="batch", disable=not (progress and writer)):
     numbers = range(b * batch_size, (b + 1) * batch_size)   # the last batch is padded
     condition, sources = (None, None)
-    if mode in ("a2v", "v2a"):
+    if mode in CONDITIONED_MODES:
       condition, sources = _condition_batch(clips, numbers)
     result = chain.generate(jax.random.fold_in(base_key, b), batch_size, condition)
     for slot, number in enumerate(numbers):
@@ -242,7 +249,7 @@ def run(config, workdir: str) -> None:
       return
   models = load_models(config, workdir)
   clips = None
-  if mode in ("a2v", "v2a"):
+  if mode in CONDITIONED_MODES:
     clips = pipeline.SplitClips(config, workdir_lib.data_folder(config, workdir),
                                 CONDITIONING_SPLIT)
   write_samples(config, models, folder, clips=clips)
