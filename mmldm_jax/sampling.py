@@ -5,6 +5,7 @@ The chain, per batch (config.sample: sampler, steps, eta, guidance_audio / guida
 num_clips):
 
   DiT sampling of the perceptual latents (z_a, z_v)               models/dit.py `sample_latents`
+     (mode 'reconstruction': the real clips' own latents instead)
   -> autoencoder diffusion decoder + VAE decoder                  models/autoencoder.py `decode`
      = frames [B, F, H, W, 3] and the audio image [B, S, S, 3]
   -> log-mel at the clip's raw size (audio.image_to_mel)
