@@ -3,12 +3,13 @@
 Run:
   python -m mmldm_jax.main --config=configs/demo.py --workdir=runs/demo
 
-Cost: see the README for the measured wall time on 2 CPU cores (install included, empty compile
-cache), 5 to 6.5 GB of memory and a few hundred MB of disk. The samples show the scene classes'
-backgrounds with coloured objects that change place during the clip, but in jumps (the decoder
-switches between what it keeps of the four key frames rather than moving the objects smoothly), and
-their colours are often wrong, and their tones land on their bounces no more often than on another
-sample's (sync F1 0.22-0.27 in two runs, shuffled pairs 0.22, real clips 0.99). The synthetic
+Cost: measured 21 min 47 s on 2 CPU cores from a fresh clone (2026-12-03, install included, empty
+compile cache; the README has the breakdown), 5 to 6.5 GB of memory and a few hundred MB of disk.
+The samples show muddy scene-class backgrounds with coloured objects that change place during the
+clip, but in jumps (the decoder switches between what it keeps of the four key frames rather than
+moving the objects smoothly), often in the wrong colour, and nearly silent sound whose tones land
+on the bounces no more often than on another sample's (sync F1 0.20-0.27 in three runs of 8
+samples, shuffled pairs 0.0-0.22, real clips 0.99). The synthetic
 clips (coloured objects bouncing over a class-dependent background; every wall hit is a tone whose
 pitch is the object's colour) are generated from a seed, so nothing is downloaded. Frames are 64x64
 at 10 fps, audio 16 kHz; every network is the `tiny` size of the paper configs, trained from scratch
