@@ -25,6 +25,9 @@ def test_demo_quality_preset_shapes_the_latents_for_timing():
   config_lib.validate(config)
   assert len(config.data.key_frames) == 8 and config.dit.time_tokens
   assert dit.latent_shapes(config) == {"audio": (4, 4, 8), "video": (4, 4, 32)}
+  # docs/results was made with one VAE target frame per clip; the demo itself uses both.
+  assert config.vae.frames_per_clip == 1
+  assert config_lib.load(os.path.join(CONFIGS, "demo.py")).vae.frames_per_clip == 0
   assert config.train_autoencoder.num_steps > config_lib.load(
       os.path.join(CONFIGS, "demo.py")).train_autoencoder.num_steps
 
