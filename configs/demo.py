@@ -3,13 +3,13 @@
 Run:
   python -m mmldm_jax.main --config=configs/demo.py --workdir=runs/demo
 
-Cost: measured 21 min 47 s on 2 CPU cores from a fresh clone (2026-12-03, install included, empty
+Cost: measured 27 min 29 s on 2 CPU cores from a fresh clone (2026-12-03, install included, empty
 compile cache; the README has the breakdown), 5 to 6.5 GB of memory and a few hundred MB of disk.
 The samples show muddy scene-class backgrounds with coloured objects that change place during the
 clip, but in jumps (the decoder switches between what it keeps of the four key frames rather than
-moving the objects smoothly), often in the wrong colour, and nearly silent sound whose tones land
-on the bounces no more often than on another sample's (sync F1 0.20-0.27 in three runs of 8
-samples, shuffled pairs 0.0-0.22, real clips 0.99). The synthetic
+moving the objects smoothly), often in the wrong colour, and quiet sound whose tones land on the
+bounces no more often than on another sample's (sync F1 0.13-0.27 in three runs of 8 samples,
+each about its shuffled pairs' score; real clips 0.99). The synthetic
 clips (coloured objects bouncing over a class-dependent background; every wall hit is a tone whose
 pitch is the object's colour) are generated from a seed, so nothing is downloaded. Frames are 64x64
 at 10 fps, audio 16 kHz; every network is the `tiny` size of the paper configs, trained from scratch
@@ -62,8 +62,9 @@ def get_config(arg=None):
   # The VAE sees both target frames of each clip beside its audio image (vae.frames_per_clip=0).
   # With one frame per clip its 400 steps reconstructed frames and audio images as well or better
   # (PSNR 24.2 / 27.7 dB against 23.2 / 26.9), but two fresh-clone runs of the whole demo then had
-  # nearly silent samples (0.2 tone onsets per second against 0.9 with both frames, audio Frechet
-  # 144 against a floor of 11). The quality preset, whose VAE trains 1200 steps, keeps one.
+  # nearly silent samples (0.2 tone onsets per second against 1.1 with both frames, audio Frechet
+  # 144 against 68, floor 11), though they were 6 minutes faster. The quality preset, whose VAE
+  # trains 1200 steps, keeps one.
   # The paper's 16 channels for z_v, not the tiny preset's 4: measured on this demo, the samples'
   # distances were video 70 / audio 204 with 4 channels and 60 / 97 with 16.
   config.autoencoder.video_z_channels = 16
