@@ -67,7 +67,7 @@ def load_models(config, workdir: str) -> Models:
 
   Only the parameters are read (no training Task, optimiser or dataset is built), so no training
   setting can break sampling. Raises FileNotFoundError naming the folder when a stage has no
-  checkpoint."""
+  checkpoint. Mode 'reconstruction' runs no DiT, so it needs no generator checkpoint."""
   from mmldm_jax import parallel
   from mmldm_jax.models import dit as dit_lib
   from mmldm_jax.train import loop
@@ -75,7 +75,9 @@ def load_models(config, workdir: str) -> Models:
   mesh = parallel.create_mesh(config)
   dit = dit_lib.build_dit(config, dtype=loop.compute_dtype(config))
   system = weights.autoencoder_system(config, config_lib.resolve_scale_factor(config, workdir))
-  return Models(dit=dit, dit_params=weights.restore_dit_params(config, workdir, mesh, dit),
+  uses_dit = config.sample.mode != "reconstruction"
+  dit_params = weights.restore_dit_params(config, workdir, mesh, dit) if uses_dit else None
+  return Models(dit=dit, dit_params=dit_params,
                 system=system,
                 autoencoder_params=weights.restore_autoencoder_params(config, workdir, mesh,
                                                                       system),
@@ -88,7 +90,10 @@ def models_description(config, workdir: str) -> dict[str, Any]:
   """The newest checkpoint step of each stage the chain restores (the VAE may be pretrained)."""
   from mmldm_jax.train import loop
   description = {}
-  for name in ("generator", "autoencoder", "vae"):
+  stages = ("generator", "autoencoder", "vae")
+  if config.sample.mode == "reconstruction":   # no DiT: a later generator leaves it as it is
+    stages = stages[1:]
+  for name in stages:
     found = loop.saved_steps(workdir, name)
     description[f"{name}_step"] = max(found) if found else None
   if description["vae_step"] is None:
