@@ -28,6 +28,9 @@ def test_demo_quality_preset_shapes_the_latents_for_timing():
   # docs/results was made with one VAE target frame per clip; the demo itself uses both.
   assert config.vae.frames_per_clip == 1
   assert config_lib.load(os.path.join(CONFIGS, "demo.py")).vae.frames_per_clip == 0
+  # ... and the tiny preset's VAE widths, where the demo keeps 16 channels at 32x32.
+  assert config.vae.channel_mult == (1, 2, 2, 2)
+  assert config_lib.load(os.path.join(CONFIGS, "demo.py")).vae.channel_mult == (1, 1, 2, 2)
   assert config.train_autoencoder.num_steps > config_lib.load(
       os.path.join(CONFIGS, "demo.py")).train_autoencoder.num_steps
 
