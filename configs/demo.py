@@ -3,20 +3,21 @@
 Run:
   python -m mmldm_jax.main --config=configs/demo.py --workdir=runs/demo
 
-Cost: measured 27 min 29 s on 2 CPU cores from a fresh clone (2026-12-03, install included, empty
-compile cache; the README has the breakdown), 5 to 6.5 GB of memory and a few hundred MB of disk.
+Cost: measured 31 min 28 s on 2 CPU cores from a fresh clone (2026-12-03, install included, empty
+compile cache, on a slow afternoon: a run an hour earlier took 27 min 18 s without the install; the
+README has the breakdown), 4.5 to 6.5 GB of memory and a few hundred MB of disk.
 The samples show muddy scene-class backgrounds with coloured objects that change place during the
 clip, but in jumps (the decoder switches between what it keeps of the four key frames rather than
 moving the objects smoothly), often in the wrong colour, and quiet sound whose tones land on the
-bounces no more often than on another sample's (sync F1 0.13-0.27 in three runs of 8 samples,
-each about its shuffled pairs' score; real clips 0.99). The synthetic
-clips (coloured objects bouncing over a class-dependent background; every wall hit is a tone whose
-pitch is the object's colour) are generated from a seed, so nothing is downloaded. Frames are 64x64
-at 10 fps, audio 16 kHz; every network is the `tiny` size of the paper configs, trained from scratch
-without discriminators. Outputs: `samples/joint/*.mp4|wav|png`, `metrics.json` (sync F1 of the
-samples, beside its chance level `real_mismatched`, the samples' shuffled pairs and noise clips;
-distances with their real floor and noise ceiling) and each stage's quality signals under
-`<stage>/logs` (`media/` holds them as PNG and WAV files).
+bounces hardly more often than on another sample's (sync F1 0.13-0.30 in the runs so far, 8 samples
+each, each about its shuffled pairs' score; real clips 0.99). The synthetic clips (coloured objects
+bouncing over a class-dependent background; every wall hit is a tone whose pitch is the object's
+colour) are generated from a seed, so nothing is downloaded. Frames are 64x64 at 10 fps, audio 16
+kHz; every network is the `tiny` size of the paper configs, trained from scratch without
+discriminators. Outputs: `samples/joint/*.mp4|wav|png`, `metrics.json` (sync F1 of the samples,
+beside its chance level `real_mismatched`, the samples' shuffled pairs and noise clips; distances
+with their real floor and noise ceiling) and each stage's quality signals under `<stage>/logs`
+(`media/` holds them as PNG and WAV files).
 
 The `quality` preset (`--config=configs/demo.py:quality`) trains the same chain longer, with 8 key
 frames, z_a at 4x4, 192 training videos and a DiT whose tokens share a time axis (`apply_quality`).
@@ -66,8 +67,8 @@ def get_config(arg=None):
   # 144 against 68, floor 11), though they were 6 minutes faster. The quality preset, whose VAE
   # trains 1200 steps, keeps one.
   # A VAE whose two outer levels keep 16 channels (the tiny preset doubles them at 32x32): its
-  # training step costs 0.74 s against 1.20 s (same process, alternating; the weight gradients of
-  # 32-channel 3x3 convolutions at 64x64 and 32x32 are the slowest ops of the step on XLA:CPU).
+  # training step costs 0.62 of the tiny widths' (benchmarks/vae_widths.py: the weight gradients
+  # of 32-channel 3x3 convolutions at 64x64 and 32x32 are the slowest ops of the step on XLA:CPU).
   # Measured on the whole demo (2026-12-03, same machine): the VAE stage took 7 min 27 s against
   # 10 min 51 s, its reconstructions scored 24.0 / 26.7 dB PSNR (frames / audio image) against
   # 23.2 / 26.9, and the samples' distances were video 96 / audio 51 against 102 / 68.
