@@ -70,8 +70,9 @@ def get_config(arg=None):
   # training step costs 0.62 of the tiny widths' (benchmarks/vae_widths.py: the weight gradients
   # of 32-channel 3x3 convolutions at 64x64 and 32x32 are the slowest ops of the step on XLA:CPU).
   # Measured on the whole demo (2026-12-03, same machine, different hours, so the ratio above is
-  # the firmer figure): the VAE stage took 7 min 27 s against 10 min 51 s, its reconstructions scored 24.0 / 26.7 dB PSNR (frames / audio image) against
-  # 23.2 / 26.9, and the samples' distances were video 96 / audio 51 against 102 / 68.
+  # the firmer figure): the VAE stage took 7 min 27 s against 10 min 51 s, its reconstructions
+  # scored 24.0 / 26.7 dB PSNR (frames / audio image) against 23.2 / 26.9, and the samples'
+  # distances were video 96 / audio 51 against 102 / 68.
   config.vae.channel_mult = (1, 1, 2, 2)
   # The paper's 16 channels for z_v, not the tiny preset's 4: measured on this demo, the samples'
   # distances were video 70 / audio 204 with 4 channels and 60 / 97 with 16.
