@@ -12,7 +12,7 @@ alike; the figures are medians. Parameters are counted as well, since a narrower
 because it is smaller.
 
 Why this matters: on XLA:CPU the weight gradient of a 3x3 convolution with 32 or more channels at
-64x64 or 32x32 takes 3 to 20 times its forward (and varies several-fold between calls of one
+64x64 or 32x32 takes 2 to 25 times its forward (and varies several-fold between calls of one
 process), so the widths of the VAE's two outer levels decide most of its step time.
 
 Cost: about 2 minutes on 2 CPU cores.
@@ -45,7 +45,14 @@ def main() -> None:
   from mmldm_jax.models import vae as vae_lib
 
   base = config_lib.load(os.path.join(REPO, args.config))
-  peer_mult = tuple(int(x) for x in args.peer_mult.split(","))
+  try:
+    peer_mult = tuple(int(x) for x in args.peer_mult.split(","))
+  except ValueError:
+    raise SystemExit(f"--peer_mult={args.peer_mult!r}: expected comma-separated integers, "
+                     "e.g. 1,2,2,2") from None
+  if len(peer_mult) != len(base.vae.channel_mult):
+    raise SystemExit(f"--peer_mult={args.peer_mult!r}: expected {len(base.vae.channel_mult)} "
+                     f"levels, as {args.config}'s vae.channel_mult {tuple(base.vae.channel_mult)}")
   ours_mult = tuple(base.vae.channel_mult)
   if ours_mult == peer_mult:
     raise SystemExit(f"{args.config}: vae.channel_mult is already {ours_mult}; pass another "
