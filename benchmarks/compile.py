@@ -90,6 +90,20 @@ def _worker(repo: str, config_path: str, stage: str, steps: int) -> dict:
     shapes = dit_lib.latent_shapes(config)
     host = {"audio_latent": rng.normal(size=(batch_size,) + shapes["audio"]).astype(np.float32),
             "video_latent": rng.normal(size=(batch_size,) + shapes["video"]).astype(np.float32)}
+  elif config.autoencoder.get("cache_vae_latents"):
+    # The step then reads the frozen VAE's posterior moments (train/posterior_cache.py).
+    latent = config.data.image_size // 2 ** (len(config.vae.channel_mult) - 1)
+    moments = lambda *lead: np.concatenate([  # noqa: E731  (mean, log-variance)
+        rng.normal(size=lead + (latent, latent, config.vae.embed_dim)),
+        np.full(lead + (latent, latent, config.vae.embed_dim), -6.0)], -1).astype(np.float32)
+    host = {"key_moments": moments(batch_size, len(config.data.key_frames)),
+            "target_moments": moments(batch_size, config.data.num_target_frames),
+            "audio_moments": moments(batch_size),
+            "target_indices": np.sort(rng.uniform(0, 1, (batch_size,
+                                                         config.data.num_target_frames)),
+                                      axis=1).astype(np.float32),
+            "label": rng.integers(0, max(config.data.num_classes, 1), batch_size
+                                  ).astype(np.int32)}
   else:
     size = config.data.image_size
     frames = lambda n: rng.uniform(-1, 1, (batch_size, n, size, size, 3)).astype(np.float32)

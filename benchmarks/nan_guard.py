@@ -63,6 +63,8 @@ def select_per_leaf_step(task, optimizers, seed: int):
 
 def measure(stage: str, steps: int) -> dict:
   config = config_lib.load(os.path.join(REPO, "configs/demo.py"))
+  # Pixel batches (the step VAE-encodes them), as when these rows were measured.
+  config.autoencoder.cache_vae_latents = False
   if stage == "autoencoder":
     task = tasks.autoencoder_task(config, "unused", config.vae.scale_factor)
   else:

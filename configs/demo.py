@@ -78,6 +78,9 @@ def get_config(arg=None):
   # distances were video 70 / audio 204 with 4 channels and 60 / 97 with 16.
   config.autoencoder.video_z_channels = 16
   config.autoencoder.gan_weight = 0.0
+  # The frozen VAE's posteriors of the training clips, encoded once when the stage starts instead
+  # of every step (train/posterior_cache.py; a few MB here).
+  config.autoencoder.cache_vae_latents = True
   # Objects of radius 0.12 (15 px) rather than 0.08 (10 px): a 400-step VAE at f8 blurs the small
   # ones into the background, and every later stage can only draw what the VAE keeps.
   config.synthetic.object_radius = 0.12

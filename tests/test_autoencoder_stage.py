@@ -137,3 +137,46 @@ def test_decoded_sync_signals_name_the_modality_that_lost_its_timing():
 
   silent = tasks.decoded_sync_signals(config, frames, audio, frames, np.zeros_like(audio))
   assert silent["audio_events_per_second"] == 0.0 and silent["sync_f1_decoded_audio"] == 0.0
+
+
+def test_posterior_cache_draws_the_latents_of_the_pixels(tmp_path):
+  """With autoencoder.cache_vae_latents the step reads the frozen VAE's posterior moments, looked
+  up by video, clip start, flip and frame positions; with the same rng they give the latents the
+  step computes from the batch's pixels (float32 rounding apart: the VAE runs on other batches)."""
+  from mmldm_jax.data import pipeline
+  from mmldm_jax.stages import data as data_stage
+  from mmldm_jax.train import posterior_cache
+  config = config_lib.load(os.path.join(REPO, "configs", "demo.py") + ":tiny")
+  assert config.autoencoder.cache_vae_latents    # the demo trains from the cache
+  workdir = str(tmp_path)
+  folder = data_stage.ensure_dataset(config, workdir)
+  mesh = parallel.create_mesh(config)
+  task = tasks.autoencoder_task(config, workdir, 0.7)
+  system = tasks.weights.autoencoder_system(config, 0.7)
+  size = config.data.image_size
+  vae_params = jax.jit(lambda key: system.vae.init(key, jax.numpy.zeros((1, size, size, 3))))(
+      jax.random.key(3))["params"]
+  source = pipeline.clip_source(config, "train", pipeline.RecordVideos(folder, "train"))
+  cache = posterior_cache.build(config, system.vae, vae_params, source, mesh)
+  frames = sum(source.videos.lengths)
+  assert cache.frame_moments.shape[:2] == (2, frames)
+  assert cache.audio_moments.shape[0] == len(source)
+  assert cache.frame_moments.shape[-1] == 2 * config.vae.embed_dim
+
+  batch = next(iter(pipeline.make_dataset(config, "train", batch_size=8, seed=1,
+                                          hflip_prob=0.5, videos=source.videos)))
+  assert 0 < batch["flipped"].sum() < 8      # both orientations are looked up
+  with pytest.raises(RuntimeError, match="frozen"):
+    task.to_model_batch(batch)                 # the cache comes with `frozen`
+  cached = cache.model_batch(batch)
+  pixels = {name: batch[name] for name in ("key_frames", "target_frames", "target_indices",
+                                           "audio", "label")}
+  latents = jax.jit(system.batch_latents)
+  from_cache = latents(vae_params, cached, jax.random.key(5))
+  from_pixels = latents(vae_params, pixels, jax.random.key(5))
+  for name in ("audio", "keys", "targets"):
+    scale = float(np.abs(from_pixels[name]).max())
+    np.testing.assert_allclose(from_cache[name], from_pixels[name], rtol=0, atol=1e-4 * scale,
+                               err_msg=name)
+  other_draw = latents(vae_params, cached, jax.random.key(6))
+  assert not np.allclose(other_draw["keys"], from_cache["keys"])   # sampled, not the mode

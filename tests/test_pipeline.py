@@ -98,6 +98,10 @@ def test_examples_follow_the_selection_rules(config):
     assert example["target_frames"].shape[0] == config.data.num_target_frames
     assert (np.diff(targets) >= 0).all() and targets.min() >= 0 and targets.max() < valid
     np.testing.assert_allclose(example["target_indices"], targets / 16)
+    # The frames' positions in the clip (what train/posterior_cache.py looks frames up by).
+    np.testing.assert_array_equal(_frame_numbers(example["key_frames"]),
+                                  start + example["key_positions"])
+    np.testing.assert_array_equal(targets, example["target_positions"])
     assert example["frames"].shape == (16, SIZE, SIZE, 3)
     assert example["key_frames"].dtype == np.float32
     assert example["key_frames"].min() >= -1 and example["key_frames"].max() <= 1

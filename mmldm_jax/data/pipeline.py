@@ -11,6 +11,8 @@ Per clip (`make_example`), n = real frames in the clip:
   target_frames   float32 [num_target, H, W, 3]     `data.num_target_frames` frames drawn with
                                                     replacement, sorted (`sample_target_indices`)
   target_indices  float32 [num_target]              target index / data.num_frames, in [0, 1)
+  key_positions   int32 [K]                         the key frames' indices in the clip
+  target_positions int32 [num_target]               the target frames' indices in the clip
   frames          float32 [num_frames, H, W, 3]     the whole clip, only with `frames=True`
   audio           float32 [clip_samples]            the waveform of the same span, zero-padded
   label           int32                             class id, -1 without classes
@@ -204,13 +206,13 @@ class ClipSource:
     return {
         "frames": clip,
         "valid_frames": np.int32(valid),
-        "audio": self._audio_slice(np.asarray(record["audio"], np.float32), start),
+        "audio": self.audio_slice(np.asarray(record["audio"], np.float32), start),
         "label": np.int32(record["label"]),
         "video_index": np.int32(video_index),
         "clip_start": np.int32(start),
     }
 
-  def _audio_slice(self, audio: np.ndarray, start_frame: int) -> np.ndarray:
+  def audio_slice(self, audio: np.ndarray, start_frame: int) -> np.ndarray:
     """The samples of frames [start, start + num_frames): same time span as the clip's frames."""
     first = int(round(start_frame / self.fps * self.sample_rate))
     piece = audio[first:first + self.clip_samples]
@@ -240,6 +242,8 @@ def make_example(clip: dict[str, Any], rng: np.random.Generator, *, key_frames: 
       "target_frames": _to_float(clip_frames[target_index]),
       # Time in clip lengths, the scale the decoder is asked for at generation (t / num_frames).
       "target_indices": (target_index / num_frames).astype(np.float32),
+      "key_positions": key_index.astype(np.int32),
+      "target_positions": target_index.astype(np.int32),
       "audio": np.asarray(clip["audio"], np.float32),
       "label": np.int32(clip["label"]),
       "video_index": np.int32(clip["video_index"]),

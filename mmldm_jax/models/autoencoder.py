@@ -366,7 +366,12 @@ class AutoencoderSystem:
 
   def batch_latents(self, vae_params, batch, rng):
     """The batch's VAE latents (posterior samples times scale_factor), no gradient:
-    {'audio': [B, h, w, c], 'keys': [B, K, h, w, c], 'targets': [B, Kt, h, w, c]}."""
+    {'audio': [B, h, w, c], 'keys': [B, K, h, w, c], 'targets': [B, Kt, h, w, c]}.
+    From pixels (key_frames, target_frames, audio), or from the posterior moments of
+    `train/posterior_cache.py` (key_moments, target_moments, audio_moments); with the same `rng`
+    both draw the same sample."""
+    if "key_moments" in batch:
+      return self._cached_latents(batch, rng)
     audio_image = audio_lib.waveform_to_image(batch["audio"], self.config.audio)
     keys, targets = batch["key_frames"], batch["target_frames"]
     b, k, kt = keys.shape[0], keys.shape[1], targets.shape[1]
@@ -377,6 +382,17 @@ class AutoencoderSystem:
     images = jnp.concatenate([audio_image, keys.reshape((b * k,) + frame_shape),
                               targets.reshape((b * kt,) + frame_shape)], axis=0)
     z = self._vae_encode(vae_params, images.astype(jnp.float32), rng)
+    return dict(audio=z[:b], keys=z[b:b + b * k].reshape((b, k) + z.shape[1:]),
+                targets=z[b + b * k:].reshape((b, kt) + z.shape[1:]))
+
+  def _cached_latents(self, batch, rng):
+    keys, targets = batch["key_moments"], batch["target_moments"]
+    b, k, kt = keys.shape[0], keys.shape[1], targets.shape[1]
+    moments_shape = keys.shape[2:]
+    moments = jnp.concatenate([batch["audio_moments"], keys.reshape((b * k,) + moments_shape),
+                               targets.reshape((b * kt,) + moments_shape)], axis=0)
+    posterior = vae_lib.DiagonalGaussian.from_moments(moments.astype(jnp.float32))
+    z = posterior.sample(rng) * self.vae.scale_factor
     return dict(audio=z[:b], keys=z[b:b + b * k].reshape((b, k) + z.shape[1:]),
                 targets=z[b + b * k:].reshape((b, kt) + z.shape[1:]))
 

@@ -306,9 +306,14 @@ def autoencoder_task(config, workdir: str, scale_factor: float) -> loop.Task:
   two AdamW optimisers, alternating every step), with the VAE frozen. With
   `autoencoder.gan_weight == 0` there is no discriminator at all (no parameters, no update): its
   update re-runs the whole forward and VAE-decodes six images per clip, half of a step's cost on a
-  CPU. `scale_factor`: the VAE's (`config_lib.resolve_scale_factor`)."""
+  CPU. `scale_factor`: the VAE's (`config_lib.resolve_scale_factor`).
+
+  With `autoencoder.cache_vae_latents`, `frozen` (which the trainer calls once, before the first
+  batch) also encodes the training split with the frozen VAE (`train/posterior_cache.py`), and
+  `to_model_batch` hands the step those posteriors instead of pixels."""
   system = weights.autoencoder_system(config, scale_factor)
   adversarial = config.autoencoder.gan_weight > 0
+  posteriors = {}    # {'cache': PosteriorCache}, filled by `frozen` when the cache is on
 
   def loss(group, params, frozen_vae, batch, rng, step):
     del step
@@ -322,16 +327,32 @@ def autoencoder_task(config, workdir: str, scale_factor: float) -> loop.Task:
     params = system.init(rng)
     return params if adversarial else {"autoencoder": params["autoencoder"]}
 
-  fields = _AUTOENCODER_FIELDS
+  def frozen(mesh):
+    vae_params = weights.frozen_vae_params(config, workdir, mesh)
+    if config.autoencoder.cache_vae_latents:
+      from mmldm_jax.train import posterior_cache
+      folder = data_stage.ensure_dataset(config, workdir)
+      source = pipeline.clip_source(config, "train", pipeline.RecordVideos(folder, "train"))
+      posteriors["cache"] = posterior_cache.build(config, system.vae, vae_params, source, mesh)
+    return vae_params
+
+  def to_model_batch(host_batch):
+    if not config.autoencoder.cache_vae_latents:
+      return _select(_AUTOENCODER_FIELDS)(host_batch)
+    if "cache" not in posteriors:
+      raise RuntimeError("autoencoder.cache_vae_latents: the posterior cache is built by the "
+                         "task's `frozen` (train/loop.py calls it before the first batch)")
+    return posteriors["cache"].model_batch(host_batch)
+
   return loop.Task(
       name="autoencoder", train_config=config.train_autoencoder, rules_family="conv",
       groups=("autoencoder", "discriminator") if adversarial else ("autoencoder",), init=init,
       loss=loss,
       make_dataset=clip_dataset_factory(config, workdir),
-      to_model_batch=_select(fields),
+      to_model_batch=to_model_batch,
       pretrained=(lambda: {"autoencoder": _pretrained_unet(config)})
       if config.unet.pretrained_path else None,
-      frozen=lambda mesh: weights.frozen_vae_params(config, workdir, mesh),
+      frozen=frozen,
       evaluate=autoencoder_quality_signals(config, workdir, system))
 
 
