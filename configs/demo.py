@@ -3,13 +3,14 @@
 Run:
   python -m mmldm_jax.main --config=configs/demo.py --workdir=runs/demo
 
-Cost: measured 31 min 28 s on 2 CPU cores from a fresh clone (2026-12-03, install included, empty
-compile cache, on a slow afternoon: a run an hour earlier took 27 min 18 s without the install; the
-README has the breakdown), 4.5 to 6.5 GB of memory and a few hundred MB of disk.
+Cost: measured 18 min 39 s on 2 CPU cores from a fresh clone (2026-12-04, commit 8af75c2, install
+included, empty compile cache, on a fast day: the same VAE stage took a quarter to a half longer on
+2026-12-03, when the demo took 27 to 31 minutes; the README has the breakdown), 4.5 to 6.5 GB of
+memory and a few hundred MB of disk.
 The samples show muddy scene-class backgrounds with coloured objects that change place during the
 clip, but in jumps (the decoder switches between what it keeps of the four key frames rather than
 moving the objects smoothly), often in the wrong colour, and quiet sound whose tones land on the
-bounces hardly more often than on another sample's (sync F1 0.13-0.30 in the runs so far, 8 samples
+bounces hardly more often than on another sample's (sync F1 0.13-0.33 in the runs so far, 8 samples
 each, each about its shuffled pairs' score; real clips 0.99). The synthetic clips (coloured objects
 bouncing over a class-dependent background; every wall hit is a tone whose pitch is the object's
 colour) are generated from a seed, so nothing is downloaded. Frames are 64x64 at 10 fps, audio 16
