@@ -23,7 +23,8 @@ with their real floor and noise ceiling) and each stage's quality signals under 
 The `quality` preset (`--config=configs/demo.py:quality`) trains the same chain longer, with 8 key
 frames, z_a at 4x4, 192 training videos and a DiT whose tokens share a time axis (`apply_quality`).
 Measured once on this project's 2-core machine (2026-12-03, working tree, a niced test suite running
-beside it): 1 h 46 min, 5.4 GB peak (VAE 16 min, autoencoder 60 min, generator 24 min). Its samples
+beside it): 1 h 46 min, 5.4 GB peak (VAE 16 min, autoencoder 60 min, generator 24 min), before the
+posterior cache halved its autoencoder step (README, "Results"; not rerun since). Its samples
 show the class backgrounds and sharp coloured objects, and tones in the sound, but the objects jump
 and change colour between frames, and the tones still do not follow the bounces (32 samples: sync
 F1 0.32, shuffled pairs 0.29); docs/results/ holds that run's scores, contact sheet and a sample.
