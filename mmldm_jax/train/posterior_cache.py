@@ -80,7 +80,7 @@ def _moments(posterior) -> jax.Array:
 
 def build(config, vae, vae_params, source: pipeline.ClipSource, mesh) -> PosteriorCache:
   """Encodes every frame (as stored and mirrored) of `source`'s videos and every clip window's
-  audio image with `vae` (parameters `vae_params`, placed on `mesh`). Logs its progress and size.
+  audio image with `vae` (parameters `vae_params`, placed on `mesh`). Logs its time and size.
 
   Every host builds the whole cache (the same calls in the same order)."""
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -98,7 +98,8 @@ def build(config, vae, vae_params, source: pipeline.ClipSource, mesh) -> Posteri
     for first in range(0, len(items), ENCODE_BATCH):
       chunk = prepare(items[first:first + ENCODE_BATCH])
       padded = np.concatenate([chunk, np.repeat(chunk[-1:], ENCODE_BATCH - len(chunk), axis=0)])
-      out.append(np.asarray(encode(vae_params, padded))[:len(chunk)])
+      # Placed like the quality signals' inputs: the same value on every host.
+      out.append(np.asarray(encode(vae_params, jax.device_put(padded, replicated)))[:len(chunk)])
     return np.concatenate(out)
 
   videos = source.videos
