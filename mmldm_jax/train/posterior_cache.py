@@ -26,6 +26,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 from absl import logging
 
 from mmldm_jax.data import audio as audio_lib
@@ -80,7 +81,8 @@ def _moments(posterior) -> jax.Array:
 
 def build(config, vae, vae_params, source: pipeline.ClipSource, mesh) -> PosteriorCache:
   """Encodes every frame (as stored and mirrored) of `source`'s videos and every clip window's
-  audio image with `vae` (parameters `vae_params`, placed on `mesh`). Logs its time and size.
+  audio image with `vae` (parameters `vae_params`, placed on `mesh`), with a progress bar; logs
+  its time and size.
 
   Every host builds the whole cache (the same calls in the same order)."""
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -93,9 +95,10 @@ def build(config, vae, vae_params, source: pipeline.ClipSource, mesh) -> Posteri
           method="encode")),
       out_shardings=replicated)
 
-  def in_batches(encode, items: np.ndarray, prepare=lambda chunk: chunk) -> np.ndarray:
+  def in_batches(encode, items: np.ndarray, progress, prepare=lambda chunk: chunk) -> np.ndarray:
     out = []
     for first in range(0, len(items), ENCODE_BATCH):
+      progress.update(1)
       chunk = prepare(items[first:first + ENCODE_BATCH])
       padded = np.concatenate([chunk, np.repeat(chunk[-1:], ENCODE_BATCH - len(chunk), axis=0)])
       # Placed like the quality signals' inputs: the same value on every host.
@@ -121,10 +124,15 @@ def build(config, vae, vae_params, source: pipeline.ClipSource, mesh) -> Posteri
     first_clip.append(first_clip[-1] + windows)
   frames = np.concatenate(frames)    # uint8; converted a chunk at a time
   mirror = lambda chunk: chunk[:, :, ::-1]  # noqa: E731  (the pipeline's hflip)
-  frame_moments = np.stack([
-      in_batches(encode_images, frames, video_lib.to_float),
-      in_batches(encode_images, frames, lambda chunk: video_lib.to_float(mirror(chunk)))])
-  audio_moments = in_batches(encode_sounds, np.stack(sounds))
+  calls = lambda count: -(-count // ENCODE_BATCH)  # noqa: E731
+  with tqdm.tqdm(total=2 * calls(len(frames)) + calls(len(sounds)), unit="batch",
+                 desc="autoencoder: VAE posterior cache",
+                 disable=jax.process_index() != 0) as progress:
+    frame_moments = np.stack([
+        in_batches(encode_images, frames, progress, video_lib.to_float),
+        in_batches(encode_images, frames, progress,
+                   lambda chunk: video_lib.to_float(mirror(chunk)))])
+    audio_moments = in_batches(encode_sounds, np.stack(sounds), progress)
   cache = PosteriorCache(frame_moments=frame_moments, audio_moments=audio_moments,
                          first_frame=np.asarray(first_frame[:-1], np.int64),
                          first_clip=np.asarray(first_clip[:-1], np.int64))
