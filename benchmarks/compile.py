@@ -92,7 +92,7 @@ def _worker(repo: str, config_path: str, stage: str, steps: int) -> dict:
             "video_latent": rng.normal(size=(batch_size,) + shapes["video"]).astype(np.float32)}
   elif config.autoencoder.get("cache_vae_latents"):
     # The step then reads the frozen VAE's posterior moments (train/posterior_cache.py).
-    latent = config.data.image_size // 2 ** (len(config.vae.channel_mult) - 1)
+    latent = config.data.image_size // config_lib.vae_factor(config)
     moments = lambda *lead: np.concatenate([  # noqa: E731  (mean, log-variance)
         rng.normal(size=lead + (latent, latent, config.vae.embed_dim)),
         np.full(lead + (latent, latent, config.vae.embed_dim), -6.0)], -1).astype(np.float32)
