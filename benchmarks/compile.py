@@ -52,6 +52,10 @@ def _worker(repo: str, config_path: str, stage: str, steps: int) -> dict:
   imported = os.path.dirname(os.path.dirname(os.path.abspath(loop.__file__)))
   if os.path.realpath(imported) != os.path.realpath(os.path.join(repo, "mmldm_jax")):
     raise RuntimeError(f"measuring {repo} but mmldm_jax was imported from {imported}")
+  # The XLA:CPU flags that the entry point sets, in revisions that have them; before the first
+  # computation, as there.
+  if hasattr(parallel, "set_cpu_xla_flags"):
+    parallel.set_cpu_xla_flags()
 
   def seconds(fn):
     start = time.perf_counter()

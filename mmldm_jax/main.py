@@ -162,10 +162,12 @@ def main(argv) -> None:
   if not _VERBOSE.value:
     quiet_logs()
   log_above_progress_bars()
-  parallel.maybe_initialize_distributed(config)  # before anything touches the devices
+  # Both before anything touches the devices.
+  xla_flags = parallel.set_cpu_xla_flags()
+  parallel.maybe_initialize_distributed(config)
   cache = config_lib.enable_compilation_cache(config)
-  logging.info("mmldm_jax: stages %s in %s (XLA compilation cache: %s)", ", ".join(stages),
-               workdir, cache or "off")
+  logging.info("mmldm_jax: stages %s in %s (XLA compilation cache: %s; XLA flags added: %s)",
+               ", ".join(stages), workdir, cache or "off", " ".join(xla_flags) or "none")
   os.makedirs(workdir, exist_ok=True)
   for name in stages:
     run_stage(name, config, workdir)

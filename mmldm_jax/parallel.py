@@ -279,6 +279,36 @@ def compile_in_step(jitted, *args, name: str):
   return compiled
 
 
+# ------------------------------------------------------------------------------------------------
+# XLA:CPU kernels
+# ------------------------------------------------------------------------------------------------
+# XLA flags this project sets for the CPU backend, unless the user's XLA_FLAGS already names them.
+# jaxlib 0.10.2's XLA:CPU hands convolutions, and the elementwise work fused around them, to
+# YNNPACK; for this project's small-channel 3x3 convolutions that is slower than XLA's own kernels:
+# an empty fusion-type list keeps every op in XLA. Measured on the demo config (benchmarks/README.md,
+# the "YNNPACK fusions off" rows): VAE step 0.66 -> 0.43 s, autoencoder step 0.35 -> 0.25 s, and
+# the first step loses YNNPACK's 2 s of set-up. The flag only concerns the CPU backend.
+CPU_XLA_FLAGS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def set_cpu_xla_flags() -> list[str]:
+  """Appends `CPU_XLA_FLAGS` to the XLA_FLAGS environment variable, leaving out any flag that
+  XLA_FLAGS already names (the user's choice wins). XLA reads XLA_FLAGS once, when the first
+  backend starts, so this must run before the first JAX computation; it raises RuntimeError after
+  it. Returns the flags it added."""
+  current = os.environ.get("XLA_FLAGS", "")
+  named = {word.lstrip("-").split("=", 1)[0] for word in current.split()}
+  added = [f"--{name}={value}" for name, value in CPU_XLA_FLAGS.items() if name not in named]
+  if not added:
+    return []
+  from jax._src import xla_bridge  # noqa: PLC0415  (the only way to ask whether XLA has started)
+  if xla_bridge.backends_are_initialized():
+    raise RuntimeError(f"set_cpu_xla_flags: the JAX backends have already started, so XLA would not "
+                       f"read {' '.join(added)}; call it before the first JAX computation")
+  os.environ["XLA_FLAGS"] = " ".join([current] + added).strip()
+  return added
+
+
 def detect_cluster() -> str | None:
   """Names the multi-process environment this process runs in, or None for a single process.
 

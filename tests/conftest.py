@@ -1,5 +1,6 @@
-"""Test setup: 8 CPU devices (so sharding is really exercised), absl flags parsed (Grain workers need
-them), and a persistent compilation cache so repeated compiles across test files are cheap."""
+"""Test setup: 8 CPU devices (so sharding is really exercised), the XLA:CPU flags the entry point
+sets, absl flags parsed (Grain workers need them), and a persistent compilation cache so repeated
+compiles across test files are cheap."""
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -8,6 +9,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 from absl import flags  # noqa: E402
+
+from mmldm_jax import parallel  # noqa: E402
+
+# The CPU kernel choice of `python -m mmldm_jax.main`, so that the tests run what users run.
+parallel.set_cpu_xla_flags()
 
 jax.config.update("jax_compilation_cache_dir",
                   os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))

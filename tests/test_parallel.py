@@ -1,6 +1,9 @@
 """Mesh construction, the logical-axis rule tables (golden PartitionSpecs), sharded parameter sizes,
-global batch assembly and cluster detection."""
+global batch assembly, cluster detection and the XLA:CPU flags."""
 import os
+import subprocess
+import sys
+import textwrap
 
 import flax.linen as nn
 import jax
@@ -136,3 +139,32 @@ def test_detect_cluster(monkeypatch):
   config.distributed = "maybe"
   with pytest.raises(ValueError, match="config.distributed"):
     parallel.maybe_initialize_distributed(config)
+
+
+_REDUCTION_HLO = textwrap.dedent("""
+    import jax, jax.numpy as jnp
+    x = jnp.ones((8, 64, 64, 32))
+    print(jax.jit(lambda x: jnp.var(x.reshape(8, -1, 32), axis=1)).lower(x).compile().as_text())
+    """)
+
+
+def test_cpu_xla_flags_keep_reductions_out_of_ynnpack(monkeypatch):
+  # This process runs with the flags (conftest sets them as the entry point does): XLA's own
+  # kernels. A fresh process without them hands the same reduction to a YNNPACK fusion, so the
+  # check below can fail.
+  ours = jax.jit(lambda x: jnp.var(x.reshape(8, -1, 32), axis=1)).lower(
+      jnp.ones((8, 64, 64, 32))).compile().as_text()
+  assert "%ynn_fusion" not in ours
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  plain = subprocess.run([sys.executable, "-c", _REDUCTION_HLO], env=env, capture_output=True,
+                         text=True, check=True).stdout
+  assert "%ynn_fusion" in plain
+  # Already named in XLA_FLAGS (by conftest, or by a user): nothing is added.
+  assert parallel.set_cpu_xla_flags() == []
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT")
+  assert parallel.set_cpu_xla_flags() == []
+  # Not named, but XLA has started: the flag could no longer take effect, so it is an error.
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  with pytest.raises(RuntimeError, match="xla_cpu_experimental_ynn_fusion_type"):
+    parallel.set_cpu_xla_flags()
+  assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
