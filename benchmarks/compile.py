@@ -94,7 +94,7 @@ def _worker(repo: str, config_path: str, stage: str, steps: int) -> dict:
     shapes = dit_lib.latent_shapes(config)
     host = {"audio_latent": rng.normal(size=(batch_size,) + shapes["audio"]).astype(np.float32),
             "video_latent": rng.normal(size=(batch_size,) + shapes["video"]).astype(np.float32)}
-  elif config.autoencoder.get("cache_vae_latents"):
+  elif stage == "autoencoder" and config.autoencoder.get("cache_vae_latents"):
     # The step then reads the frozen VAE's posterior moments (train/posterior_cache.py).
     latent = config.data.image_size // config_lib.vae_factor(config)
     moments = lambda *lead: np.concatenate([  # noqa: E731  (mean, log-variance)
