@@ -286,8 +286,9 @@ def compile_in_step(jitted, *args, name: str):
 # jaxlib 0.10.2's XLA:CPU hands convolutions, and the elementwise work fused around them, to
 # YNNPACK; for this project's small-channel 3x3 convolutions that is slower than XLA's own kernels:
 # an empty fusion-type list keeps every op in XLA. Measured on the demo config (benchmarks/README.md,
-# the "YNNPACK fusions off" rows): VAE step 0.66 -> 0.43 s, autoencoder step 0.35 -> 0.25 s, and
-# the first step loses YNNPACK's 2 s of set-up. The flag only concerns the CPU backend.
+# the "YNNPACK fusions off" rows), as a share of this CPU's matmul rate: the VAE step 0.28 against
+# 0.15, the autoencoder step 0.18 against 0.13, the DiT step 0.13 against 0.08; compile times
+# within noise, and the first step loses YNNPACK's 1-2 s of set-up. Only the CPU backend reads it.
 CPU_XLA_FLAGS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
