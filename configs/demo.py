@@ -107,13 +107,15 @@ def get_config(arg=None):
   # reference's 9.0 pushes a small, briefly trained DiT off its latent distribution.
   config.sample.update(steps=20, num_samples=8, batch_size=8, guidance_audio=1.0,
                        guidance_video=1.0)
-  # Quality signals at the end of the VAE and half-way through the autoencoder: each of the
-  # autoencoder's costs 30-100 s (a guided decode of the validation clips, compiled the first time).
+  # Quality signals once, at the end of each training stage (the loop always scores the last
+  # step): a mid-run one cost the autoencoder about 60 s (a guided decode of the validation clips,
+  # compiled the first time) and the generator about 55 s (the whole sampling chain), a tenth of
+  # the demo. The quality preset scores its longer stages along the way.
   config.train_vae.update(num_steps=400, checkpoint_every=200, log_every=50, eval_every=400)
   config.train_autoencoder.update(num_steps=600, checkpoint_every=200, log_every=50,
-                                  eval_every=300)
+                                  eval_every=600)
   config.train_generator.update(num_steps=1000, checkpoint_every=500, log_every=100,
-                                eval_every=500)
+                                eval_every=1000)
   if preset.get("quality"):
     apply_quality(config)
   if preset.get("tiny"):   # tests: few videos, a few steps of each stage, small sampling
