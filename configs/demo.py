@@ -3,10 +3,10 @@
 Run:
   python -m mmldm_jax.main --config=configs/demo.py --workdir=runs/demo
 
-Cost: measured 18 min 39 s on 2 CPU cores from a fresh clone (2026-12-04, commit 8af75c2, install
-included, empty compile cache, on a fast day: the same VAE stage took a quarter to a half longer on
-2026-12-03, when the demo took 27 to 31 minutes; the README has the breakdown), 4.5 to 6.5 GB of
-memory and a few hundred MB of disk.
+Cost: measured 13 min 49 s on 2 CPU cores from a fresh clone (2026-12-04, commit bf63bd9, install
+included, empty compile cache, on a fast day: at an older commit the same VAE stage took twice as
+long on 2026-12-03, when the demo took 27 to 31 minutes; the README has the breakdown), 4.5 to 6.5
+GB of memory and a few hundred MB of disk.
 The samples show muddy scene-class backgrounds with coloured objects that change place during the
 clip, but in jumps (the decoder switches between what it keeps of the four key frames rather than
 moving the objects smoothly), often in the wrong colour, and quiet sound whose tones land on the
@@ -24,8 +24,9 @@ The `quality` preset (`--config=configs/demo.py:quality`) trains the same chain 
 frames, z_a at 4x4, 192 training videos and a DiT whose tokens share a time axis (`apply_quality`).
 Measured once on this project's 2-core machine (2026-12-03, working tree, a niced test suite running
 beside it): 1 h 46 min, 5.4 GB peak (VAE 16 min, autoencoder 60 min, generator 24 min), before the
-posterior cache halved its autoencoder step (README, "Results"; not rerun since). Its samples
-show the class backgrounds and sharp coloured objects, and tones in the sound, but the objects jump
+posterior cache halved its autoencoder step and before XLA:CPU kept reductions out of YNNPACK,
+which shortened the demo's VAE stage by 40% (README, "Results" and "Compilation"; not rerun
+since). Its samples show the class backgrounds and sharp coloured objects, and tones in the sound, but the objects jump
 and change colour between frames, and the tones still do not follow the bounces (32 samples: sync
 F1 0.32, shuffled pairs 0.29); docs/results/ holds that run's scores, contact sheet and a sample.
 
