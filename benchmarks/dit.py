@@ -30,6 +30,7 @@ from torch import nn as tnn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mmldm_jax import config_lib  # noqa: E402
+from mmldm_jax import parallel  # noqa: E402
 from mmldm_jax.diffusion import samplers, schedules  # noqa: E402
 from mmldm_jax.models import dit  # noqa: E402
 
@@ -189,19 +190,27 @@ def main():
   parser.add_argument("--batch", type=int, default=2)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--sample_steps", type=int, default=10)
+  parser.add_argument("--xla_defaults", action="store_true",
+                      help="run ours with XLA:CPU's default flags instead of the ones the entry "
+                           "point sets (parallel.CPU_XLA_FLAGS)")
   args = parser.parse_args()
+  # Before JAX's first computation, as in the entry point.
+  added = [] if args.xla_defaults else parallel.set_cpu_xla_flags()
+  ours_with = ("XLA:CPU's defaults" if args.xla_defaults else
+               " ".join(added) or f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}")
+  command = "python benchmarks/dit.py" + (" --xla_defaults" if args.xla_defaults else "")
   torch.set_num_threads(os.cpu_count() or 1)
   config = config_lib.load("configs/aist.py")
   model = dit.build_dit(config, depth=args.depth, remat="none")
   ours, peer, params, peer_model = training_rows(config, model, args.batch, args.repeats)
   date = time.strftime("%Y-%m-%d")
   print(f"| DiT training step fwd+bwd, width 1152 / 16 heads / depth {args.depth}, 399 tokens, fp32, "
-        f"batch {args.batch}: time | python benchmarks/dit.py | {MACHINE} | {date} | "
+        f"batch {args.batch}, ours with {ours_with}: time | {command} | {MACHINE} | {date} | "
         f"{ours:.2f} s | {peer:.2f} s (plain-PyTorch DiT, same shape) | {ours / peer:.2f} |")
   ours, peer = sampler_rows(config, model, params, peer_model, args.batch, args.sample_steps,
                             args.repeats)
-  print(f"| DDIM step with guidance (2 x batch {args.batch} through the depth-{args.depth} DiT): "
-        f"ms/step | python benchmarks/dit.py | {MACHINE} | {date} | {1e3 * ours:.0f} ms | "
+  print(f"| DDIM step with guidance (2 x batch {args.batch} through the depth-{args.depth} DiT), "
+        f"ours with {ours_with}: ms/step | {command} | {MACHINE} | {date} | {1e3 * ours:.0f} ms | "
         f"{1e3 * peer:.0f} ms (PyTorch loop, same step) | {ours / peer:.2f} |")
 
 

@@ -283,9 +283,9 @@ def compile_in_step(jitted, *args, name: str):
 # XLA:CPU kernels
 # ------------------------------------------------------------------------------------------------
 # XLA flags this project sets for the CPU backend, unless the user's XLA_FLAGS already names them.
-# jaxlib 0.10.2's XLA:CPU hands convolutions, and the elementwise work fused around them, to
-# YNNPACK; for this project's small-channel 3x3 convolutions that is slower than XLA's own kernels:
-# an empty fusion-type list keeps every op in XLA. Measured on the demo config (benchmarks/README.md,
+# jaxlib 0.10.2's XLA:CPU hands reductions (every GroupNorm's statistics) and matrix products to
+# YNNPACK fusions; at this project's sizes they run slower than XLA's own kernels, so an empty
+# fusion-type list keeps every op in XLA. Measured on the demo config (benchmarks/README.md,
 # the "YNNPACK fusions off" rows), as a share of this CPU's matmul rate: the VAE step 0.28 against
 # 0.15, the autoencoder step 0.18 against 0.13, the DiT step 0.13 against 0.08; compile times
 # within noise, and the first step loses YNNPACK's 1-2 s of set-up. Only the CPU backend reads it.
