@@ -160,11 +160,18 @@ def test_zero_initialised_paths_make_the_decoder_the_plain_unet(system, config, 
                              np.asarray(plain[2:]), atol=1e-5)
   # With the frame-index path still zero, only the starting noise can tell a clip's frames
   # apart: `decode_shared_frame_noise` (on) gives every frame the same noise, so the decoded
-  # frames are the same computation and must be equal.
+  # frames are the same computation on different rows of the batched products and reductions.
+  # XLA:CPU's kernels may round rows differently (measured: 5e-6 on frames in [-1, 1]), so the
+  # frames must agree to float32 rounding, a millionth-scale spread, far below the difference
+  # between the two clips (other latents, other noise) that a frame the decoder told apart
+  # would show: at most 1e-3 of it.
   assert config.autoencoder.decode_shared_frame_noise
   frames, _ = system.decode(ae, params["vae"], z_audio, z_video, jax.random.PRNGKey(3))
-  np.testing.assert_array_equal(np.asarray(frames), np.asarray(frames[:, :1]).repeat(
-      frames.shape[1], axis=1))
+  frames = np.asarray(frames)
+  spread = np.abs(frames - frames[:, :1]).max()
+  between_clips = np.abs(frames[0] - frames[1]).max()
+  assert between_clips > 0.1, between_clips
+  assert spread <= 1e-3 * between_clips, (spread, between_clips)
 
 
 def test_gradient_routing(system, params, batch, all_grads):
