@@ -26,9 +26,10 @@ Measured once on this project's 2-core machine (2026-12-03, working tree, a nice
 beside it): 1 h 46 min, 5.4 GB peak (VAE 16 min, autoencoder 60 min, generator 24 min), before the
 posterior cache halved its autoencoder step and before XLA:CPU kept reductions out of YNNPACK,
 which shortened the demo's VAE stage by 40% (README, "Results" and "Compilation"; not rerun
-since). Its samples show the class backgrounds and sharp coloured objects, and tones in the sound, but the objects jump
-and change colour between frames, and the tones still do not follow the bounces (32 samples: sync
-F1 0.32, shuffled pairs 0.29); docs/results/ holds that run's scores, contact sheet and a sample.
+since). Its samples show the class backgrounds and sharp coloured objects, and tones in the
+sound, but the objects jump and change colour between frames, and the tones still do not follow
+the bounces (32 samples: sync F1 0.32, shuffled pairs 0.29); docs/results/ holds that run's
+scores, contact sheet and a sample.
 
 `--config.stages` picks stages (comma-separated, run in order). The default runs every stage this
 version implements; `data` writes the shards plus `preview.mp4` and `preview.png` into the workdir.
