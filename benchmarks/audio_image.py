@@ -26,6 +26,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mmldm_jax import config_lib  # noqa: E402
+from mmldm_jax import parallel  # noqa: E402
 from mmldm_jax.data import audio  # noqa: E402
 
 
@@ -63,6 +64,7 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args()
+  parallel.set_cpu_xla_flags()  # the entry point's XLA:CPU flags, before the first computation
 
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   cfg = config_lib.load(os.path.join(root, "configs", "aist.py")).audio

@@ -118,6 +118,7 @@ def main() -> None:
   parser.add_argument("--stages", default="generator,vae,autoencoder")
   parser.add_argument("--steps", type=int, default=8)
   args = parser.parse_args()
+  parallel.set_cpu_xla_flags()  # the entry point's XLA:CPU flags, before the first computation
   command = "`python benchmarks/nan_guard.py`"
   date = datetime.date.today().isoformat()
   for stage in [s.strip() for s in args.stages.split(",") if s.strip()]:

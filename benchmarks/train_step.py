@@ -170,6 +170,7 @@ def main() -> None:
   parser.add_argument("--batch-per-device", type=int, default=0,
                       help="override the stages' global batch as this times the device count")
   args = parser.parse_args()
+  parallel.set_cpu_xla_flags()  # the entry point's XLA:CPU flags, before the first computation
   if args.paper:
     paper_size(args)
     return

@@ -162,6 +162,8 @@ def main():
   parser.add_argument("--repeats", type=int, default=1)
   parser.add_argument("--append", action="store_true", help="append the rows to benchmarks/README.md")
   args = parser.parse_args()
+  from mmldm_jax import parallel
+  parallel.set_cpu_xla_flags()  # the entry point's XLA:CPU flags, before the first computation
   lines = rows(args)
   if args.append:
     readme = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")

@@ -41,8 +41,9 @@ def main() -> None:
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import jax
   import numpy as np
-  from mmldm_jax import config_lib
+  from mmldm_jax import config_lib, parallel
   from mmldm_jax.models import vae as vae_lib
+  parallel.set_cpu_xla_flags()  # the entry point's XLA:CPU flags, before the first computation
 
   base = config_lib.load(os.path.join(REPO, args.config))
   try:

@@ -23,6 +23,7 @@ import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mmldm_jax import config_lib  # noqa: E402
+from mmldm_jax import parallel  # noqa: E402
 from mmldm_jax.models import vocoder  # noqa: E402
 
 
@@ -41,6 +42,7 @@ def main() -> None:
   parser.add_argument("--batch_sizes", default="1,8")
   parser.add_argument("--repeats", type=int, default=1)
   args = parser.parse_args()
+  parallel.set_cpu_xla_flags()  # the entry point's XLA:CPU flags, before the first computation
 
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   config = config_lib.load(os.path.join(root, "configs", "aist.py"))
