@@ -147,11 +147,11 @@ def apply_quality(config):
   config.vae.frames_per_clip = 1     # a third less per VAE step (see get_config)
   config.vae.channel_mult = (1, 2, 2, 2)   # the VAE docs/results was made with (see get_config)
   config.train_vae.update(num_steps=1200, checkpoint_every=400, eval_every=400)
-  config.train_autoencoder.update(num_steps=5000, checkpoint_every=1000, eval_every=1000,
+  config.train_autoencoder.update(num_steps=7000, checkpoint_every=1000, eval_every=2000,
                                   decay="cosine", warmup_steps=100)
   # A DiT with room to relate the modalities, whose tokens put both on one time axis, and A2V /
   # V2A conditioning often enough to be sampled from.
   config.dit.update(depth=4, hidden_size=128, num_heads=4, time_tokens=True, cond_prob=0.15)
-  config.train_generator.update(num_steps=8000, checkpoint_every=2000, log_every=200,
+  config.train_generator.update(num_steps=16000, checkpoint_every=2000, log_every=200,
                                 eval_every=4000, ema_decay=0.999)
   config.sample.update(num_samples=32, batch_size=8)
