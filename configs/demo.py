@@ -22,14 +22,13 @@ with their real floor and noise ceiling) and each stage's quality signals under 
 
 The `quality` preset (`--config=configs/demo.py:quality`) trains the same chain longer, with 8 key
 frames, z_a at 4x4, 192 training videos and a DiT whose tokens share a time axis (`apply_quality`).
-Measured once on this project's 2-core machine (2026-12-03, working tree, a niced test suite running
-beside it): 1 h 46 min, 5.4 GB peak (VAE 16 min, autoencoder 60 min, generator 24 min), before the
-posterior cache halved its autoencoder step and before XLA:CPU kept reductions out of YNNPACK,
-which shortened the demo's VAE stage by 40% (README, "Results" and "Compilation"; not rerun
-since). Its samples show the class backgrounds and sharp coloured objects, and tones in the
-sound, but the objects jump and change colour between frames, and the tones still do not follow
-the bounces (32 samples: sync F1 0.32, shuffled pairs 0.29); docs/results/ holds that run's
-scores, contact sheet and a sample.
+Measured once from a clean clone on this project's 2-core machine (2026-12-04/05, a fast day,
+nothing else running): 1 h 21 min 49 s with the install, 5.0 GB peak (VAE 8 min, autoencoder
+36 min, generator 34 min). Its autoencoders reconstruct in-sync clips (sync F1 0.74, shuffled pairs
+0.29); its samples show the class backgrounds and sharp coloured objects, and tones in the sound,
+but the objects jump and change colour between frames and the tones do not follow the bounces
+(32 samples: sync F1 0.35, shuffled pairs 0.30). docs/results/ holds that run's scores, contact
+sheets and a sample; the README's "Results" has the tables.
 
 `--config.stages` picks stages (comma-separated, run in order). The default runs every stage this
 version implements; `data` writes the shards plus `preview.mp4` and `preview.png` into the workdir.
