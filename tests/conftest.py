@@ -59,7 +59,7 @@ FILE_MARKERS = {"slow": SLOW_FILES, "parity": PARITY_FILES, "subprocess": SUBPRO
 @pytest.fixture(autouse=True, scope="module")
 def _free_compiled_programs_after_each_file():
   """Drops JAX's in-memory caches of compiled programs after each test file. Without it each test
-  process keeps every program it compiled, and the two processes held 16-21 GB together by the end
+  process keeps every program it compiled, and the two processes held 16-21 GiB together by the end
   of the suite (2026-12-05). A later file that needs the same program reads it back from the
   persistent cache."""
   yield
