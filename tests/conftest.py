@@ -28,7 +28,8 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 # The suite's two processes (pytest -n 2) share this folder without a lock (JAX locks it only with
 # a size limit, whose eviction then fails on entries that the launched subprocesses write). An entry
-# read while the other process is still writing it fails to decompress; JAX warns and compiles.
+# read while the other process is still writing it is a truncated compressed file: JAX's read fails,
+# and JAX warns and compiles the program instead (jax._src.compiler._cache_read).
 flags.FLAGS.mark_as_parsed()
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
