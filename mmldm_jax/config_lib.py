@@ -268,6 +268,10 @@ def dit_config() -> ConfigDict:
       # moment in the clip (key frame index; the audio latent's column), so that attention can
       # pair a bounce with the tone of the same moment. Not with continuation.
       time_tokens=False,
+      # The generator's own noise schedule and prediction target ('' = `diffusion`'s, which the
+      # autoencoder's decoder uses; the reference shares one). See `generator_diffusion`.
+      schedule="",
+      prediction="",
       # Long-video continuation (side DiT over [previous latent; current noisy latent]).
       continuation=False,
       prev_depth=14,
@@ -491,6 +495,11 @@ def validate(config: ConfigDict) -> None:
     fail("diffusion.schedule", config.diffusion.schedule, "'scaled_linear', 'linear' or 'cosine'")
   if config.diffusion.prediction not in ("eps", "v"):
     fail("diffusion.prediction", config.diffusion.prediction, "'eps' or 'v'")
+  if config.dit.schedule not in ("", "scaled_linear", "linear", "cosine"):
+    fail("dit.schedule", config.dit.schedule,
+         "'' (diffusion.schedule), 'scaled_linear', 'linear' or 'cosine'")
+  if config.dit.prediction not in ("", "eps", "v"):
+    fail("dit.prediction", config.dit.prediction, "'' (diffusion.prediction), 'eps' or 'v'")
   if config.sample.sampler not in ("ddim", "dpm_solver++"):
     fail("sample.sampler", config.sample.sampler, "'ddim' or 'dpm_solver++'")
   def one_of(field: str, value: Any, allowed: tuple) -> None:

@@ -327,6 +327,36 @@ def test_a2v_returns_the_given_audio(tiny_config, tiny_model, random_apply):
     dit.sample_latents(params, tiny_config, jax.random.PRNGKey(15), 2, model=tiny_model, mode="v2a")
 
 
+def test_generator_diffusion_overrides_only_the_generator(tiny_config, tiny_model, random_apply):
+  """`dit.schedule` / `dit.prediction` give the DiT's loss and sampler what the same values in
+  `diffusion` give them, and leave `diffusion` (the autoencoder's decoder reads it) as it was."""
+  params, _ = random_apply
+  def configured(**fields):
+    config = tiny_config.copy_and_resolve_references()
+    config.unlock()
+    for field, value in fields.items():
+      section, name = field.split("__")
+      config[section][name] = value
+    config.lock()
+    config_lib.validate(config)
+    return config
+  default = configured()
+  own = configured(dit__schedule="cosine", dit__prediction="v")
+  shared = configured(diffusion__schedule="cosine", diffusion__prediction="v")
+  assert own.diffusion.to_dict() == default.diffusion.to_dict()
+  assert dit.generator_diffusion(own).to_dict() == shared.diffusion.to_dict()
+  batch = {name + "_latent": value for name, value in latents(tiny_model, 2, seed=16).items()}
+  loss = lambda config: float(dit.generator_loss(params, batch, jax.random.PRNGKey(17), config,
+                                                 model=tiny_model)[0])
+  assert loss(own) == loss(shared) != loss(default)
+  sample = lambda config: dit.sample_latents(params, config, jax.random.PRNGKey(18), 2,
+                                             model=tiny_model)["video"]
+  np.testing.assert_array_equal(sample(own), sample(shared))
+  assert np.abs(np.asarray(sample(own)) - np.asarray(sample(default))).max() > 1e-3
+  with pytest.raises(ValueError, match="dit.prediction"):
+    configured(dit__prediction="x0")
+
+
 @pytest.mark.parametrize("continuation", [False, True])
 def test_analytic_flops_match_xla(continuation):
   config = config_lib.load(os.path.join(CONFIGS, "aist.py"))

@@ -493,9 +493,26 @@ def training_conditioning(rng: Array, batch: Mapping[str, Array], config) -> dic
   return cond
 
 
+def generator_diffusion(config):
+  """The generator's `diffusion` section: `config.diffusion` with `config.dit.schedule` and
+  `config.dit.prediction` in place of its own where they are set.
+
+  The autoencoder's decoder keeps `config.diffusion`, so the two diffusion models of the chain can
+  use different noise schedules and targets: the decoder denoises 8x8 VAE latents of single frames,
+  the DiT the whole clip's compact latents, whose global layout (which key frames agree) is decided
+  at high noise levels.
+  """
+  diffusion = config.diffusion.copy_and_resolve_references()
+  for field in ("schedule", "prediction"):
+    if config.dit[field]:
+      diffusion[field] = config.dit[field]
+  return diffusion
+
+
 def generator_loss(params, batch: Mapping[str, Array], rng: Array, config,
                    model: MMDiT | None = None) -> tuple[Array, dict[str, Array]]:
-  """The generator objective: eps (or v) MSE summed over audio and video, ONE timestep per sample.
+  """The generator objective: eps (or v) MSE summed over audio and video, ONE timestep per sample,
+  under `generator_diffusion(config)`.
 
   batch: 'audio_latent' [B, ha, wa, C], 'video_latent' [B, hv, wv, C], optional 'text' [B, L, 768],
   and 'prev_audio_latent' / 'prev_video_latent' with config.dit.continuation. Jit it with
@@ -503,7 +520,8 @@ def generator_loss(params, batch: Mapping[str, Array], rng: Array, config,
   """
   from mmldm_jax.diffusion import losses, schedules
   model = model or build_dit(config)
-  schedule = schedules.make_schedule(config.diffusion)
+  diffusion = generator_diffusion(config)
+  schedule = schedules.make_schedule(diffusion)
   cond_rng, loss_rng = jax.random.split(rng)
   cond = training_conditioning(cond_rng, batch, config)
 
@@ -512,7 +530,7 @@ def generator_loss(params, batch: Mapping[str, Array], rng: Array, config,
 
   x0 = {"audio": batch["audio_latent"], "video": batch["video_latent"]}
   return losses.denoising_loss(model_fn, schedule, x0, loss_rng,
-                               prediction=config.diffusion.prediction, shared_timesteps=True)
+                               prediction=diffusion.prediction, shared_timesteps=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -570,6 +588,9 @@ def sample_latents(params, config, rng: Array, batch_size: int, *, model: MMDiT 
   def model_fn(x, t, c):
     return model.apply({"params": params}, x, t, c)
 
+  # The sampler reads the prediction target from the config it is given.
+  config = config.copy_and_resolve_references()
+  config.diffusion = generator_diffusion(config)
   out = samplers.sample(config, model_fn, schedules.make_schedule(config.diffusion), x_init,
                         sample_rng, cond=cond, uncond=uncond, guidance=guidance, fixed=fixed)
   if given is not None:
