@@ -9,13 +9,15 @@ fixtures (a model initialised once per file) are still built once."""
 import gc
 import os
 
-# LLVM's -O1 instead of XLA:CPU's default -O2 for the kernels XLA:CPU generates: the suite's time is
-# mostly compiling, and LLVM's optimisation and code generation are most of a compile. Measured on
-# the tiny autoencoder's generator loss (one core, 2026-12-05, benchmarks/README.md): its gradient
-# compiled in 124 s against 154 s and then ran at the same speed (1.05-1.08 s against 0.97-1.12 s a
-# call); its forward 34 s against 48 s. The optimisation level changes which machine code runs, not
-# what is computed (no fast-math), so numerics stay IEEE float32. `python -m mmldm_jax.main` keeps
-# the default (training runs long enough to pay for -O2); a level in XLA_FLAGS wins.
+# LLVM's -O1 instead of XLA's default level 3 for the kernels XLA:CPU generates: the suite's time
+# is mostly compiling, and LLVM's optimisation and code generation are most of a compile. Measured
+# on the tiny autoencoder's generator loss (one core, 2026-12-05, benchmarks/README.md): its
+# gradient compiled in 124 s against 154 s and then ran at the same speed (1.05-1.08 s against
+# 0.97-1.12 s a call); its forward 34 s against 48 s. The level changes the machine code, not the
+# program: float32 results may differ in the last bits (another vectorised summation order), as on
+# another CPU, so every process a test compares carries the same flags (subprocesses inherit
+# XLA_FLAGS). `python -m mmldm_jax.main` keeps the default (training runs long enough to pay for
+# it); a level named in XLA_FLAGS wins.
 _TEST_XLA_FLAGS = ["--xla_force_host_platform_device_count=8"]
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   _TEST_XLA_FLAGS.append("--xla_backend_optimization_level=1")
