@@ -11,9 +11,9 @@ import os
 
 # LLVM's -O1 instead of XLA's default level 3 for the kernels XLA:CPU generates: the suite's time
 # is mostly compiling, and LLVM's optimisation and code generation are most of a compile. Measured
-# on the tiny autoencoder's generator loss (one core, 2026-12-05, benchmarks/README.md): its
-# gradient compiled in 124 s against 154 s and then ran at the same speed (1.05-1.08 s against
-# 0.97-1.12 s a call); its forward 34 s against 48 s. The level changes the machine code, not the
+# on the tiny autoencoder's generator loss (benchmarks/autoencoder_compile.py, one core,
+# 2026-12-05): its gradient compiled in 118 s against 142 s and then ran as fast (0.62 s against
+# 0.69 s a call), its forward in 31 s against 49 s. The level changes the machine code, not the
 # program: float32 results may differ in the last bits (another vectorised summation order), as on
 # another CPU, so every process a test compares carries the same flags (subprocesses inherit
 # XLA_FLAGS). `python -m mmldm_jax.main` keeps the default (training runs long enough to pay for
