@@ -291,15 +291,40 @@ def compile_in_step(jitted, *args, name: str):
 # within noise, and the first step loses YNNPACK's 1-2 s of set-up. Only the CPU backend reads it.
 CPU_XLA_FLAGS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
+# Set only when no accelerator can start (`cpu_only_run`): LLVM's -O1 instead of XLA's default
+# level 3 for the kernels XLA generates. On XLA:CPU most compile time is LLVM optimising and
+# emitting those kernels, and at this project's CPU sizes -O1's kernels run as fast: the demo
+# config's train steps, one core each, -O1 against level 3 (benchmarks/README.md, 2026-12-05):
+# compile VAE 13.7 s / 22.6 s, autoencoder 155 s / 187 s, DiT 10.0 s / 16.1 s; step VAE 0.79 s /
+# 0.90 s, autoencoder 0.40 s / 0.38-0.46 s, DiT 7.1 ms / 9.4 ms. The GPU compiler reads the same
+# flag for its own kernels, which is why it is not set where an accelerator may run.
+CPU_ONLY_XLA_FLAGS = {"xla_backend_optimization_level": "1"}
+
+# Packages whose presence means JAX may start an accelerator backend instead of the CPU.
+_ACCELERATOR_PACKAGES = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
+                         "jax_rocm7_plugin", "libtpu")
+
+
+def cpu_only_run() -> bool:
+  """Whether JAX can only start its CPU backend here: JAX_PLATFORMS names nothing but 'cpu', or
+  it is unset and no accelerator plugin (CUDA, ROCm, TPU) is installed. Looks at the environment
+  only, so it can run before XLA reads its flags."""
+  import importlib.util  # noqa: PLC0415
+  platforms = [name.strip() for name in os.environ.get("JAX_PLATFORMS", "").split(",") if name.strip()]
+  if platforms:
+    return set(platforms) == {"cpu"}
+  return not any(importlib.util.find_spec(package) for package in _ACCELERATOR_PACKAGES)
+
 
 def set_cpu_xla_flags() -> list[str]:
-  """Appends `CPU_XLA_FLAGS` to the XLA_FLAGS environment variable, leaving out any flag that
-  XLA_FLAGS already names (the user's choice wins). XLA reads XLA_FLAGS once, when the first
-  backend starts, so this must run before the first JAX computation; it raises RuntimeError after
-  it. Returns the flags it added."""
+  """Appends `CPU_XLA_FLAGS` (and, when `cpu_only_run()`, `CPU_ONLY_XLA_FLAGS`) to the XLA_FLAGS
+  environment variable, leaving out any flag that XLA_FLAGS already names (the user's choice
+  wins). XLA reads XLA_FLAGS once, when the first backend starts, so this must run before the
+  first JAX computation; it raises RuntimeError after it. Returns the flags it added."""
   current = os.environ.get("XLA_FLAGS", "")
   named = {word.lstrip("-").split("=", 1)[0] for word in current.split()}
-  added = [f"--{name}={value}" for name, value in CPU_XLA_FLAGS.items() if name not in named]
+  wanted = dict(CPU_XLA_FLAGS, **(CPU_ONLY_XLA_FLAGS if cpu_only_run() else {}))
+  added = [f"--{name}={value}" for name, value in wanted.items() if name not in named]
   if not added:
     return []
   from jax._src import xla_bridge  # noqa: PLC0415  (the only way to ask whether XLA has started)

@@ -9,19 +9,13 @@ fixtures (a model initialised once per file) are still built once."""
 import gc
 import os
 
-# LLVM's -O1 instead of XLA's default level 3 for the kernels XLA:CPU generates: the suite's time
-# is mostly compiling, and LLVM's optimisation and code generation are most of a compile. Measured
-# on the tiny autoencoder's generator loss (benchmarks/autoencoder_compile.py, one core,
-# 2026-12-05): its gradient compiled in 118 s against 142 s and then ran as fast (0.62 s against
-# 0.69 s a call), its forward in 31 s against 49 s. The level changes the machine code, not the
-# program: float32 results may differ in the last bits (another vectorised summation order), as on
-# another CPU, so every process a test compares carries the same flags (subprocesses inherit
-# XLA_FLAGS). `python -m mmldm_jax.main` keeps the default (training runs long enough to pay for
-# it); a level named in XLA_FLAGS wins.
-_TEST_XLA_FLAGS = ["--xla_force_host_platform_device_count=8"]
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-  _TEST_XLA_FLAGS.append("--xla_backend_optimization_level=1")
-os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", "")] + _TEST_XLA_FLAGS).strip()
+# The suite runs on the CPU backend, with the XLA:CPU flags of `python -m mmldm_jax.main`
+# (`parallel.set_cpu_xla_flags`, below): YNNPACK fusions off and, since only the CPU can start,
+# LLVM's -O1 for XLA's kernels, which is most of what the suite spends its time on (compiling).
+# Subprocesses inherit XLA_FLAGS, so every process a test compares bitwise carries the same flags
+# (float32 results may differ in the last bits under another LLVM level, as on another CPU).
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),
+                                    "--xla_force_host_platform_device_count=8"]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402  (after XLA_FLAGS)
