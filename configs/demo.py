@@ -3,15 +3,16 @@
 Run:
   python -m mmldm_jax.main --config=configs/demo.py --workdir=runs/demo
 
-Cost: measured 13 min 49 s on 2 CPU cores from a fresh clone (2026-12-04, commit bf63bd9, install
-included, empty compile cache, on a fast day: at an older commit the same VAE stage took twice as
-long on 2026-12-03, when the demo took 27 to 31 minutes; the README has the breakdown), 4.5 to 6.5
+Cost: measured 12 min 20 s on 2 CPU cores from a fresh clone (2026-12-05, commit f6d4bc6, install
+included, empty compile cache; 13 min 49 s at bf63bd9 the day before, and 27 to 31 minutes on a slow
+day of this machine at an older commit; the README has the breakdown), 4.5 to 6.5
 GB of memory and a few hundred MB of disk.
 The samples show muddy scene-class backgrounds with coloured objects that change place during the
 clip, but in jumps (the decoder switches between what it keeps of the four key frames rather than
 moving the objects smoothly), often in the wrong colour, and quiet sound whose tones land on the
-bounces hardly more often than on another sample's (sync F1 0.13-0.33 in the runs so far, 8 samples
-each, each about its shuffled pairs' score; real clips 0.99). The synthetic clips (coloured objects
+bounces more often than on another sample's in the latest run only (sync F1 0.13-0.33 in earlier
+runs, each about its shuffled pairs' score; 0.54 against 0.31 at f6d4bc6, over 27 tone onsets in
+8 samples; real clips 0.99). The synthetic clips (coloured objects
 bouncing over a class-dependent background; every wall hit is a tone whose pitch is the object's
 colour) are generated from a seed, so nothing is downloaded. Frames are 64x64 at 10 fps, audio 16
 kHz; every network is the `tiny` size of the paper configs, trained from scratch without
