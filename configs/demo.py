@@ -11,7 +11,7 @@ The samples show muddy scene-class backgrounds with coloured objects that change
 clip, but in jumps (the decoder switches between what it keeps of the four key frames rather than
 moving the objects smoothly), often in the wrong colour, and quiet sound whose tones land on the
 bounces more often than on another sample's in the latest run only (sync F1 0.13-0.33 in earlier
-runs, each about its shuffled pairs' score; 0.54 against 0.31 at f6d4bc6, over 27 tone onsets in
+runs, each about its shuffled pairs' score; 0.54 against 0.31 at f6d4bc6, over 27 bounces in
 8 samples; real clips 0.99). The synthetic clips (coloured objects
 bouncing over a class-dependent background; every wall hit is a tone whose pitch is the object's
 colour) are generated from a seed, so nothing is downloaded. Frames are 64x64 at 10 fps, audio 16
