@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
-from absl import logging
+from absl import flags, logging
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -261,21 +261,38 @@ def per_process_batch_size(global_batch_size: int, mesh: Mesh, field: str) -> in
 _barrier_count = 0
 
 
+def wait_for_all_processes(name: str, timeout_s: float = 3600.0) -> None:
+  """Blocks until every process has reached this point: a barrier of the coordination service
+  that `jax.distributed` started, not a device collective. Does nothing in a single process.
+
+  Why not `multihost_utils.sync_global_devices`: that is a collective, and on CPU the first
+  collective over a set of devices sets up its gloo communicator with a fixed 30 s deadline, so
+  a process arriving more than 30 s after another (still compiling, or slowed by a busy machine)
+  fails there. Every process must call the same barriers in the same order (the name gets a
+  running count so the same name can be used again)."""
+  global _barrier_count
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # the coordination-service client (no public barrier API)
+  _barrier_count += 1
+  distributed.global_state.client.wait_at_barrier(f"mmldm_{name}_{_barrier_count}",
+                                                  int(timeout_s * 1000))
+
+
+def gather_across_processes(tree, *, name: str, tiled: bool = False):
+  """`multihost_utils.process_allgather(tree, tiled=tiled)` after `wait_for_all_processes(name)`,
+  so that the processes start the gather together (see there for the 30 s deadline on CPU)."""
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+  wait_for_all_processes(name)
+  return multihost_utils.process_allgather(tree, tiled=tiled)
+
+
 def compile_in_step(jitted, *args, name: str):
   """Compiles `jitted` for `args` (ahead of time) and, with several processes, waits until every
-  process has compiled it before returning the executable.
-
-  Why: the first collective of an executable sets up its communicator (gloo on CPU) with a fixed
-  30 s deadline; a process that finishes compiling much earlier than another would time out there.
-  The wait uses the coordination service (no collectives), with a generous timeout.
-  """
-  global _barrier_count
+  process has compiled it before returning the executable, so that no process reaches the
+  executable's first collective long before another (`wait_for_all_processes`)."""
   compiled = jitted.lower(*args).compile()
-  if jax.process_count() > 1:
-    from jax._src import distributed  # the coordination-service client (no public barrier API)
-    _barrier_count += 1
-    distributed.global_state.client.wait_at_barrier(
-        f"mmldm_compiled_{name}_{_barrier_count}", 60 * 60 * 1000)
+  wait_for_all_processes(f"compiled_{name}")
   return compiled
 
 
@@ -374,6 +391,11 @@ def maybe_initialize_distributed(config) -> bool:
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
   logging.info("jax.distributed.initialize (%s) %s", cluster, kwargs)
   jax.distributed.initialize(**kwargs)
+  # Orbax's own barriers (creating a checkpoint folder, finishing a save) are device collectives
+  # by default; this absl flag of orbax's makes them coordination-service barriers, for the
+  # reason given in `wait_for_all_processes`.
+  import orbax.checkpoint  # noqa: F401, PLC0415  (defines the flag)
+  flags.FLAGS.experimental_orbax_use_distributed_barrier = True
   logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   return True

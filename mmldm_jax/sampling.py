@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmldm_jax import config_lib
+from mmldm_jax import parallel
 from mmldm_jax.data import audio as audio_lib
 from mmldm_jax.data import video as video_lib
 
@@ -173,8 +174,7 @@ class Chain:
 def to_host(array) -> np.ndarray:
   """A (possibly multi-host, replicated) jax array as a NumPy array on this host."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+    return np.asarray(parallel.gather_across_processes(array, name="to host", tiled=True))
   return np.asarray(array)
 
 

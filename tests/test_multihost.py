@@ -1,11 +1,13 @@
 """Multi-host: two CPU processes (4 devices each, gloo collectives) train a tiny generator, save and
-restore; the launch scripts print the commands they would run."""
+restore; two processes 33 s apart still meet at the checkpoint manager and a gather; the launch
+scripts print the commands they would run."""
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -60,33 +62,60 @@ def _free_port() -> int:
     return sock.getsockname()[1]
 
 
-def _run_two_processes(workdir: str, num_steps: int) -> list[str]:
-  port = _free_port()
-  processes = []
-  for index in range(2):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-               JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(index),
-               JAX_COMPILATION_CACHE_DIR=os.path.join(REPO_ROOT, ".jax_cache"))
-    command = [sys.executable, "-m", "mmldm_jax.main",
-               f"--config={os.path.join(REPO_ROOT, 'configs', 'demo.py')}:tiny",
-               f"--workdir={workdir}", "--config.stages=generator",
-               f"--config.train_generator.num_steps={num_steps}",
-               "--config.train_generator.checkpoint_every=2", "--config.train_generator.lr=0.001",
-               "--config.train_generator.log_every=1", "--config.train_generator.eval_every=0"]
-    processes.append(subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-  outputs = []
-  for process in processes:
-    try:
-      out, _ = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
+def _start_process(index: int, port: int, local_devices: int, command: list[str], log_path: str):
+  """Starts process `index` of a 2-process CPU job (gloo collectives), its output in `log_path`:
+  a file, not a pipe, since a pipe read only after the other process ends can fill and block its
+  writer, and one blocked process stalls its peer in a collective."""
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={local_devices}",
+             JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+             JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(index))
+  with open(log_path, "w") as log:
+    return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait_for_all(processes, log_paths, timeout_s: float) -> list[str]:
+  """Waits for processes that log to `log_paths` and returns their outputs; fails at once when one
+  fails (its peers would wait in a collective) or at the timeout, with where each had got to."""
+  def outputs() -> list[str]:
+    result = []
+    for path in log_paths:
+      with open(path) as f:
+        result.append(f.read())
+    return result
+
+  def report(reason: str) -> str:
+    tails = [f"--- process {i} (exit code {p.poll()}), last lines:\n" + "\n".join(out.splitlines()[-15:])
+             for i, (p, out) in enumerate(zip(processes, outputs()))]
+    return "\n".join([reason] + tails)
+
+  deadline = time.monotonic() + timeout_s
+  while any(p.poll() is None for p in processes):
+    failed = [i for i, p in enumerate(processes) if p.poll() not in (None, 0)]
+    if failed or time.monotonic() > deadline:
       for p in processes:
         p.kill()
-      pytest.fail("a process of the 2-process run did not finish in 300 s")
-    outputs.append(out)
-    assert process.returncode == 0, out[-4000:]
-  return outputs
+        p.wait()
+      pytest.fail(report(f"process {failed[0]} failed" if failed else
+                         f"the processes did not finish in {timeout_s:.0f} s"))
+    time.sleep(0.5)
+  if any(p.returncode != 0 for p in processes):
+    pytest.fail(report("a process failed"))
+  return outputs()
+
+
+def _run_two_processes(workdir: str, num_steps: int, timeout_s: float = 300.0) -> list[str]:
+  """Runs the generator stage as process 0 and 1 of a 2-process job; returns their outputs."""
+  port = _free_port()
+  command = [sys.executable, "-m", "mmldm_jax.main",
+             f"--config={os.path.join(REPO_ROOT, 'configs', 'demo.py')}:tiny",
+             f"--workdir={workdir}", "--config.stages=generator",
+             f"--config.compilation_cache_dir={os.path.join(REPO_ROOT, '.jax_cache')}",
+             f"--config.train_generator.num_steps={num_steps}",
+             "--config.train_generator.checkpoint_every=2", "--config.train_generator.lr=0.001",
+             "--config.train_generator.log_every=1", "--config.train_generator.eval_every=0"]
+  log_paths = [os.path.join(workdir, f"process_{index}_steps_{num_steps}.log") for index in (0, 1)]
+  processes = [_start_process(index, port, 4, command, log_paths[index]) for index in (0, 1)]
+  return _wait_for_all(processes, log_paths, timeout_s)
 
 
 def test_two_processes_train_save_and_resume(tmp_path):
@@ -106,3 +135,34 @@ def test_two_processes_train_save_and_resume(tmp_path):
   with open(os.path.join(workdir, "generator", "logs", "metrics.jsonl")) as f:
     steps = [json.loads(line)["step"] for line in f]
   assert steps == [1, 2, 3]  # only process 0 writes metrics
+
+
+SKEWED_PROCESSES = """
+import sys, time
+from absl import flags
+flags.FLAGS.mark_as_parsed()
+import ml_collections
+from mmldm_jax import checkpoint as checkpoint_lib, parallel
+parallel.set_cpu_xla_flags()
+parallel.maybe_initialize_distributed(ml_collections.ConfigDict({"distributed": "auto"}))
+import jax, numpy as np
+if jax.process_index() == 1:
+  time.sleep(33)   # arrives after gloo's fixed 30 s deadline for setting up a collective
+checkpointer = checkpoint_lib.Checkpointer(sys.argv[1], save_every=1, keep=1)
+counts = parallel.gather_across_processes(np.int64(jax.process_index() + 1), name="test")
+checkpointer.close()
+print("gathered", int(np.sum(counts)))
+"""
+
+
+def test_processes_arriving_33_s_apart_meet(tmp_path):
+  """A process that reaches the checkpoint manager (orbax's barrier) and a gather 33 s after the
+  other, as one still compiling on a busy machine does, still meets it there: the barriers go
+  through the coordination service, not through a CPU collective with its 30 s set-up deadline
+  (which failed here before)."""
+  port = _free_port()
+  command = [sys.executable, "-c", SKEWED_PROCESSES, str(tmp_path / "checkpoints")]
+  log_paths = [str(tmp_path / f"process_{index}.log") for index in (0, 1)]
+  processes = [_start_process(index, port, 2, command, log_paths[index]) for index in (0, 1)]
+  outputs = _wait_for_all(processes, log_paths, timeout_s=240)
+  assert all("gathered 3" in out for out in outputs)

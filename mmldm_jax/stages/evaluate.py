@@ -86,6 +86,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from mmldm_jax import parallel
 from mmldm_jax import sampling
 from mmldm_jax import workdir as workdir_lib
 from mmldm_jax.data import audio as audio_lib
@@ -484,8 +485,8 @@ def generated_clips(item: SampleFile, frames: np.ndarray, waveform: np.ndarray, 
 
 
 def _sum_over_processes(value: int) -> int:
-  from jax.experimental import multihost_utils
-  return int(np.sum(multihost_utils.process_allgather(np.asarray(value, np.int64))))
+  return int(np.sum(parallel.gather_across_processes(np.asarray(value, np.int64),
+                                                     name="evaluate clip count")))
 
 
 def compute_share(config, samples_folder: str, data_folder: str, work_folder: str,
@@ -789,13 +790,12 @@ def run(config, workdir: str) -> None:
   logging.info("evaluate: scoring the samples in %s against the clips of %s", samples_folder,
                workdir_lib.data_folder(config, workdir))
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     os.makedirs(work_folder, exist_ok=True)
     computed = compute_share(config, samples_folder, workdir_lib.data_folder(config, workdir),
                              work_folder, jax.process_index(), jax.process_count())
     logging.info("evaluate: process %d computed %d features of its share", jax.process_index(),
                  computed)
-    multihost_utils.sync_global_devices("mmldm_evaluate_features")
+    parallel.wait_for_all_processes("evaluate features written")
   if jax.process_index() != 0:
     return
   metrics = evaluate(config, samples_folder, workdir_lib.data_folder(config, workdir), work_folder)

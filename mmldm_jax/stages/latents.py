@@ -16,7 +16,6 @@ import jax
 import numpy as np
 import tqdm
 from absl import logging
-from jax.experimental import multihost_utils
 
 from mmldm_jax import config_lib
 from mmldm_jax import parallel
@@ -88,7 +87,7 @@ def run(config, workdir: str) -> None:
                     "video_latent": _local_rows(video)[:rows],
                     **{field: padded[field][:rows] for field in latents_lib.INT_FIELDS}})
   writer.close()
-  multihost_utils.sync_global_devices("latents written")
+  parallel.wait_for_all_processes("latents written")
   if process == 0:
     counts = [(f"train-process_{p}-of-{processes}", len(range(p, total, processes)))
               for p in range(processes)]

@@ -267,6 +267,7 @@ def write_measured_scale_factor(config, workdir: str, max_images: int = 16) -> f
     return config_lib.read_scale_factor(path)
   mesh = parallel.create_mesh(config)
   params = weights.restore_vae_params(config, workdir, mesh)
+  parallel.wait_for_all_processes("vae parameters to host")
   params = jax.tree_util.tree_map(_host_copy, params)
   processes = jax.process_count()
   per_host = max(1, int(config.train_vae.batch_size) // processes)
@@ -277,7 +278,8 @@ def write_measured_scale_factor(config, workdir: str, max_images: int = 16) -> f
                                            ("target_frames", "audio")}))[:max_images]
   factor = vae_lib.measured_scale_factor(vae_lib.build_vae(config), params, images)
   # Every process measured its own images: pool the variances so all agree on one factor.
-  variances = multihost_utils.process_allgather(np.float64(1.0 / factor ** 2))
+  variances = parallel.gather_across_processes(np.float64(1.0 / factor ** 2),
+                                              name="vae scale factor")
   factor = float(1.0 / np.sqrt(np.mean(variances)))
   if jax.process_index() == 0:
     temporary = path + ".tmp"
@@ -285,7 +287,7 @@ def write_measured_scale_factor(config, workdir: str, max_images: int = 16) -> f
       json.dump({"scale_factor": factor, "images_per_process": int(len(images)),
                  "processes": processes}, f, indent=2)
     os.replace(temporary, path)
-  multihost_utils.sync_global_devices("vae scale factor written")
+  parallel.wait_for_all_processes("vae scale factor written")
   logging.info("vae: measured scale factor %.6g (latent std %.4g) -> %s", factor, 1.0 / factor,
                path)
   return factor
