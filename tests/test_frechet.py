@@ -52,6 +52,28 @@ def test_general_covariances_match_scipy_sqrtm():
     assert ours > 0
 
 
+def test_small_sets_route_equals_the_covariance_route():
+  """Sets narrower than the features (rank-deficient covariances): the n x m route of
+  `set_distances` gives the d x d eigendecomposition route's number. The d x d route's error
+  bound: each of its d - rank zero eigenvalues comes out as round-off of up to eps times the
+  largest one, and contributes the square root of that, so it is within 2 d sqrt(eps |S1| |S2|)."""
+  rng = np.random.default_rng(4)
+  for n, m, dim in ((4, 12, 64), (12, 12, 300), (30, 9, 48)):
+    x = rng.normal(size=(n, dim)) * rng.uniform(0.5, 2.0, dim)
+    y = rng.normal(size=(m, dim)) + 0.3
+    stats = [frechet.FeatureStats(dim), frechet.FeatureStats(dim)]
+    stats[0].update(x)
+    stats[1].update(y)
+    expected = frechet.frechet_distance_of(*stats)
+    norms = [np.linalg.norm(stat.covariance, 2) for stat in stats]
+    bound = 2 * dim * np.sqrt(np.finfo(np.float64).eps * norms[0] * norms[1])
+    assert frechet.frechet_distance_of_small_sets(x, y) == pytest.approx(expected, abs=bound)
+    assert frechet.set_distances(x, y)["frechet"] == pytest.approx(expected, abs=bound)
+    assert bound < 1e-6 * expected
+  same = rng.normal(size=(5, 40))
+  assert frechet.frechet_distance_of_small_sets(same, same) == pytest.approx(0.0, abs=1e-9)
+
+
 def test_sampled_gaussians_approach_the_closed_form():
   rng = np.random.default_rng(2)
   dim = 4
