@@ -125,7 +125,7 @@ def test_sharded_cnn14_equals_one_device(torch_model_and_file):
                         rng.normal(0, 0.01, len(time)) for i in range(11)]).astype(np.float32)
   expected = single(waveforms)
   got = sharded(waveforms)            # 11 clips: padded to 16, two per device
-  assert sharded._embed.batch_sharding.mesh.devices.size == 8
+  assert sharded._embed.placement(8)[0].mesh.devices.size == 8
   scale = np.abs(expected).max()
   np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * scale)
   assert np.abs(expected[0] - expected[5]).max() > 1e-2 * scale   # the check has teeth

@@ -6,12 +6,10 @@ batch of clips over every local device along a one-axis 'data' mesh, with the we
 training mesh of `config.mesh` is not needed). Across hosts the stage gives every process its own
 share of the clips (`stages/evaluate.py`), so no computation spans processes.
 
-Limits: every batch runs on all the devices, padded with copies of its last clip (their outputs
-dropped) to the device count times a power of two, so that the batches of a run (full ones, and
-the shorter last one of each pass) compile at most log2(batch / devices) + 1 programs, not one per
-length: at this project's sizes a feature network's compile costs more than running it on a few
-padding clips. Padding wastes less than half of a batch, and nothing for full batches whose size
-is the device count times a power of two.
+Limits: a batch of at least as many clips as devices is padded with copies of its last clip to a
+multiple of the device count (the padding's outputs are dropped), so batch sizes that are multiples
+of it waste nothing; a smaller batch runs on as many devices as it has clips (the weights are then
+also placed on that subset, once). Each new batch shape compiles once.
 """
 from __future__ import annotations
 
@@ -32,24 +30,28 @@ class DataParallel:
     self.devices = list(jax.local_devices() if devices is None else devices)
     if not self.devices:
       raise ValueError("DataParallel: no devices given")
-    mesh = Mesh(np.asarray(self.devices), ("data",))
-    self.batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
-    self._variables = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
+    self._host_variables = variables
+    self._placements: dict[int, tuple[NamedSharding, Any]] = {}
     self._function = jax.jit(function)
 
-  def padded_size(self, count: int) -> int:
-    """The batch length that `count` clips are padded to: the device count times the smallest
-    power of two that holds them."""
-    per_device = -(-count // len(self.devices))
-    return len(self.devices) * (1 << (per_device - 1).bit_length())
+  def placement(self, count: int) -> tuple[NamedSharding, Any]:
+    """(the batch sharding, the replicated variables) on the first `count` devices."""
+    if count not in self._placements:
+      mesh = Mesh(np.asarray(self.devices[:count]), ("data",))
+      self._placements[count] = (NamedSharding(mesh, PartitionSpec("data")),
+                                 jax.device_put(self._host_variables,
+                                                NamedSharding(mesh, PartitionSpec())))
+    return self._placements[count]
 
   def __call__(self, batch: np.ndarray) -> Any:
     batch = np.asarray(batch)
     count = len(batch)
     if count == 0:
       raise ValueError("DataParallel: empty batch")
-    padded = self.padded_size(count)
+    used = min(count, len(self.devices))
+    padded = -(-count // used) * used
     if padded > count:
       batch = np.concatenate([batch, np.repeat(batch[-1:], padded - count, axis=0)])
-    outputs = self._function(self._variables, jax.device_put(batch, self.batch_sharding))
+    sharding, variables = self.placement(used)
+    outputs = self._function(variables, jax.device_put(batch, sharding))
     return jax.tree.map(lambda value: np.asarray(value)[:count], outputs)
