@@ -72,6 +72,8 @@ def test_small_sets_route_equals_the_covariance_route():
     assert bound < 1e-6 * expected
   same = rng.normal(size=(5, 40))
   assert frechet.frechet_distance_of_small_sets(same, same) == pytest.approx(0.0, abs=1e-9)
+  with pytest.raises(ValueError, match=r"\[n, d\] and \[m, d\]"):
+    frechet.set_distances(rng.normal(size=(4, 40)), rng.normal(size=(4, 41)))
 
 
 def test_sampled_gaussians_approach_the_closed_form():

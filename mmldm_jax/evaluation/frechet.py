@@ -178,6 +178,9 @@ def frechet_distance_of_small_sets(x: np.ndarray, y: np.ndarray) -> float:
   unbiased covariances) through the n x m matrix of centred products (module doc): exact, and
   cheaper than the d x d route when n or m is below d."""
   x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1] or min(len(x), len(y)) < 2:
+    raise ValueError(f"frechet_distance_of_small_sets: expected [n, d] and [m, d] features with "
+                     f"n, m >= 2, got {x.shape} and {y.shape}")
   centred_x, centred_y = x - x.mean(axis=0), y - y.mean(axis=0)
   scale_x, scale_y = len(x) - 1, len(y) - 1
   difference = x.mean(axis=0) - y.mean(axis=0)
