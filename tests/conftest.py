@@ -27,8 +27,12 @@ from mmldm_jax import parallel  # noqa: E402
 # The CPU kernel choice of `python -m mmldm_jax.main`, so that the tests run what users run.
 parallel.set_cpu_xla_flags()
 
-jax.config.update("jax_compilation_cache_dir",
-                  os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
+# The suite's compile cache. Tests that start `python -m mmldm_jax.main` pass it on with
+# SUITE_CACHE_FLAG, so that their programs land here rather than in the user's cache folder (the
+# entry point's default, `config.compilation_cache_dir='auto'`).
+SUITE_CACHE = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
+SUITE_CACHE_FLAG = f"--config.compilation_cache_dir={SUITE_CACHE}"
+jax.config.update("jax_compilation_cache_dir", SUITE_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 # The suite's two processes (pytest -n 2) share this folder without a lock (JAX locks it only with

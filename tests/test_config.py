@@ -8,6 +8,8 @@ import pytest
 
 from mmldm_jax import config_lib
 
+from conftest import SUITE_CACHE_FLAG
+
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
@@ -89,7 +91,8 @@ def run_main(workdir, *flags):
   """`python -m mmldm_jax.main` on the demo config with extra flags; the finished process."""
   return subprocess.run(
       [sys.executable, "-m", "mmldm_jax.main", f"--config={CONFIGS}/demo.py",
-       f"--workdir={workdir}", *flags], capture_output=True, text=True, timeout=300)
+       f"--workdir={workdir}", SUITE_CACHE_FLAG, *flags], capture_output=True, text=True,
+      timeout=300)
 
 
 @pytest.mark.subprocess

@@ -13,12 +13,14 @@ from mmldm_jax.data import records
 from mmldm_jax.data import video
 from mmldm_jax.stages import data as stage
 
+from conftest import SUITE_CACHE_FLAG
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_main(workdir, *extra):
   command = [sys.executable, "-m", "mmldm_jax.main", "--config=configs/demo.py:tiny",
-             f"--workdir={workdir}", "--config.stages=data", *extra]
+             f"--workdir={workdir}", "--config.stages=data", SUITE_CACHE_FLAG, *extra]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -91,7 +93,7 @@ def test_rerun_skips(workdir):
 def test_records_source_needs_an_index(tmp_path):
   command = [sys.executable, "-m", "mmldm_jax.main", "--config=configs/demo.py:tiny",
              f"--workdir={tmp_path}", "--config.data.source=records",
-             f"--config.data.data_dir={tmp_path / 'missing'}"]
+             f"--config.data.data_dir={tmp_path / 'missing'}", SUITE_CACHE_FLAG]
   result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert result.returncode != 0

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, SUITE_CACHE_FLAG
 
 LAUNCH = os.path.join(REPO_ROOT, "launch")
 
@@ -109,7 +109,7 @@ def _run_two_processes(workdir: str, num_steps: int, timeout_s: float = 300.0) -
   command = [sys.executable, "-m", "mmldm_jax.main",
              f"--config={os.path.join(REPO_ROOT, 'configs', 'demo.py')}:tiny",
              f"--workdir={workdir}", "--config.stages=generator",
-             f"--config.compilation_cache_dir={os.path.join(REPO_ROOT, '.jax_cache')}",
+             SUITE_CACHE_FLAG,
              f"--config.train_generator.num_steps={num_steps}",
              "--config.train_generator.checkpoint_every=2", "--config.train_generator.lr=0.001",
              "--config.train_generator.log_every=1", "--config.train_generator.eval_every=0"]
