@@ -26,6 +26,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint._src.metadata import array_metadata_store
+from orbax.checkpoint._src.serialization import type_handler_registry
 
 
 def _write_each_array_from_one_replica_on_cpu() -> None:
@@ -37,13 +38,19 @@ def _write_each_array_from_one_replica_on_cpu() -> None:
   each slice is an eager `slice` that XLA compiles once per array shape and device: saving the
   tiny autoencoder on the test suite's 8 CPU devices compiled 120 such programs (13 s). With it
   off, replica 0 writes each array whole; the files are the same format and restore unchanged.
-  Orbax's handler registry is global, so this applies to every save in the process."""
-  if jax.default_backend() != "cpu":
+  Orbax's handler registry is global, so this applies to every save in the process; it is set
+  once, without the warning Orbax's public `register_type_handler` logs for each override."""
+  global _ARRAY_HANDLER_SET
+  if _ARRAY_HANDLER_SET or jax.default_backend() != "cpu":
     return
-  ocp.type_handlers.register_type_handler(
+  type_handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(
       jax.Array, ocp.type_handlers.ArrayHandler(
           array_metadata_store=array_metadata_store.Store(), use_replica_parallel=False),
-      override=True)
+      override=True, ignore_warnings=True)
+  _ARRAY_HANDLER_SET = True
+
+
+_ARRAY_HANDLER_SET = False
 
 
 def saved_steps(directory: str) -> list[int]:
