@@ -28,6 +28,9 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint._src.metadata import array_metadata_store
 from orbax.checkpoint._src.serialization import type_handler_registry
 
+# Whether `_write_each_array_from_one_replica_on_cpu` has set Orbax's array handler in this process.
+_ARRAY_HANDLER_SET = False
+
 
 def _write_each_array_from_one_replica_on_cpu() -> None:
   """On a CPU-only backend, registers Orbax's array handler with replica-parallel saving off.
@@ -49,9 +52,6 @@ def _write_each_array_from_one_replica_on_cpu() -> None:
           array_metadata_store=array_metadata_store.Store(), use_replica_parallel=False),
       override=True, ignore_warnings=True)
   _ARRAY_HANDLER_SET = True
-
-
-_ARRAY_HANDLER_SET = False
 
 
 def saved_steps(directory: str) -> list[int]:

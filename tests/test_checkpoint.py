@@ -144,7 +144,8 @@ def test_params_only_restore_equals_the_params_of_a_full_restore(tmp_path, with_
 def test_saving_replicated_arrays_on_cpu_compiles_nothing(tmp_path):
   """On the CPU backend each replicated array is written whole by one replica. Orbax's default,
   replica-parallel saving, slices every replicated array per device with an eager `slice` that
-  XLA compiles once per shape and device (120 programs for the tiny autoencoder on 8 devices)."""
+  XLA compiles once per shape and device (120 programs for one save of the demo:tiny VAE stage on
+  8 devices)."""
   import logging
   mesh = Mesh(np.array(jax.devices()).reshape(1, 8, 1), ("data", "fsdp", "tensor"))
   replicated = NamedSharding(mesh, P())
@@ -168,8 +169,10 @@ def test_saving_replicated_arrays_on_cpu_compiles_nothing(tmp_path):
   finally:
     logger.removeHandler(recorder)
   assert compiled == [], compiled
-  restored = checkpoint_lib.Checkpointer(str(tmp_path), save_every=1, keep=1).restore(
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), save_every=1, keep=1)
+  restored = checkpointer.restore(
       1, checkpoint_lib.abstract_with_shardings(jax.eval_shape(lambda: state),
                                                 jax.tree.map(lambda _: replicated, state)))
+  checkpointer.close()
   for name, array in state.items():
     np.testing.assert_array_equal(np.asarray(restored[name]), np.asarray(array))
