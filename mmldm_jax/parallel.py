@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
@@ -287,13 +288,49 @@ def gather_across_processes(tree, *, name: str, tiled: bool = False):
   return multihost_utils.process_allgather(tree, tiled=tiled)
 
 
-def compile_in_step(jitted, *args, name: str):
-  """Compiles `jitted` for `args` (ahead of time) and, with several processes, waits until every
-  process has compiled it before returning the executable, so that no process reaches the
-  executable's first collective long before another (`wait_for_all_processes`)."""
-  compiled = jitted.lower(*args).compile()
-  wait_for_all_processes(f"compiled_{name}")
-  return compiled
+class BackgroundCompile:
+  """Compiles `jitted` for `args` (abstract `jax.ShapeDtypeStruct`s with shardings, or arrays)
+  ahead of time on a second thread; given a `mesh`, under `activation_rules(mesh, rules)` (the
+  train step is traced there; quality-signal programs are not).
+
+  Why: XLA:CPU compiles one program on one thread, so on a CPU the train step's compile (the
+  demo autoencoder's: about 100 s) can run beside the state's init compile or checkpoint restore
+  instead of after it. Measured on a 2-core machine, the demo autoencoder's init then step: 138 s
+  one after the other, 102 s side by side (benchmarks/README.md). `result()` waits for the
+  executable, raises what the compile raised, and, with several processes, waits until every
+  process has compiled it (`wait_for_all_processes`), so that no process reaches the executable's
+  first collective long before another. The barrier runs on the calling thread, in the order of
+  the caller's other barriers."""
+
+  def __init__(self, jitted, *args, name: str, mesh: Mesh | None = None, rules=()):
+    self._name = name
+    self._outcome: dict[str, Any] = {}
+    context = (lambda: activation_rules(mesh, rules)) if mesh is not None else contextlib.nullcontext
+
+    def compile_step():
+      try:
+        with context():  # contexts are per thread: entered here
+          self._outcome["compiled"] = jitted.lower(*args).compile()
+      except Exception as error:  # noqa: BLE001  re-raised by result() on the caller's thread
+        self._outcome["error"] = error
+
+    # A daemon thread: an error on the main thread ends the process without waiting for it.
+    self._thread = threading.Thread(target=compile_step, name=f"compile_{name}", daemon=True)
+    self._thread.start()
+
+  def result(self):
+    """The compiled executable, once it is compiled here and on every process."""
+    self._thread.join()
+    if "error" in self._outcome:
+      raise self._outcome["error"]
+    wait_for_all_processes(f"compiled_{self._name}")
+    return self._outcome["compiled"]
+
+
+def abstract_like(tree):
+  """`jax.ShapeDtypeStruct`s (shape, dtype, sharding) of the arrays in `tree`: what
+  `BackgroundCompile` compiles for."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
 # ------------------------------------------------------------------------------------------------

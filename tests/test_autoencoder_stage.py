@@ -14,6 +14,7 @@ from mmldm_jax import parallel
 from mmldm_jax.stages import vae as vae_stage
 from mmldm_jax.train import loop
 from mmldm_jax.train import tasks
+from mmldm_jax.train import weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,6 +61,13 @@ def test_autoencoder_quality_signals_are_computed_and_logged(tmp_path):
   samples = config_lib.clip_samples(config)
   assert [sound.shape for sound in sounds.values()] == [(samples,)] * 2
   assert all(np.isfinite(sound).all() and np.abs(sound).max() > 0 for sound in sounds.values())
+
+  # Compiled ahead on a second thread (as the training loop does), the same program: same values.
+  evaluate, compile_ahead = tasks.autoencoder_quality_signals(
+      config, workdir, weights.autoencoder_system(config, factor))
+  placed = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  compile_ahead(parallel.abstract_like(placed), frozen, mesh)
+  assert evaluate(placed, frozen, mesh)[0] == scalars
 
   writer = metrics.MetricsWriter(str(tmp_path / "logs"), total_steps=7, global_batch_size=1,
                                  log_every=1)

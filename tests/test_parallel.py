@@ -119,6 +119,34 @@ def test_activation_constraint_inside_jit():
   assert out.sharding.spec == P(("data", "fsdp"))
 
 
+def test_background_compile_runs_the_program_under_the_rules_and_hands_back_its_errors():
+  """The executable compiled on the second thread (abstract arguments, the mesh's activation rules
+  entered on that thread) computes what the jitted function computes, with the constraint's
+  sharding; a compile error reaches the caller from `result()`."""
+  config = _config((("data", 2), ("fsdp", 4), ("tensor", 1)))
+  mesh = parallel.create_mesh(config)
+  rules = parallel.logical_rules(config, "dit")
+
+  def constrained(x):
+    return nn.with_logical_constraint(x * 2 + 1, ("activation_batch", None))
+
+  # Replicated in, split over the batch axes out: only the constraint (rules on) splits it.
+  x = jax.device_put(np.arange(32, dtype=np.float32).reshape(8, 4), NamedSharding(mesh, P()))
+  compiled = parallel.BackgroundCompile(jax.jit(constrained), parallel.abstract_like(x),
+                                        name="test", mesh=mesh, rules=rules).result()
+  out = compiled(x)
+  assert out.sharding.spec == P(("data", "fsdp"))
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(x) * 2 + 1)
+
+  def mismatched(x):
+    return x @ jnp.ones((5, 3))   # [8, 4] @ [5, 3]: fails while tracing, on the other thread
+
+  failing = parallel.BackgroundCompile(jax.jit(mismatched), parallel.abstract_like(x),
+                                       name="failing")
+  with pytest.raises(TypeError, match="dot_general"):
+    failing.result()
+
+
 def test_detect_cluster(monkeypatch):
   for name in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS",
                "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "MEGASCALE_COORDINATOR_ADDRESS"):

@@ -66,6 +66,10 @@ class Task:
       [N, H, W, 3]}, sounds {name: float waveform [N] at config.audio.sample_rate}): quality
       signals on fixed validation clips, called every `train_config.eval_every` steps and at the
       last step; None = none.
+    compile_evaluate: (abstract params {group: tree}, frozen, mesh) -> None: starts compiling
+      `evaluate`'s programs on a second thread (`parallel.BackgroundCompile`) for `evaluate` to
+      run; called once, beside the train step's compile. None = `evaluate` compiles at its first
+      call.
 
   The step is traced under `parallel.activation_rules`, so the models' `nn.with_logical_constraint`
   calls take effect.
@@ -84,6 +88,7 @@ class Task:
   flops_per_example: float | None = None
   evaluate: Callable[[Any, Any, Any], tuple[dict[str, Any], dict[str, np.ndarray],
                                             dict[str, np.ndarray]]] | None = None
+  compile_evaluate: Callable[[Any, Any, Any], None] | None = None
 
 
 def compute_dtype(config) -> jnp.dtype:
@@ -375,6 +380,13 @@ def train(config, workdir: str, task: Task, devices=None) -> dict[str, Any]:
   step_fn = jax.jit(make_train_step(task, optimizers, config.seed),
                     in_shardings=(state_shardings, frozen_shardings, parallel.batch_sharding(mesh)),
                     out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  # Compiled on a second thread for the first batch's shapes while the state is initialised or
+  # restored below (XLA:CPU compiles one program on one thread). Taking that batch now is safe: a
+  # restore moves the iterator back to the saved position, and a fresh start trains on it.
+  first_batch = parallel.global_batch(task.to_model_batch(next(data_iterator)), mesh)
+  step_compile = parallel.BackgroundCompile(
+      step_fn, target, frozen, parallel.abstract_like(first_batch), mesh=mesh, rules=rules,
+      name=f"{task.name}_step")
 
   # ---- Checkpoint restore ----------------------------------------------------------------------
   checkpointer = checkpoint_lib.Checkpointer(
@@ -383,6 +395,7 @@ def train(config, workdir: str, task: Task, devices=None) -> dict[str, Any]:
   latest = checkpointer.latest_step()
   if latest is not None:
     state = checkpointer.restore(latest, target, data_iterator=data_iterator)
+    first_batch = None  # the restored iterator yields the saved position's batch next
     logging.info("%s: resuming at step %d", task.name, latest)
   else:
     # No rule context here: Flax would constrain scanned parameters inside the scan body, where
@@ -396,6 +409,10 @@ def train(config, workdir: str, task: Task, devices=None) -> dict[str, Any]:
   parallel.check_sharded(state["params"], mesh, exempt_bytes=exempt,
                          what=f"stage {task.name} parameters")
   start = int(jax.device_get(state["step"]))
+  eval_every = int(train_config.eval_every)
+  if task.evaluate is not None and eval_every and task.compile_evaluate is not None:
+    task.compile_evaluate(target["params"], frozen, mesh)  # beside the train step's compile
+  compiled_step = step_compile.result()
 
   # ---- Train loop ------------------------------------------------------------------------------
   writer = metrics_lib.MetricsWriter(
@@ -406,18 +423,16 @@ def train(config, workdir: str, task: Task, devices=None) -> dict[str, Any]:
   progress = tqdm.tqdm(total=num_steps, initial=start, desc=task.name, unit="step",
                        dynamic_ncols=True, disable=jax.process_index() != 0)
   previous_finite = None
-  compiled_step = None
   skipped = 0
   try:
     for step in range(start + 1, num_steps + 1):
       wait_start = time.perf_counter()
-      host_batch = task.to_model_batch(next(data_iterator))
-      batch = parallel.global_batch(host_batch, mesh)
+      if first_batch is not None:
+        batch, first_batch = first_batch, None
+      else:
+        batch = parallel.global_batch(task.to_model_batch(next(data_iterator)), mesh)
       data_wait = time.perf_counter() - wait_start
       with parallel.activation_rules(mesh, rules):
-        if compiled_step is None:
-          compiled_step = parallel.compile_in_step(step_fn, state, frozen, batch,
-                                                   name=f"{task.name}_step")
         state, step_metrics = compiled_step(state, frozen, batch)
       # The previous step's NaN flag is ready by now; reading it does not stall this step.
       if previous_finite is not None and not bool(jax.device_get(previous_finite[1])):
@@ -430,7 +445,6 @@ def train(config, workdir: str, task: Task, devices=None) -> dict[str, Any]:
       previous_finite = (step, step_metrics["finite"])
       writer.step(step, step_metrics, data_wait_s=data_wait)
       progress.update()
-      eval_every = int(train_config.eval_every)
       if task.evaluate is not None and eval_every and (step % eval_every == 0
                                                        or step == num_steps):
         _write_quality_signals(task, state["params"], frozen, mesh, step, writer,

@@ -346,6 +346,7 @@ def autoencoder_task(config, workdir: str, scale_factor: float) -> loop.Task:
                          "task's `frozen` (train/loop.py calls it before the first batch)")
     return posteriors["cache"].model_batch(host_batch)
 
+  evaluate, compile_evaluate = autoencoder_quality_signals(config, workdir, system)
   return loop.Task(
       name="autoencoder", train_config=config.train_autoencoder, rules_family="conv",
       groups=("autoencoder", "discriminator") if adversarial else ("autoencoder",), init=init,
@@ -355,7 +356,7 @@ def autoencoder_task(config, workdir: str, scale_factor: float) -> loop.Task:
       pretrained=(lambda: {"autoencoder": _pretrained_unet(config)})
       if config.unet.pretrained_path else None,
       frozen=frozen,
-      evaluate=autoencoder_quality_signals(config, workdir, system))
+      evaluate=evaluate, compile_evaluate=compile_evaluate)
 
 
 def _validation_batch(clips: list[dict[str, Any]], config) -> dict[str, np.ndarray]:
@@ -370,9 +371,9 @@ def _validation_batch(clips: list[dict[str, Any]], config) -> dict[str, np.ndarr
 
 
 def autoencoder_quality_signals(config, workdir: str, system):
-  """The autoencoder stage's quality signals (`loop.Task.evaluate`) on `QUALITY_CLIPS` validation
-  clips, each encoded to its latents (posterior modes) and decoded back (guided DDIM,
-  `autoencoder.decode_steps`):
+  """(evaluate, compile_ahead): the autoencoder stage's quality signals (`loop.Task.evaluate`,
+  `loop.Task.compile_evaluate`) on `QUALITY_CLIPS` validation clips, each encoded to its latents
+  (posterior modes) and decoded back (guided DDIM, `autoencoder.decode_steps`):
     psnr_frames / psnr_audio_image: every decoded frame and the audio image against the clip's own;
     psnr_*_other_latents: the same clip's originals against what ANOTHER clip's latents decode to
       (the next clip in the set). The gap between the two says whether the decoder uses the latent;
@@ -385,12 +386,15 @@ def autoencoder_quality_signals(config, workdir: str, system):
     sync_f1, sync_f1_decoded_video, sync_f1_decoded_audio, sync_f1_real and the event rates: for
       the synthetic dataset, `decoded_sync_signals` of the decoded clips (sound by Griffin-Lim).
   Images: for two frames of each clip and the audio image, originals / own latents / other
-  latents. Audio: the first decoded clips' sound."""
+  latents. Audio: the first decoded clips' sound.
+  `compile_ahead(abstract params, frozen VAE params, mesh)` compiles the encode-and-decode program
+  on a second thread, for `evaluate` to run (without it, `evaluate` compiles at its first call)."""
   from mmldm_jax import metrics as metrics_lib
   from mmldm_jax.data import video as video_lib
   num_frames = int(config.data.num_frames)
   with_sync = config.data.source == "synthetic"
   held = {}
+  compiled = {}  # set by compile_ahead
 
   @jax.jit
   def encode_decode(params, vae_params, batch, rng):
@@ -409,13 +413,22 @@ def autoencoder_quality_signals(config, workdir: str, system):
                 waveform=waveform, similarity=similarity, class_logits=class_logits,
                 real_audio_image=audio_lib.waveform_to_image(batch["audio"], config.audio))
 
-  def evaluate(params, frozen_vae, mesh):
+  def inputs_on(mesh):
     if not held:
       held.update(_validation_batch(validation_clips(config, workdir), config))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    inputs = {k: jax.device_put(held[k], replicated) for k in ("key_frames", "audio")}
-    out = jax.device_get(encode_decode(params["autoencoder"], frozen_vae, inputs,
-                                       jax.random.key(config.seed)))
+    return {k: jax.device_put(held[k], replicated) for k in ("key_frames", "audio")}
+
+  def compile_ahead(abstract_params, frozen_vae, mesh):
+    compiled["encode_decode"] = parallel.BackgroundCompile(
+        encode_decode, abstract_params["autoencoder"], frozen_vae, inputs_on(mesh),
+        jax.random.key(config.seed), name="autoencoder_quality_signals")
+
+  def evaluate(params, frozen_vae, mesh):
+    inputs = inputs_on(mesh)
+    run = compiled["encode_decode"].result() if compiled else encode_decode
+    out = jax.device_get(run(params["autoencoder"], frozen_vae, inputs,
+                             jax.random.key(config.seed)))
     count = len(held["audio"])
     real_frames = video_lib.to_float(held["frames"])
     real_image = np.asarray(out["real_audio_image"])
@@ -448,7 +461,7 @@ def autoencoder_quality_signals(config, workdir: str, system):
     sounds = {f"autoencoder_sound_{index}": out["waveform"][index]
               for index in range(min(SOUNDS, count))}
     return scalars, images, sounds
-  return evaluate
+  return evaluate, compile_ahead
 
 
 # ------------------------------------------------------------------------------------------------
