@@ -20,7 +20,7 @@ import contextlib
 import math
 import os
 import threading
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -289,42 +289,54 @@ def gather_across_processes(tree, *, name: str, tiled: bool = False):
 
 
 class BackgroundCompile:
-  """Compiles `jitted` for `args` (abstract `jax.ShapeDtypeStruct`s with shardings, or arrays)
-  ahead of time on a second thread; given a `mesh`, under `activation_rules(mesh, rules)` (the
-  train step is traced there; quality-signal programs are not).
+  """Runs `compile_fn()`, which compiles one or more programs ahead of time and returns them, on a
+  second thread; given a `mesh`, under `activation_rules(mesh, rules)` (the train step is traced
+  there; quality-signal programs are not). `compile_in_background` is the one-program form.
 
   Why: XLA:CPU compiles one program on one thread, so on a CPU the train step's compile (the
   demo autoencoder's: about 100 s) can run beside the state's init compile or checkpoint restore
   instead of after it. Measured on a 2-core machine, the demo autoencoder's init then step: 138 s
-  one after the other, 102 s side by side (benchmarks/README.md). `result()` waits for the
-  executable, raises what the compile raised, and, with several processes, waits until every
-  process has compiled it (`wait_for_all_processes`), so that no process reaches the executable's
+  one after the other, 102 s side by side (benchmarks/README.md). `result()` waits for what
+  `compile_fn` returns, raises what it raised, and, with several processes, waits until every
+  process has compiled (`wait_for_all_processes`), so that no process reaches an executable's
   first collective long before another. The barrier runs on the calling thread, in the order of
   the caller's other barriers."""
 
-  def __init__(self, jitted, *args, name: str, mesh: Mesh | None = None, rules=()):
+  def __init__(self, compile_fn: Callable[[], Any], *, name: str, mesh: Mesh | None = None,
+               rules=()):
     self._name = name
     self._outcome: dict[str, Any] = {}
     context = (lambda: activation_rules(mesh, rules)) if mesh is not None else contextlib.nullcontext
 
-    def compile_step():
+    def run():
       try:
         with context():  # contexts are per thread: entered here
-          self._outcome["compiled"] = jitted.lower(*args).compile()
+          self._outcome["compiled"] = compile_fn()
       except Exception as error:  # noqa: BLE001  re-raised by result() on the caller's thread
         self._outcome["error"] = error
 
     # A daemon thread: an error on the main thread ends the process without waiting for it.
-    self._thread = threading.Thread(target=compile_step, name=f"compile_{name}", daemon=True)
+    self._thread = threading.Thread(target=run, name=f"compile_{name}", daemon=True)
     self._thread.start()
 
   def result(self):
-    """The compiled executable, once it is compiled here and on every process."""
+    """What `compile_fn` returned, once it is compiled here and (at the first call) on every
+    process."""
     self._thread.join()
     if "error" in self._outcome:
       raise self._outcome["error"]
-    wait_for_all_processes(f"compiled_{self._name}")
+    if not self._outcome.get("all_processes"):
+      wait_for_all_processes(f"compiled_{self._name}")
+      self._outcome["all_processes"] = True
     return self._outcome["compiled"]
+
+
+def compile_in_background(jitted, *args, name: str, mesh: Mesh | None = None,
+                          rules=()) -> BackgroundCompile:
+  """`jitted` compiled ahead of time for `args` (abstract `jax.ShapeDtypeStruct`s with shardings,
+  or arrays) on a second thread: a `BackgroundCompile` whose `result()` is the executable."""
+  return BackgroundCompile(lambda: jitted.lower(*args).compile(), name=name, mesh=mesh,
+                           rules=rules)
 
 
 def abstract_like(tree):

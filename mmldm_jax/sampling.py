@@ -110,6 +110,30 @@ class Chain:
     self._latents = jax.jit(latents, static_argnums=2)
     self._encode = jax.jit(models.system.encode)
     self._waveform = jax.jit(self._image_to_waveform)
+    self._ahead: dict[int, parallel.BackgroundCompile] = {}   # batch size -> compile_ahead's
+
+  def compile_ahead(self, batch_size: int, name: str) -> parallel.BackgroundCompile:
+    """Starts compiling the chain's three programs (DiT sampling, decoding, waveform) for joint
+    sampling of `batch_size` clips on a second thread, one after another (each one's output
+    shardings are the next one's inputs). `generate` at that batch size then runs them instead of
+    compiling them at its first call. `models.dit_params` may be abstract (shapes and shardings)
+    until `generate` runs. Returns the compile's handle."""
+    if self.mode != "joint":
+      raise ValueError(f"Chain.compile_ahead: joint sampling only (config.sample.mode is "
+                       f"{self.mode!r})")
+    models = self.models
+    dit_params, key = models.dit_params, jax.random.key(0)
+    vocoder_params = None if models.vocoder is None else models.vocoder[1]
+
+    def compile_chain():
+      latents = self._latents.lower(dit_params, key, batch_size, None, None, None).compile()
+      decode = models.system.lower_decode(
+          models.autoencoder_params, models.vae_params, latents.out_info["audio"],
+          latents.out_info["video"], key).compile()
+      waveform = self._waveform.lower(vocoder_params, decode.out_info[1]).compile()
+      return {"latents": latents, "decode": decode, "waveform": waveform}
+    self._ahead[batch_size] = parallel.BackgroundCompile(compile_chain, name=name)
+    return self._ahead[batch_size]
 
   def _image_to_waveform(self, vocoder_params, audio_image):
     """Audio images [B, S, S, 3] -> waveforms [B, clip_samples] (vocoder or Griffin-Lim)."""
@@ -144,21 +168,33 @@ class Chain:
     if self.mode == "continuation":
       shapes = {"audio": models.dit.audio_shape, "video": models.dit.video_shape}
       prev = {name: jnp.zeros((batch_size,) + tuple(shape)) for name, shape in shapes.items()}
+    vocoder_params = None if models.vocoder is None else models.vocoder[1]
+    programs = self._ahead[batch_size].result() if batch_size in self._ahead else None
     frames, waveforms, images = [], [], []
     for clip in range(self.num_clips):
+      latent_key, decode_key = (jax.random.fold_in(latent_rng, clip),
+                                jax.random.fold_in(decode_rng, clip))
       if self.mode == "reconstruction":   # the real clips' own latents, no DiT
         latents = {"audio": audio_latent, "video": video_latent}
+      elif programs is not None:          # compiled ahead: joint mode
+        latents = programs["latents"](models.dit_params, latent_key, None, None, None)
       else:
-        latents = self._latents(models.dit_params, jax.random.fold_in(latent_rng, clip),
-                                batch_size, audio_latent, video_latent, prev)
+        latents = self._latents(models.dit_params, latent_key, batch_size, audio_latent,
+                                video_latent, prev)
       prev = latents if self.mode == "continuation" else None
-      clip_frames, audio_image = models.system.decode(
-          models.autoencoder_params, models.vae_params, latents["audio"], latents["video"],
-          jax.random.fold_in(decode_rng, clip))
-      vocoder_params = None if models.vocoder is None else models.vocoder[1]
+      if programs is not None:
+        clip_frames, audio_image = programs["decode"](
+            models.autoencoder_params, models.vae_params, latents["audio"], latents["video"],
+            decode_key, None)
+        waveform = programs["waveform"](vocoder_params, audio_image)
+      else:
+        clip_frames, audio_image = models.system.decode(
+            models.autoencoder_params, models.vae_params, latents["audio"], latents["video"],
+            decode_key)
+        waveform = self._waveform(vocoder_params, audio_image)
       frames.append(to_host(clip_frames))
       images.append(to_host(audio_image))
-      waveforms.append(to_host(self._waveform(vocoder_params, audio_image)))
+      waveforms.append(to_host(waveform))
     result = {"frames": video_lib.to_uint8(np.concatenate(frames, axis=1)),
               "waveform": np.clip(np.concatenate(waveforms, axis=1), -1.0, 1.0),
               "audio_image": np.concatenate(images, axis=2)}

@@ -132,8 +132,8 @@ def test_background_compile_runs_the_program_under_the_rules_and_hands_back_its_
 
   # Replicated in, split over the batch axes out: only the constraint (rules on) splits it.
   x = jax.device_put(np.arange(32, dtype=np.float32).reshape(8, 4), NamedSharding(mesh, P()))
-  compiled = parallel.BackgroundCompile(jax.jit(constrained), parallel.abstract_like(x),
-                                        name="test", mesh=mesh, rules=rules).result()
+  compiled = parallel.compile_in_background(jax.jit(constrained), parallel.abstract_like(x),
+                                             name="test", mesh=mesh, rules=rules).result()
   out = compiled(x)
   assert out.sharding.spec == P(("data", "fsdp"))
   np.testing.assert_array_equal(np.asarray(out), np.asarray(x) * 2 + 1)
@@ -141,8 +141,8 @@ def test_background_compile_runs_the_program_under_the_rules_and_hands_back_its_
   def mismatched(x):
     return x @ jnp.ones((5, 3))   # [8, 4] @ [5, 3]: fails while tracing, on the other thread
 
-  failing = parallel.BackgroundCompile(jax.jit(mismatched), parallel.abstract_like(x),
-                                       name="failing")
+  failing = parallel.compile_in_background(jax.jit(mismatched), parallel.abstract_like(x),
+                                            name="failing")
   with pytest.raises(TypeError, match="dot_general"):
     failing.result()
 

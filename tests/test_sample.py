@@ -274,6 +274,15 @@ def test_generator_quality_signals_are_the_sample_stage_samples_scored(config, m
   np.testing.assert_array_equal(
       np.round(np.clip(sounds["generator_sound_0"], -1, 1) * 32767).astype("<i2"), pcm)
 
+  # The chain compiled ahead on a second thread (as the training loop does): the same samples.
+  evaluate, compile_ahead = tasks.generator_quality_signals(config, workdir, models.dit)
+  mesh = parallel.create_mesh(config)
+  compile_ahead({"dit": parallel.abstract_like(models.dit_params)}, None, mesh)
+  ahead_scalars, ahead_images, ahead_sounds = evaluate({"dit": models.dit_params}, None, mesh)
+  assert ahead_scalars == scalars
+  np.testing.assert_array_equal(ahead_images["generator_samples"], sheet)
+  np.testing.assert_array_equal(ahead_sounds["generator_sound_0"], sounds["generator_sound_0"])
+
 
 def test_latents_stage_writes_every_clip_window_with_its_place(config, models, tmp_path):
   """The `latents` stage encodes every training clip window in source order, with the video and

@@ -520,6 +520,14 @@ class AutoencoderSystem:
     return self._decode_jit(params, vae_params, audio_latent, video_latent, rng, labels,
                             num_frames=int(num_frames or self.config.data.num_frames))
 
+  def lower_decode(self, params, vae_params, audio_latent, video_latent, rng, labels=None,
+                   num_frames=None):
+    """`decode`'s program lowered for these arguments (arrays, or `jax.ShapeDtypeStruct`s with
+    shardings) to compile ahead of time (`sampling.Chain.compile_ahead`). The compiled program
+    takes (params, vae_params, audio_latent, video_latent, rng, labels)."""
+    return self._decode_jit.lower(params, vae_params, audio_latent, video_latent, rng, labels,
+                                  num_frames=int(num_frames or self.config.data.num_frames))
+
   def _decode(self, params, vae_params, audio_latent, video_latent, rng, labels, *, num_frames):
     ae = self.config.autoencoder
     b = audio_latent.shape[0]

@@ -66,10 +66,10 @@ class Task:
       [N, H, W, 3]}, sounds {name: float waveform [N] at config.audio.sample_rate}): quality
       signals on fixed validation clips, called every `train_config.eval_every` steps and at the
       last step; None = none.
-    compile_evaluate: (abstract params {group: tree}, frozen, mesh) -> None: starts compiling
-      `evaluate`'s programs on a second thread (`parallel.BackgroundCompile`) for `evaluate` to
-      run; called once, beside the train step's compile. None = `evaluate` compiles at its first
-      call.
+    compile_evaluate: (abstract params {group: tree}, frozen, mesh) -> the handle of a
+      `parallel.BackgroundCompile` it starts, compiling `evaluate`'s programs on a second thread
+      for `evaluate` to run; called once, beside the train step's compile. None = `evaluate`
+      compiles at its first call.
 
   The step is traced under `parallel.activation_rules`, so the models' `nn.with_logical_constraint`
   calls take effect.
@@ -88,7 +88,7 @@ class Task:
   flops_per_example: float | None = None
   evaluate: Callable[[Any, Any, Any], tuple[dict[str, Any], dict[str, np.ndarray],
                                             dict[str, np.ndarray]]] | None = None
-  compile_evaluate: Callable[[Any, Any, Any], None] | None = None
+  compile_evaluate: Callable[[Any, Any, Any], Any] | None = None
 
 
 def compute_dtype(config) -> jnp.dtype:
@@ -384,7 +384,7 @@ def train(config, workdir: str, task: Task, devices=None) -> dict[str, Any]:
   # restored below (XLA:CPU compiles one program on one thread). Taking that batch now is safe: a
   # restore moves the iterator back to the saved position, and a fresh start trains on it.
   first_batch = parallel.global_batch(task.to_model_batch(next(data_iterator)), mesh)
-  step_compile = parallel.BackgroundCompile(
+  step_compile = parallel.compile_in_background(
       step_fn, target, frozen, parallel.abstract_like(first_batch), mesh=mesh, rules=rules,
       name=f"{task.name}_step")
 

@@ -419,10 +419,11 @@ def autoencoder_quality_signals(config, workdir: str, system):
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return {k: jax.device_put(held[k], replicated) for k in ("key_frames", "audio")}
 
-  def compile_ahead(abstract_params, frozen_vae, mesh):
-    compiled["encode_decode"] = parallel.BackgroundCompile(
+  def compile_ahead(abstract_params, frozen_vae, mesh) -> parallel.BackgroundCompile:
+    compiled["encode_decode"] = parallel.compile_in_background(
         encode_decode, abstract_params["autoencoder"], frozen_vae, inputs_on(mesh),
         jax.random.key(config.seed), name="autoencoder_quality_signals")
+    return compiled["encode_decode"]
 
   def evaluate(params, frozen_vae, mesh):
     inputs = inputs_on(mesh)
@@ -488,6 +489,7 @@ def generator_task(config, workdir: str) -> loop.Task:
         folder, process_index=process_index, process_count=process_count, batch_size=batch_size,
         seed=seed, continuation_frames=int(config.data.num_frames) if continuation else None)
 
+  evaluate, compile_evaluate = generator_quality_signals(config, workdir, model)
   return loop.Task(
       name="generator", train_config=config.train_generator, rules_family="dit", groups=("dit",),
       init=lambda rng: {"dit": dit_lib.init_params(model, rng)}, loss=loss,
@@ -495,20 +497,22 @@ def generator_task(config, workdir: str) -> loop.Task:
           ("audio_latent", "video_latent") +
           (("prev_audio_latent", "prev_video_latent") if continuation else ())),
       flops_per_example=float(flops_lib.dit_flops_per_sample(config)),
-      evaluate=generator_quality_signals(config, workdir, model))
+      evaluate=evaluate, compile_evaluate=compile_evaluate)
 
 
 def generator_quality_signals(config, workdir: str, model):
-  """The generator stage's quality signals (`loop.Task.evaluate`): `QUALITY_CLIPS` joint samples
-  through the whole chain (DiT -> autoencoder decoder -> VAE -> vocoder or Griffin-Lim, as the
-  `sample` stage makes them, same `config.sample` settings, a fixed seed), scored like the
-  `evaluate` stage does for the synthetic dataset:
+  """(evaluate, compile_ahead): the generator stage's quality signals (`loop.Task.evaluate`,
+  `loop.Task.compile_evaluate`): `QUALITY_CLIPS` joint samples through the whole chain (DiT ->
+  autoencoder decoder -> VAE -> vocoder or Griffin-Lim, as the `sample` stage makes them, same
+  `config.sample` settings, a fixed seed), scored like the `evaluate` stage does for the
+  synthetic dataset:
     sync_f1 / sync_f1_shuffled: the samples' sync score, and with each picture paired with the next
       sample's sound (what samples whose halves ignore each other score);
     video_events_per_second / audio_events_per_second: bounces and onsets found in the samples,
       beside real_video_events_per_second / real_audio_events_per_second of validation clips.
   Images: the samples' contact sheet (frames and audio image per row). Sounds: the first samples.
-  The autoencoder and VAE are restored from the workdir once, at the first call."""
+  The autoencoder and VAE are restored from the workdir once, at the first call (of
+  `compile_ahead`, which starts compiling the chain on a second thread, or of `evaluate`)."""
   from mmldm_jax.evaluation import sync
   held = {}
   fps, rate = float(config.data.fps), int(config.audio.sample_rate)
@@ -529,6 +533,12 @@ def generator_quality_signals(config, workdir: str, model):
       clips = validation_clips(config, workdir)
       held["real"] = sync.event_rates(
           [sync.score_clip(clip["frames"], clip["audio"], fps, rate) for clip in clips], fps)
+
+  def compile_ahead(abstract_params, frozen, mesh) -> parallel.BackgroundCompile:
+    del frozen
+    setup(abstract_params["dit"], mesh)
+    return held["chain"].compile_ahead(min(int(config.sample.batch_size), QUALITY_CLIPS),
+                                       name="generator_quality_signals")
 
   def evaluate(params, frozen, mesh):
     del frozen
@@ -557,4 +567,4 @@ def generator_quality_signals(config, workdir: str, model):
     sounds = {f"generator_sound_{index}": waveforms[index]
               for index in range(min(SOUNDS, len(waveforms)))}
     return scalars, {"generator_samples": sheet}, sounds
-  return evaluate
+  return evaluate, compile_ahead
