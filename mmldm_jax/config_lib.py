@@ -304,6 +304,10 @@ def sample_config() -> ConfigDict:
       mode="joint",                 # 'joint', 'a2v', 'v2a', 'continuation' or 'reconstruction'
       num_clips=1,                  # > 1: autoregressive continuation
       seed=23,
+      shared_key_frame_noise=0.0,   # share of the DiT's starting video noise common to all key
+                                    # frames (diffusion/samplers.py `share_across_groups`): 0 =
+                                    # independent (the reference), 1 = one draw; > 0 needs
+                                    # autoencoder.video_latent_per_key_frame
   ))
 
 
@@ -535,6 +539,13 @@ def validate(config: ConfigDict) -> None:
     at_least(f"sample.{field}", config.sample[field], 1)
   if not 0.0 <= config.sample.eta <= 1.0:
     fail("sample.eta", config.sample.eta, "a DDIM eta in [0, 1]")
+  shared_noise = config.sample.shared_key_frame_noise
+  if not 0.0 <= shared_noise <= 1.0:
+    fail("sample.shared_key_frame_noise", shared_noise, "a share from 0 to 1")
+  if shared_noise > 0 and not config.autoencoder.video_latent_per_key_frame:
+    fail("sample.shared_key_frame_noise", shared_noise,
+         "0 unless autoencoder.video_latent_per_key_frame=True (only then does the video latent "
+         "hold one block of channels per key frame)")
   import jax  # the remat policy names are jax's
   for section in ("dit", "unet", "autoencoder"):
     policy = config[section].remat_policy

@@ -67,6 +67,10 @@ def test_locked_config_rejects_unknown_field():
      "least one clip"),
     ("sample.mode", "jiont", "config.sample.mode='jiont': expected one of 'joint', 'a2v'"),
     ("sample.steps", 0, "config.sample.steps=0: expected >= 1"),
+    ("sample.shared_key_frame_noise", 1.5, "config.sample.shared_key_frame_noise=1.5: expected a "
+     "share from 0 to 1"),
+    ("autoencoder.video_latent_per_key_frame", False, "config.sample.shared_key_frame_noise=1.0: "
+     "expected 0 unless autoencoder.video_latent_per_key_frame=True"),
     ("precision", "bf16", "config.precision='bf16': expected one of 'auto', 'float32'"),
     ("train_generator.nan_policy", "skp", "config.train_generator.nan_policy='skp'"),
     ("train_vae.decay", "linear", "config.train_vae.decay='linear'"),

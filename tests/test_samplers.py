@@ -295,3 +295,21 @@ def test_ddim_variance_loss_is_the_methods_own_first_order_error(schedule):
   full_range = theta[-1] - theta[0]
   best_any_grid = np.cos(full_range / 50) ** 100
   assert expected_gain ** 2 < best_any_grid < 0.96
+
+
+def test_noise_shared_across_key_frame_blocks_keeps_unit_variance_and_correlates_by_the_share():
+  """`share_across_groups`: 0 leaves the noise as it is, 1 gives every block one draw, and in
+  between every element stays standard normal while two blocks correlate by the share."""
+  noise = jax.random.normal(jax.random.key(0), (4000, 2, 2, 8 * 3))   # 8 blocks of 3 channels
+  key = jax.random.key(1)
+  np.testing.assert_array_equal(samplers.share_across_groups(key, noise, 8, 0.0), noise)
+  one = np.asarray(samplers.share_across_groups(key, noise, 8, 1.0)).reshape(4000, 2, 2, 8, 3)
+  np.testing.assert_array_equal(one, np.broadcast_to(one[..., :1, :], one.shape))
+  half = np.asarray(samplers.share_across_groups(key, noise, 8, 0.5)).reshape(-1, 8, 3)
+  assert abs(half.std() - 1.0) < 0.01 and abs(half.mean()) < 0.01
+  correlation = np.corrcoef(half[:, 0].ravel(), half[:, 5].ravel())[0, 1]
+  assert abs(correlation - 0.5) < 0.02, correlation
+  with pytest.raises(ValueError, match="24 channels do not split into 5 blocks"):
+    samplers.share_across_groups(key, noise, 5, 0.5)
+  with pytest.raises(ValueError, match="shared=1.5"):
+    samplers.share_across_groups(key, noise, 8, 1.5)

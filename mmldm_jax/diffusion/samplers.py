@@ -25,6 +25,7 @@ in float64 numpy from its betas when the sampler is traced.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Mapping
 
 import jax
@@ -236,6 +237,32 @@ def initial_noise(rng: jax.Array, shapes: Mapping[str, tuple[int, ...]],
   names = sorted(shapes)
   keys = jax.random.split(rng, len(names))
   return {name: jax.random.normal(key, tuple(shapes[name]), dtype) for name, key in zip(names, keys)}
+
+
+def share_across_groups(rng: jax.Array, noise: jnp.ndarray, groups: int,
+                        shared: float) -> jnp.ndarray:
+  """Standard normal `noise` [..., groups * c] with a `shared` part of its variance common to its
+  `groups` blocks of channels: sqrt(shared) * one draw (from `rng`) for every block + sqrt(1 -
+  shared) * each block's own; every element stays standard normal, and two blocks correlate by
+  `shared`. 0 returns `noise`; 1 gives every block the one draw.
+
+  For the video latent with one block of channels per key frame
+  (`autoencoder.video_latent_per_key_frame`): with independent starting noise per key frame a
+  small DiT drew key frames whose objects disagree in colour and place, and the decoded clip
+  jumped between them; started from one draw, the key frames come out alike
+  (`config.sample.shared_key_frame_noise`). The DiT is trained on independent noise, so this is a
+  choice of starting points the model was not trained from; its effect is measured, not derived."""
+  if not 0.0 <= shared <= 1.0:
+    raise ValueError(f"share_across_groups: shared={shared}, expected a share in [0, 1]")
+  if noise.shape[-1] % groups:
+    raise ValueError(f"share_across_groups: {noise.shape[-1]} channels do not split into "
+                     f"{groups} blocks")
+  if shared == 0.0:
+    return noise
+  blocks = noise.reshape(noise.shape[:-1] + (groups, noise.shape[-1] // groups))
+  common = jax.random.normal(rng, blocks.shape[:-2] + (1, blocks.shape[-1]), noise.dtype)
+  mixed = math.sqrt(shared) * common + math.sqrt(1.0 - shared) * blocks
+  return mixed.reshape(noise.shape)
 
 
 def sample(config, model_fn: ModelFn, schedule: schedules.Schedule, x_init: Batch, rng: jax.Array,

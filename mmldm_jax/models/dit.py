@@ -563,7 +563,9 @@ def sample_latents(params, config, rng: Array, batch_size: int, *, model: MMDiT 
                    mode: str = "joint", prev: Mapping[str, Array] | None = None,
                    text: Array | None = None, guidance: Mapping[str, float] | None = None,
                    fixed: Mapping[str, Array] | None = None) -> dict[str, Array]:
-  """Samples {'audio', 'video'} latents with `config.sample` (sampler, steps, eta, guidance).
+  """Samples {'audio', 'video'} latents with `config.sample` (sampler, steps, eta, guidance, and
+  `shared_key_frame_noise`: the share of the video's starting noise common to its key frames,
+  `samplers.share_across_groups`).
 
   mode: 'joint'; 'a2v' (trained-in conditioning on `audio_latent`; the returned audio IS the given
   latent, as the reference reuses the ground truth) or 'v2a' (mirror). `prev` feeds a continuation
@@ -584,6 +586,9 @@ def sample_latents(params, config, rng: Array, batch_size: int, *, model: MMDiT 
   noise_rng, sample_rng = jax.random.split(rng)
   x_init = samplers.initial_noise(
       noise_rng, {name: (batch_size,) + tuple(shape) for name, shape in shapes.items()})
+  x_init["video"] = samplers.share_across_groups(
+      jax.random.fold_in(noise_rng, 1), x_init["video"], len(config.data.key_frames),
+      float(config.sample.shared_key_frame_noise))
 
   def model_fn(x, t, c):
     return model.apply({"params": params}, x, t, c)
