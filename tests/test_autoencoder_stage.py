@@ -34,7 +34,10 @@ def test_autoencoder_quality_signals_are_computed_and_logged(tmp_path):
   factor = config_lib.resolve_scale_factor(config, workdir)    # measured by the vae stage
   task = tasks.autoencoder_task(config, workdir, factor)
   mesh = parallel.create_mesh(config)
-  params = jax.jit(lambda key: parallel.unbox(task.init(key)))(loop.init_key(0))
+  # Replicated over the mesh, as training places them: the program compiled ahead below for
+  # these shardings is then the same one, and comes from the compile cache.
+  params = jax.device_put(jax.jit(lambda key: parallel.unbox(task.init(key)))(loop.init_key(0)),
+                          jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   frozen = task.frozen(mesh)
 
   scalars, images, sounds = task.evaluate(params, frozen, mesh)
@@ -65,9 +68,8 @@ def test_autoencoder_quality_signals_are_computed_and_logged(tmp_path):
   # Compiled ahead on a second thread (as the training loop does), the same program: same values.
   evaluate, compile_ahead = tasks.autoencoder_quality_signals(
       config, workdir, weights.autoencoder_system(config, factor))
-  placed = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-  compile_ahead(parallel.abstract_like(placed), frozen, mesh)
-  assert evaluate(placed, frozen, mesh)[0] == scalars
+  compile_ahead(parallel.abstract_like(params), frozen, mesh)
+  assert evaluate(params, frozen, mesh)[0] == scalars
 
   writer = metrics.MetricsWriter(str(tmp_path / "logs"), total_steps=7, global_batch_size=1,
                                  log_every=1)
