@@ -295,8 +295,9 @@ class BackgroundCompile:
 
   Why: XLA:CPU compiles one program on one thread, so on a CPU the train step's compile (the
   demo autoencoder's: about 100 s) can run beside the state's init compile or checkpoint restore
-  instead of after it. Measured on a 2-core machine, the demo autoencoder's init then step: 138 s
-  one after the other, 102 s side by side (benchmarks/README.md). `result()` waits for what
+  instead of after it. Measured on a 2-core machine, the demo autoencoder's init, step and
+  quality-signal compiles: 171 s one after the other, 127 s side by side
+  (benchmarks/background_compile.py). `result()` waits for what
   `compile_fn` returns, raises what it raised, and, with several processes, waits until every
   process has compiled (`wait_for_all_processes`), so that no process reaches an executable's
   first collective long before another. The barrier runs on the calling thread, in the order of
