@@ -33,9 +33,10 @@ def test_autoencoder_quality_signals_are_computed_and_logged(tmp_path):
   vae_stage.run(config, workdir)
   factor = config_lib.resolve_scale_factor(config, workdir)    # measured by the vae stage
   task = tasks.autoencoder_task(config, workdir, factor)
-  mesh = parallel.create_mesh(config)
-  # Replicated over the mesh, as training places them: the program compiled ahead below for
-  # these shardings is then the same one, and comes from the compile cache.
+  # One device: on the suite's 8 CPU devices a replicated program computes everything 8 times.
+  # The parameters are placed on the mesh as training places them, so the program compiled ahead
+  # below for their shardings is the same one, and comes from the compile cache.
+  mesh = parallel.create_mesh(config, jax.devices()[:1])
   params = jax.device_put(jax.jit(lambda key: parallel.unbox(task.init(key)))(loop.init_key(0)),
                           jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   frozen = task.frozen(mesh)
