@@ -71,6 +71,8 @@ def test_locked_config_rejects_unknown_field():
      "share from 0 to 1"),
     ("autoencoder.video_latent_per_key_frame", False, "config.sample.shared_key_frame_noise=1.0: "
      "expected 0 unless autoencoder.video_latent_per_key_frame=True"),
+    ("dit.shared_key_frame_noise", -0.5, "config.dit.shared_key_frame_noise=-0.5: expected a "
+     "share from 0 to 1"),
     ("precision", "bf16", "config.precision='bf16': expected one of 'auto', 'float32'"),
     ("train_generator.nan_policy", "skp", "config.train_generator.nan_policy='skp'"),
     ("train_vae.decay", "linear", "config.train_vae.decay='linear'"),
@@ -88,6 +90,18 @@ def test_validate_names_field(field, value, message):
   with config.unlocked():
     (config[section] if section else config)[key] = value
   with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+    config_lib.validate(config)
+
+
+def test_training_noise_shared_by_key_frames_needs_deterministic_ddim():
+  config = config_lib.load(os.path.join(CONFIGS, "demo.py"))
+  with config.unlocked():
+    config.dit.shared_key_frame_noise = 0.9
+  config_lib.validate(config)
+  with config.unlocked():
+    config.sample.eta = 0.5
+  with pytest.raises(ValueError, match="config.sample.eta=0.5: expected 0 with "
+                     "dit.shared_key_frame_noise=0.9"):
     config_lib.validate(config)
 
 

@@ -163,3 +163,31 @@ def test_min_snr_weighting_caps_the_clean_latent_weight_at_gamma():
     assert float(same[name]) == float(plain[name])
     per_item = np.mean(np.square(np.asarray(noise[name])).reshape(6, -1), axis=1)
     assert float(weighted[name]) == pytest.approx(float(np.mean(per_item * weights)), rel=1e-5)
+
+
+def test_noise_fn_shapes_the_noise_of_both_the_input_and_the_target(schedule):
+  """`noise_fn` replaces the draw before noising, so x_t and the training target see the same
+  noise: an oracle that reads the noise back from x_t still scores 0, and a noise_fn that gives
+  the video one draw for all of its 4 channel blocks shows up in x_t."""
+  from mmldm_jax.diffusion import samplers
+  x0 = batch(8, 8)
+  seen = {}
+
+  def one_draw(noise, rng):
+    return dict(noise, video=samplers.share_across_groups(rng, noise["video"], 4, 1.0))
+
+  def oracle(x_t, t):
+    out = {}
+    for name in x_t:
+      a = schedules.broadcast_to(schedule.alphas_cumprod[t[name]], x_t[name])
+      seen[name] = (x_t[name] - jnp.sqrt(a) * x0[name]) / jnp.sqrt(1 - a)
+      out[name] = seen[name]
+    return out
+
+  loss, _ = losses.denoising_loss(oracle, schedule, x0, jax.random.PRNGKey(7), noise_fn=one_draw)
+  assert float(loss) < 1e-6
+  blocks = np.asarray(seen["video"]).reshape(8, 4, 4, 4, 1)
+  np.testing.assert_allclose(blocks, np.broadcast_to(blocks[..., :1, :], blocks.shape), atol=1e-4)
+  independent, _ = losses.denoising_loss(oracle, schedule, x0, jax.random.PRNGKey(7))
+  blocks = np.asarray(seen["video"]).reshape(8, 4, 4, 4, 1)
+  assert np.abs(blocks - blocks[..., :1, :]).max() > 0.5

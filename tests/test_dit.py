@@ -357,6 +357,29 @@ def test_generator_diffusion_overrides_only_the_generator(tiny_config, tiny_mode
     configured(dit__prediction="x0")
 
 
+def test_training_noise_shared_by_the_key_frames(tiny_config, tiny_model, random_apply):
+  """`dit.shared_key_frame_noise`: the video noise's key-frame blocks get a common draw (audio's
+  noise untouched) and the loss sees it; 0 keeps the reference's independent noise."""
+  params, _ = random_apply
+  assert dit.key_frame_noise_fn(tiny_config, 0.0) is None
+  noise = latents(tiny_model, 2, seed=19)
+  correlate = dit.key_frame_noise_fn(tiny_config, 1.0)
+  shared = correlate(noise, jax.random.PRNGKey(20))
+  np.testing.assert_array_equal(shared["audio"], noise["audio"])
+  groups = len(tiny_config.data.key_frames)
+  blocks = np.asarray(shared["video"]).reshape(2, -1, groups, tiny_model.video_shape[-1] // groups)
+  np.testing.assert_array_equal(blocks, np.broadcast_to(blocks[:, :, :1], blocks.shape))
+  config = tiny_config.copy_and_resolve_references()
+  with config.unlocked():
+    config.dit.shared_key_frame_noise = 1.0
+  batch = {name + "_latent": value for name, value in latents(tiny_model, 2, seed=21).items()}
+  loss = lambda config: dit.generator_loss(params, batch, jax.random.PRNGKey(22), config,
+                                           model=tiny_model)[1]
+  independent, correlated = loss(tiny_config), loss(config)
+  assert np.isfinite(float(correlated["loss_video"]))
+  assert float(independent["loss_video"]) != float(correlated["loss_video"])
+
+
 @pytest.mark.parametrize("continuation", [False, True])
 def test_analytic_flops_match_xla(continuation):
   config = config_lib.load(os.path.join(CONFIGS, "aist.py"))

@@ -39,13 +39,21 @@ def sample_timesteps(rng: jax.Array, x0: Batch, num_timesteps: int,
           for name, key in zip(names, keys)}
 
 
-def noise_batch(schedule: schedules.Schedule, x0: Batch, t: Batch,
-                rng: jax.Array) -> tuple[dict[str, jnp.ndarray], dict[str, jnp.ndarray]]:
-  """Draws Gaussian noise per modality and returns (x_t, noise)."""
+NoiseFn = Callable[[dict[str, jnp.ndarray], jax.Array], dict[str, jnp.ndarray]]
+
+
+def noise_batch(schedule: schedules.Schedule, x0: Batch, t: Batch, rng: jax.Array,
+                noise_fn: NoiseFn | None = None,
+                ) -> tuple[dict[str, jnp.ndarray], dict[str, jnp.ndarray]]:
+  """Draws Gaussian noise per modality and returns (x_t, noise). `noise_fn(noise, rng)`, when
+  given, reshapes the draw's covariance (e.g. `samplers.share_across_groups`); it must keep every
+  element standard normal, since the schedule assumes unit-variance noise."""
   names = sorted(x0)
   keys = jax.random.split(rng, len(names))
   noise = {name: jax.random.normal(key, x0[name].shape, x0[name].dtype)
            for name, key in zip(names, keys)}
+  if noise_fn is not None:
+    noise = noise_fn(noise, jax.random.fold_in(rng, len(names)))
   x_t = {name: schedules.q_sample(schedule, x0[name], t[name], noise[name]) for name in names}
   return x_t, noise
 
@@ -86,15 +94,16 @@ def modality_losses(schedule: schedules.Schedule, x0: Batch, noise: Batch, t: Ba
 def denoising_loss(model_fn: Callable[[Batch, Batch], Batch], schedule: schedules.Schedule,
                    x0: Batch, rng: jax.Array, *, prediction: str = "eps",
                    shared_timesteps: bool = True, weights: Mapping[str, float] | None = None,
+                   noise_fn: NoiseFn | None = None,
                    ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-  """The multi-modal diffusion training loss.
+  """The multi-modal diffusion training loss. `noise_fn`: see `noise_batch`.
 
   Returns (loss, metrics): loss = sum over modalities of weight_m * mean MSE_m (weights default 1, the
   reference); metrics holds 'loss_<modality>' for each modality.
   """
   t_rng, noise_rng = jax.random.split(rng)
   t = sample_timesteps(t_rng, x0, schedule.num_timesteps, shared_timesteps)
-  x_t, noise = noise_batch(schedule, x0, t, noise_rng)
+  x_t, noise = noise_batch(schedule, x0, t, noise_rng, noise_fn)
   output = model_fn(x_t, t)
   missing = sorted(set(x0) - set(output))
   if missing:

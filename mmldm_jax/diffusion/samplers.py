@@ -250,8 +250,10 @@ def share_across_groups(rng: jax.Array, noise: jnp.ndarray, groups: int,
   (`autoencoder.video_latent_per_key_frame`): with independent starting noise per key frame a
   small DiT drew key frames whose objects disagree in colour and place, and the decoded clip
   jumped between them; started from one draw, the key frames come out alike
-  (`config.sample.shared_key_frame_noise`). The DiT is trained on independent noise, so this is a
-  choice of starting points the model was not trained from; its effect is measured, not derived."""
+  (`config.sample.shared_key_frame_noise`). A DiT trained on independent noise was not trained
+  from such starting points, so for it the effect is measured, not derived; with
+  `config.dit.shared_key_frame_noise` the DiT is trained on the same correlated noise
+  (`dit.key_frame_noise_fn`), as in PYoCo's mixed noise for video diffusion."""
   if not 0.0 <= shared <= 1.0:
     raise ValueError(f"share_across_groups: shared={shared}, expected a share in [0, 1]")
   if noise.shape[-1] % groups:

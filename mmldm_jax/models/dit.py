@@ -512,7 +512,8 @@ def generator_diffusion(config):
 def generator_loss(params, batch: Mapping[str, Array], rng: Array, config,
                    model: MMDiT | None = None) -> tuple[Array, dict[str, Array]]:
   """The generator objective: eps (or v) MSE summed over audio and video, ONE timestep per sample,
-  under `generator_diffusion(config)`.
+  under `generator_diffusion(config)`; with `config.dit.shared_key_frame_noise` > 0 the video's
+  key-frame blocks are noised with correlated noise (`key_frame_noise_fn`).
 
   batch: 'audio_latent' [B, ha, wa, C], 'video_latent' [B, hv, wv, C], optional 'text' [B, L, 768],
   and 'prev_audio_latent' / 'prev_video_latent' with config.dit.continuation. Jit it with
@@ -530,7 +531,22 @@ def generator_loss(params, batch: Mapping[str, Array], rng: Array, config,
 
   x0 = {"audio": batch["audio_latent"], "video": batch["video_latent"]}
   return losses.denoising_loss(model_fn, schedule, x0, loss_rng,
-                               prediction=diffusion.prediction, shared_timesteps=True)
+                               prediction=diffusion.prediction, shared_timesteps=True,
+                               noise_fn=key_frame_noise_fn(config, config.dit.shared_key_frame_noise))
+
+
+def key_frame_noise_fn(config, shared: float):
+  """A `losses.NoiseFn` that gives the video noise's key-frame blocks a `shared` part of their
+  variance in common (`samplers.share_across_groups`); None at 0 (independent noise, the
+  reference)."""
+  from mmldm_jax.diffusion import samplers
+  if not shared:
+    return None
+  groups = len(config.data.key_frames)
+
+  def correlate(noise, rng):
+    return dict(noise, video=samplers.share_across_groups(rng, noise["video"], groups, shared))
+  return correlate
 
 
 # ------------------------------------------------------------------------------------------------
