@@ -530,9 +530,9 @@ def generator_loss(params, batch: Mapping[str, Array], rng: Array, config,
     return model.apply({"params": params}, x_t, t["audio"], cond)
 
   x0 = {"audio": batch["audio_latent"], "video": batch["video_latent"]}
-  return losses.denoising_loss(model_fn, schedule, x0, loss_rng,
-                               prediction=diffusion.prediction, shared_timesteps=True,
-                               noise_fn=key_frame_noise_fn(config, config.dit.shared_key_frame_noise))
+  noise_fn = key_frame_noise_fn(config, config.dit.shared_key_frame_noise)
+  return losses.denoising_loss(model_fn, schedule, x0, loss_rng, prediction=diffusion.prediction,
+                               shared_timesteps=True, noise_fn=noise_fn)
 
 
 def key_frame_noise_fn(config, shared: float):
