@@ -276,6 +276,12 @@ def dit_config() -> ConfigDict:
       # independently). On the quality preset's small DiT 0.9 made the samples worse (README,
       # "Results": video Frechet 233 against 37 for independent training and shared sampling).
       shared_key_frame_noise=0.0,
+      # Class-conditional generation (not in the reference, whose AIST++ / Landscape DiTs are
+      # unconditional): a learnable context vector per class of data.num_classes, dropped with
+      # the context (context_dropout), so that joint guidance (sample.guidance_*) contrasts the
+      # class with no class. Samples draw their classes uniformly; a2v / v2a take the given
+      # clips' labels.
+      class_conditional=False,
       # The generator's own noise schedule and prediction target ('' = `diffusion`'s, which the
       # autoencoder's decoder uses; the reference shares one). See `generator_diffusion`.
       schedule="",
@@ -591,6 +597,10 @@ def validate(config: ConfigDict) -> None:
     fail("data.generator_hflip_prob", config.data.generator_hflip_prob,
          "0 with dit.continuation=True (clips flipped independently would disagree with the "
          "clips they continue)")
+  if config.dit.class_conditional and config.data.num_classes < 1:
+    fail("dit.class_conditional", config.dit.class_conditional,
+         f"False with data.num_classes={config.data.num_classes} (a class-conditional DiT needs "
+         f"the clips' classes)")
   unknown = [s for s in stage_list(config) if s not in ALL_STAGES]
   if unknown:
     fail("stages", config.stages, f"a comma-separated subset of {', '.join(ALL_STAGES)}; "

@@ -89,7 +89,8 @@ class Chain:
     waveform     float32 [B, num_clips * clip_samples] in [-1, 1]
     audio_image  float32 [B, S, num_clips * S, 3] in [-1, 1] (the decoded audio images, in time order)
   `condition` (a2v / v2a / reconstruction): {'audio': waveform [B, N], 'frames': uint8
-  [B, F, H, W, 3]} of real clips.
+  [B, F, H, W, 3], 'label': int [B] (read by a class-conditional DiT)} of real clips. Joint
+  samples of a class-conditional DiT draw their classes (`models.dit.sample_latents`).
   """
 
   def __init__(self, config, models: Models):
@@ -103,10 +104,10 @@ class Chain:
     model = models.dit
     dit_mode = "joint" if self.mode == "continuation" else self.mode  # continuation: via `prev`
 
-    def latents(params, key, batch_size, audio_latent, video_latent, prev):
+    def latents(params, key, batch_size, audio_latent, video_latent, prev, labels=None):
       return dit_lib.sample_latents(params, config, key, batch_size, model=model, mode=dit_mode,
                                     audio_latent=audio_latent, video_latent=video_latent,
-                                    prev=prev)
+                                    prev=prev, labels=labels)
     self._latents = jax.jit(latents, static_argnums=2)
     self._encode = jax.jit(models.system.encode)
     self._waveform = jax.jit(self._image_to_waveform)
@@ -159,10 +160,15 @@ class Chain:
   def generate(self, rng, batch_size: int, condition: dict[str, np.ndarray] | None = None):
     models = self.models
     latent_rng, decode_rng = jax.random.split(rng)
-    audio_latent = video_latent = None
+    audio_latent = video_latent = labels = None
     if self.mode in ("a2v", "v2a", "reconstruction"):
       if condition is None:
         raise ValueError(f"mode {self.mode!r} needs the conditioning clips")
+      if self.mode != "reconstruction" and models.dit.num_classes:
+        if "label" not in condition:
+          raise ValueError(f"mode {self.mode!r} with a class-conditional DiT needs the "
+                           f"conditioning clips' 'label'; the condition has {sorted(condition)}")
+        labels = jnp.asarray(condition["label"], jnp.int32)
       audio_latent, video_latent = self.encode_condition(condition)
     prev = None
     if self.mode == "continuation":
@@ -180,7 +186,7 @@ class Chain:
         latents = programs["latents"](models.dit_params, latent_key, None, None, None)
       else:
         latents = self._latents(models.dit_params, latent_key, batch_size, audio_latent,
-                                video_latent, prev)
+                                video_latent, prev, labels)
       prev = latents if self.mode == "continuation" else None
       if programs is not None:
         clip_frames, audio_image = programs["decode"](

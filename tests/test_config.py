@@ -105,6 +105,15 @@ def test_training_noise_shared_by_key_frames_needs_deterministic_ddim():
     config_lib.validate(config)
 
 
+def test_class_conditional_dit_needs_classes():
+  config = config_lib.load(os.path.join(CONFIGS, "audioset.py"))
+  with config.unlocked():
+    config.dit.class_conditional = True
+  with pytest.raises(ValueError, match="config.dit.class_conditional=True: expected False with "
+                     "data.num_classes=0"):
+    config_lib.validate(config)
+
+
 def run_main(workdir, *flags):
   """`python -m mmldm_jax.main` on the demo config with extra flags; the finished process."""
   return subprocess.run(

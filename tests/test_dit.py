@@ -380,6 +380,46 @@ def test_training_noise_shared_by_the_key_frames(tiny_config, tiny_model, random
   assert float(independent["loss_video"]) != float(correlated["loss_video"])
 
 
+def test_class_conditional_dit(tiny_config):
+  """The label moves the output through the context, and nothing when the context is dropped;
+  training passes the batch's labels; sampling draws them, or takes the given ones."""
+  config = tiny_config.copy_and_resolve_references()
+  with config.unlocked():
+    config.dit.class_conditional = True
+  model = dit.build_dit(config)
+  assert model.num_classes == config.data.num_classes == 4
+  params = rerandomise(nn.unbox(dit.init_params(model, jax.random.PRNGKey(0))))
+  assert params["class_embedding"].shape == (4, model.context_dim)
+  apply = jax.jit(lambda p, x, t, c: model.apply({"params": p}, x, t, c))
+  x, t = latents(model, 2), jnp.array([500, 500])
+  outputs = {}
+  for mask in (1.0, 0.0):
+    for label in (0, 3):
+      cond = {"context_mask": jnp.full((2,), mask), "label": jnp.full((2,), label)}
+      outputs[mask, label] = apply(params, x, t, cond)["video"]
+  assert float(jnp.max(jnp.abs(outputs[1.0, 0] - outputs[1.0, 3]))) > 1e-3
+  np.testing.assert_array_equal(outputs[0.0, 0], outputs[0.0, 3])
+  with pytest.raises(ValueError, match="needs cond\\['label'\\]"):
+    model.apply({"params": params}, x, t, {"context_mask": jnp.ones(2)})
+
+  batch = {name + "_latent": value for name, value in x.items()}
+  with pytest.raises(ValueError, match="the batch needs 'label'"):
+    dit.training_conditioning(jax.random.PRNGKey(1), batch, config)
+  batch["label"] = jnp.array([1, 2])
+  cond = dit.training_conditioning(jax.random.PRNGKey(1), batch, config)
+  np.testing.assert_array_equal(cond["label"], [1, 2])
+  loss = dit.generator_loss(params, batch, jax.random.PRNGKey(2), config, model=model)[0]
+  assert np.isfinite(float(loss))
+
+  drawn = dit.sample_latents(params, config, jax.random.PRNGKey(3), 2, model=model)
+  given = [dit.sample_latents(params, config, jax.random.PRNGKey(3), 2, model=model,
+                              labels=jnp.array([label, label])) for label in (0, 3)]
+  assert all(np.all(np.isfinite(np.asarray(out["video"]))) for out in [drawn] + given)
+  assert float(jnp.max(jnp.abs(given[0]["video"] - given[1]["video"]))) > 1e-3
+  with pytest.raises(ValueError, match="not class-conditional"):
+    dit.sample_latents(params, tiny_config, jax.random.PRNGKey(3), 2, labels=jnp.array([0, 1]))
+
+
 @pytest.mark.parametrize("continuation", [False, True])
 def test_analytic_flops_match_xla(continuation):
   config = config_lib.load(os.path.join(CONFIGS, "aist.py"))

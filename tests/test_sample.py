@@ -174,6 +174,25 @@ def test_a2v_generates_video_for_real_sound(models, tmp_path):
   assert media.frames.shape[0] == config.data.num_frames
 
 
+def test_class_conditional_a2v_reads_the_clips_labels(tmp_path):
+  """A class-conditional DiT generates a2v video for the real clip's class: another label gives
+  another video for the same sound, and a condition without labels is refused before anything
+  runs."""
+  config = tiny_config(mode="a2v", num_samples=1)
+  config.dit.class_conditional = True
+  models = random_models(config)
+  chain = sample.Chain(config, models)
+  data = str(tmp_path / "data")
+  synthetic.write_dataset(config, data, progress=False)
+  clip = pipeline.SplitClips(config, data, "validation")[0]
+  condition = {"frames": clip["frames"][None], "audio": clip["audio"][None]}
+  with pytest.raises(ValueError, match="needs the conditioning clips' 'label'"):
+    chain.generate(jax.random.key(0), 1, condition)
+  frames = [chain.generate(jax.random.key(0), 1, dict(condition, label=np.asarray([label])))[
+      "frames"] for label in (int(clip["label"]), (int(clip["label"]) + 1) % 4)]
+  assert np.any(frames[0] != frames[1])
+
+
 def save_checkpoint(config, workdir, task, params, step):
   """A checkpoint in the training loop's format (opt state zeros) holding the given parameters."""
   from mmldm_jax import checkpoint as checkpoint_lib

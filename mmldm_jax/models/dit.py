@@ -27,6 +27,7 @@ module, so our trainable count is the reference DiT's 677,653,664 + 59,136.
 Conditioning dict `cond` (every entry optional, leading batch axis B):
   context_mask [B]          1 keeps the context, 0 replaces it by zeros (the unconditional branch)
   text         [B, L, 768]  replaces the learnable context (AudioSet text variant)
+  label        [B] int      the clip's class (class-conditional DiT only; dropped with the context)
   cond_audio   [B, ha, wa, C], cond_video [B, hv, wv, C]   clean latents for A2V / V2A (zeros = none)
   prev_audio, prev_video    the previous clip's latents (continuation models only; zeros = none)
 
@@ -269,6 +270,9 @@ class MMDiT(nn.Module):
   # and the clip's length in frames (the audio latent's columns span it).
   key_frame_times: tuple[float, ...] = ()
   clip_frames: int = 0
+  # Class-conditional (`config.dit.class_conditional`): the number of classes whose learnable
+  # context vectors `cond['label']` picks; 0 = unconditional, the reference.
+  num_classes: int = 0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -357,6 +361,15 @@ class MMDiT(nn.Module):
       context = jnp.broadcast_to(learned.astype(self.dtype), (batch,) + learned.shape)
     else:
       context = text.astype(self.dtype)
+    if self.num_classes:
+      labels = cond.get("label")
+      if labels is None:
+        raise ValueError(f"a class-conditional DiT ({self.num_classes} classes) needs "
+                         f"cond['label']; cond has {sorted(cond)}")
+      table = self.param("class_embedding", nn.with_logical_partitioning(
+          nn.initializers.normal(0.1), (None, None)),
+          (self.num_classes, self.context_dim), self.param_dtype)
+      context = context + table.astype(self.dtype)[labels][:, None, :]
     mask = cond.get("context_mask")
     if mask is not None:
       context = context * mask.astype(self.dtype)[:, None, None]
@@ -437,6 +450,8 @@ def build_dit(config, dtype: Dtype = jnp.float32, **overrides) -> MMDiT:
               context_tokens=d.context_tokens, context_dim=d.context_dim,
               continuation=d.continuation, prev_depth=d.prev_depth, scan_layers=d.scan_layers,
               remat=d.remat_policy, dtype=dtype)
+  if d.class_conditional:
+    args.update(num_classes=int(config.data.num_classes))
   if d.time_tokens:
     args.update(key_frame_times=tuple(float(index) for index in config.data.key_frames),
                 clip_frames=int(config.data.num_frames))
@@ -448,7 +463,10 @@ def dummy_inputs(model: MMDiT, batch: int = 1):
   """Zero latents, timesteps and conditioning of the right shapes (for init / eval_shape)."""
   x = {"audio": jnp.zeros((batch,) + tuple(model.audio_shape)),
        "video": jnp.zeros((batch,) + tuple(model.video_shape))}
-  return x, jnp.zeros((batch,), jnp.int32), {"context_mask": jnp.ones((batch,))}
+  cond = {"context_mask": jnp.ones((batch,))}
+  if model.num_classes:
+    cond["label"] = jnp.zeros((batch,), jnp.int32)
+  return x, jnp.zeros((batch,), jnp.int32), cond
 
 
 def init_params(model: MMDiT, rng: Array):
@@ -465,6 +483,8 @@ def training_conditioning(rng: Array, batch: Mapping[str, Array], config) -> dic
     - the context is dropped (mask 0) with p = config.dit.context_dropout;
     - where it is kept, A2V (cond_audio = the clean audio latent) and V2A each with p = cond_prob,
       drawn independently and discarded when both hit (mutually exclusive);
+    - class-conditional: the clip's label (`batch['label']`) rides with the context and is
+      dropped with it;
     - continuation: previous video zeroed with p = 0.2 (audio-only continuation), previous audio zeroed
       with p = 0.2 (video-only), both kept otherwise. The reference draws this once per batch; here it
       is per sample (same expected mix, less batch-to-batch variance).
@@ -482,6 +502,11 @@ def training_conditioning(rng: Array, batch: Mapping[str, Array], config) -> dic
           "cond_video": select(use_video & only_one, video)}
   if "text" in batch:
     cond["text"] = batch["text"]
+  if config.dit.class_conditional:
+    if "label" not in batch:
+      raise ValueError(f"config.dit.class_conditional=True: the batch needs 'label' (the clip's "
+                       f"class); it has {sorted(batch)}")
+    cond["label"] = batch["label"].astype(jnp.int32)
   if config.dit.continuation:
     for name in ("prev_audio_latent", "prev_video_latent"):
       if name not in batch:
@@ -556,15 +581,20 @@ def key_frame_noise_fn(config, shared: float):
 def sampling_conditions(batch_size: int, shapes: Mapping[str, tuple[int, ...]], *,
                         cond_audio: Array | None = None, cond_video: Array | None = None,
                         prev: Mapping[str, Array] | None = None, text: Array | None = None,
-                        continuation: bool = False) -> tuple[dict, dict]:
+                        labels: Array | None = None, continuation: bool = False
+                        ) -> tuple[dict, dict]:
   """(cond, uncond) for guided sampling, as the reference builds them: the unconditional branch has
-  the context zeroed and (continuation) zero previous latents, but keeps the A2V/V2A latent."""
+  the context zeroed and (continuation) zero previous latents, but keeps the A2V/V2A latent.
+  `labels` (class-conditional DiT) go to both; the zeroed context drops them in the
+  unconditional branch."""
   zeros_of = lambda name: jnp.zeros((batch_size,) + tuple(shapes[name]))
   cond = {"context_mask": jnp.ones((batch_size,)),
           "cond_audio": zeros_of("audio") if cond_audio is None else cond_audio,
           "cond_video": zeros_of("video") if cond_video is None else cond_video}
   if text is not None:
     cond["text"] = text
+  if labels is not None:
+    cond["label"] = labels
   uncond = dict(cond, context_mask=jnp.zeros((batch_size,)))
   if continuation:
     prev = dict(prev or {})
@@ -578,14 +608,16 @@ def sample_latents(params, config, rng: Array, batch_size: int, *, model: MMDiT 
                    audio_latent: Array | None = None, video_latent: Array | None = None,
                    mode: str = "joint", prev: Mapping[str, Array] | None = None,
                    text: Array | None = None, guidance: Mapping[str, float] | None = None,
-                   fixed: Mapping[str, Array] | None = None) -> dict[str, Array]:
+                   fixed: Mapping[str, Array] | None = None,
+                   labels: Array | None = None) -> dict[str, Array]:
   """Samples {'audio', 'video'} latents with `config.sample` (sampler, steps, eta, guidance, and
   `shared_key_frame_noise`: the share of the video's starting noise common to its key frames,
   `samplers.share_across_groups`).
 
   mode: 'joint'; 'a2v' (trained-in conditioning on `audio_latent`; the returned audio IS the given
   latent, as the reference reuses the ground truth) or 'v2a' (mirror). `prev` feeds a continuation
-  model; `fixed` is the samplers' replacement conditioning (zero-shot, any model).
+  model; `fixed` is the samplers' replacement conditioning (zero-shot, any model). A
+  class-conditional DiT samples classes `labels` [B], drawn uniformly from `rng` when None.
   """
   from mmldm_jax.diffusion import samplers, schedules
   model = model or build_dit(config)
@@ -595,10 +627,15 @@ def sample_latents(params, config, rng: Array, batch_size: int, *, model: MMDiT 
   given = {"a2v": ("audio", audio_latent), "v2a": ("video", video_latent)}.get(mode)
   if given is not None and given[1] is None:
     raise ValueError(f"mode={mode!r} needs {given[0]}_latent")
+  if labels is not None and not model.num_classes:
+    raise ValueError("sample_latents: labels given to a DiT that is not class-conditional "
+                     "(config.dit.class_conditional=False)")
+  if model.num_classes and labels is None:
+    labels = jax.random.randint(jax.random.fold_in(rng, 2), (batch_size,), 0, model.num_classes)
   cond, uncond = sampling_conditions(
       batch_size, shapes, cond_audio=audio_latent if mode == "a2v" else None,
       cond_video=video_latent if mode == "v2a" else None, prev=prev, text=text,
-      continuation=model.continuation)
+      labels=labels, continuation=model.continuation)
   noise_rng, sample_rng = jax.random.split(rng)
   x_init = samplers.initial_noise(
       noise_rng, {name: (batch_size,) + tuple(shape) for name, shape in shapes.items()})

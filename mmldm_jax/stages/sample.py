@@ -159,7 +159,8 @@ def _condition_batch(clips: pipeline.SplitClips, numbers: range
               "clip_start": int(clip["clip_start"]), "label": int(clip["label"])}
              for clip in picked]
   return ({"frames": np.stack([clip["frames"] for clip in picked]),
-           "audio": np.stack([clip["audio"] for clip in picked])}, entries)
+           "audio": np.stack([clip["audio"] for clip in picked]),
+           "label": np.asarray([clip["label"] for clip in picked], np.int32)}, entries)
 
 
 def write_samples(config, models: Models, folder: str, *,

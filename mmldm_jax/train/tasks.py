@@ -495,6 +495,7 @@ def generator_task(config, workdir: str) -> loop.Task:
       init=lambda rng: {"dit": dit_lib.init_params(model, rng)}, loss=loss,
       make_dataset=make_dataset, to_model_batch=_select(
           ("audio_latent", "video_latent") +
+          (("label",) if config.dit.class_conditional else ()) +
           (("prev_audio_latent", "prev_video_latent") if continuation else ())),
       flops_per_example=float(flops_lib.dit_flops_per_sample(config)),
       evaluate=evaluate, compile_evaluate=compile_evaluate)
