@@ -420,12 +420,15 @@ def test_class_conditional_dit(tiny_config):
     dit.sample_latents(params, tiny_config, jax.random.PRNGKey(3), 2, labels=jnp.array([0, 1]))
 
 
-@pytest.mark.parametrize("continuation", [False, True])
-def test_analytic_flops_match_xla(continuation):
+@pytest.mark.parametrize("continuation, time_tokens", [(False, False), (True, False),
+                                                        (False, True)])
+def test_analytic_flops_match_xla(continuation, time_tokens):
   config = config_lib.load(os.path.join(CONFIGS, "aist.py"))
+  # Time-aligned tokens: the 16 video channels as 4 key frames' blocks -> 4x the video tokens.
+  layout = dict(key_frame_times=(0.0, 5.0, 10.0, 15.0), clip_frames=16) if time_tokens else {}
   # Unrolled layers: XLA's cost analysis counts a scanned (while-loop) body once, not depth times.
   model = dit.build_dit(config, depth=2, prev_depth=1, continuation=continuation, remat="none",
-                        scan_layers=False)
+                        scan_layers=False, **layout)
   params = jax.eval_shape(lambda key: nn.unbox(dit.init_params(model, key)), jax.random.PRNGKey(0))
   x, t, cond = dit.dummy_inputs(model, 1)
   if continuation:
