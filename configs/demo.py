@@ -23,12 +23,13 @@ with their real floor and noise ceiling) and each stage's quality signals under 
 
 The `quality` preset (`--config=configs/demo.py:quality`) trains the same chain longer, with 8 key
 frames, z_a at 4x4, 192 training videos and a DiT whose tokens share a time axis (`apply_quality`).
-Measured once from a clean clone on this project's 2-core machine (2026-12-04/05, a fast day,
-nothing else running): 1 h 21 min 49 s with the install, 5.0 GB peak (VAE 8 min, autoencoder
-36 min, generator 34 min). Its autoencoders reconstruct in-sync clips (sync F1 0.74, shuffled pairs
-0.29); its samples show the class backgrounds and sharp coloured objects, and tones in the sound,
-but the objects jump and change colour between frames and the tones do not follow the bounces
-(32 samples: sync F1 0.35, shuffled pairs 0.30). docs/results/ holds that run's scores, contact
+Measured from a clean clone on this project's 2-core machine (2026-12-06, commit 9c35451, a fast
+day): 1 h 29 min 31 s with the install, 6.3 GB peak (VAE 9 min, autoencoder 41 min, generator
+37 min). Its autoencoders reconstruct in-sync clips (sync F1 0.66, shuffled pairs 0.27); its
+samples show the class backgrounds and sharp coloured objects that keep their colour and place,
+and tones in the sound, but the objects move too little and the tones do not follow the bounces
+(32 samples: sync F1 0.31, shuffled pairs 0.29; video Frechet 2.6x the real floor, audio 3.1x).
+docs/results/ holds that run's scores, contact
 sheets and a sample; the README's "Results" has the tables.
 
 `--config.stages` picks stages (comma-separated, run in order). The default runs every stage this
