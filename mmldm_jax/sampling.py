@@ -168,7 +168,12 @@ class Chain:
         if "label" not in condition:
           raise ValueError(f"mode {self.mode!r} with a class-conditional DiT needs the "
                            f"conditioning clips' 'label'; the condition has {sorted(condition)}")
-        labels = jnp.asarray(condition["label"], jnp.int32)
+        labels = np.asarray(condition["label"], np.int32)
+        if labels.min() < 0 or labels.max() >= models.dit.num_classes:
+          raise ValueError(f"mode {self.mode!r}: conditioning labels "
+                           f"{sorted(set(labels.tolist()))} outside the DiT's classes "
+                           f"0..{models.dit.num_classes - 1} (config.data.num_classes)")
+        labels = jnp.asarray(labels)
       audio_latent, video_latent = self.encode_condition(condition)
     prev = None
     if self.mode == "continuation":

@@ -188,6 +188,8 @@ def test_class_conditional_a2v_reads_the_clips_labels(tmp_path):
   condition = {"frames": clip["frames"][None], "audio": clip["audio"][None]}
   with pytest.raises(ValueError, match="needs the conditioning clips' 'label'"):
     chain.generate(jax.random.key(0), 1, condition)
+  with pytest.raises(ValueError, match=r"labels \[4\] outside the DiT's classes 0..3"):
+    chain.generate(jax.random.key(0), 1, dict(condition, label=np.asarray([4])))
   frames = [chain.generate(jax.random.key(0), 1, dict(condition, label=np.asarray([label])))[
       "frames"] for label in (int(clip["label"]), (int(clip["label"]) + 1) % 4)]
   assert np.any(frames[0] != frames[1])
