@@ -192,7 +192,10 @@ class Chain:
       else:
         latents = self._latents(models.dit_params, latent_key, batch_size, audio_latent,
                                 video_latent, prev, labels)
-      prev = latents if self.mode == "continuation" else None
+      if self.mode == "continuation":
+        prev = {name: latents[name] for name in ("audio", "video")}
+      if "label" in latents:   # a class-conditional DiT: later clips keep the first one's class
+        labels = latents["label"]
       if programs is not None:
         clip_frames, audio_image = programs["decode"](
             models.autoencoder_params, models.vae_params, latents["audio"], latents["video"],
@@ -209,6 +212,8 @@ class Chain:
     result = {"frames": video_lib.to_uint8(np.concatenate(frames, axis=1)),
               "waveform": np.clip(np.concatenate(waveforms, axis=1), -1.0, 1.0),
               "audio_image": np.concatenate(images, axis=2)}
+    if labels is not None:
+      result["label"] = to_host(labels)
     if self.mode == "a2v":   # keep the real sound the video was generated from
       result["waveform"] = np.asarray(condition["audio"], np.float32)
       result["audio_image"] = to_host(audio_lib.waveform_to_image(

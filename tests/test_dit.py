@@ -380,7 +380,7 @@ def test_training_noise_shared_by_the_key_frames(tiny_config, tiny_model, random
   assert float(independent["loss_video"]) != float(correlated["loss_video"])
 
 
-def test_class_conditional_dit(tiny_config):
+def test_class_conditional_dit(tiny_config, tiny_params):
   """The label moves the output through the context, and nothing when the context is dropped;
   training passes the batch's labels; sampling draws them, or takes the given ones."""
   config = tiny_config.copy_and_resolve_references()
@@ -416,6 +416,9 @@ def test_class_conditional_dit(tiny_config):
                               labels=jnp.array([label, label])) for label in (0, 3)]
   assert all(np.all(np.isfinite(np.asarray(out["video"]))) for out in [drawn] + given)
   assert float(jnp.max(jnp.abs(given[0]["video"] - given[1]["video"]))) > 1e-3
+  np.testing.assert_array_equal(given[1]["label"], [3, 3])     # the classes come back with them
+  assert set(np.asarray(drawn["label"]).tolist()) <= set(range(4))
+  assert "label" not in dit.sample_latents(tiny_params, tiny_config, jax.random.PRNGKey(3), 2)
   with pytest.raises(ValueError, match="not class-conditional"):
     dit.sample_latents(params, tiny_config, jax.random.PRNGKey(3), 2, labels=jnp.array([0, 1]))
 

@@ -177,7 +177,7 @@ def test_a2v_generates_video_for_real_sound(models, tmp_path):
 def test_class_conditional_a2v_reads_the_clips_labels(tmp_path):
   """A class-conditional DiT generates a2v video for the real clip's class: another label gives
   another video for the same sound, and a condition without labels is refused before anything
-  runs."""
+  runs; its joint samples' drawn classes are written to index.json."""
   config = tiny_config(mode="a2v", num_samples=1)
   config.dit.class_conditional = True
   models = random_models(config)
@@ -193,6 +193,15 @@ def test_class_conditional_a2v_reads_the_clips_labels(tmp_path):
   frames = [chain.generate(jax.random.key(0), 1, dict(condition, label=np.asarray([label])))[
       "frames"] for label in (int(clip["label"]), (int(clip["label"]) + 1) % 4)]
   assert np.any(frames[0] != frames[1])
+  # Joint samples draw their classes, and index.json says which.
+  joint = tiny_config(mode="joint", num_samples=2)
+  joint.dit.class_conditional = True
+  index = sample.write_samples(joint, models, str(tmp_path / "joint"), progress=False)
+  labels = [entry["label"] for entry in sorted(index["samples"], key=lambda e: e["number"])]
+  assert len(labels) == 2 and all(label in range(4) for label in labels), labels
+  drawn = sample.Chain(joint, models).generate(
+      jax.random.fold_in(jax.random.key(int(joint.sample.seed)), 0), 2)
+  assert list(drawn["label"]) == labels
 
 
 def save_checkpoint(config, workdir, task, params, step):

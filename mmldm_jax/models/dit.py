@@ -617,7 +617,8 @@ def sample_latents(params, config, rng: Array, batch_size: int, *, model: MMDiT 
   mode: 'joint'; 'a2v' (trained-in conditioning on `audio_latent`; the returned audio IS the given
   latent, as the reference reuses the ground truth) or 'v2a' (mirror). `prev` feeds a continuation
   model; `fixed` is the samplers' replacement conditioning (zero-shot, any model). A
-  class-conditional DiT samples classes `labels` [B], drawn uniformly from `rng` when None.
+  class-conditional DiT samples classes `labels` [B], drawn uniformly from `rng` when None, and
+  returns them as 'label'.
   """
   from mmldm_jax.diffusion import samplers, schedules
   model = model or build_dit(config)
@@ -653,6 +654,8 @@ def sample_latents(params, config, rng: Array, batch_size: int, *, model: MMDiT 
                         sample_rng, cond=cond, uncond=uncond, guidance=guidance, fixed=fixed)
   if given is not None:
     out[given[0]] = given[1]
+  if model.num_classes:
+    out["label"] = labels
   return out
 
 

@@ -8,7 +8,8 @@ config.sample.batch_size: DiT -> autoencoder diffusion decoder + VAE decoder -> 
   sample_0000.mp4   H.264 + AAC, the frames at data.fps with the sound
   sample_0000.wav   the sound (16-bit PCM at audio.sample_rate)
   sample_0000.png   the frames (up to 8, evenly spaced) in a row, a gap, the audio image
-and index.json (the settings, the models' checkpoint steps and one entry per sample), and
+and index.json (the settings, the models' checkpoint steps and one entry per sample, with the
+real clip it was conditioned on, or the class a class-conditional DiT drew for it), and
 contact_sheet.png (the png rows of the first 8 samples, one under the other).
 
 Modes:
@@ -211,6 +212,8 @@ def write_samples(config, models: Models, folder: str, *,
       entry["batch"] = b
       if sources is not None:
         entry["conditioning"] = sources[slot]
+      elif "label" in result:   # the class a class-conditional DiT drew for this sample
+        entry["label"] = int(result["label"][slot])
       index["samples"].append(entry)
       done.add(number)
     if writer:
