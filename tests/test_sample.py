@@ -340,9 +340,18 @@ def test_latents_stage_writes_every_clip_window_with_its_place(config, models, t
   assert len(pairs) == sum(max(0, count - config.data.num_frames) for count in per_video) > 0
 
 
-def test_continuation_joins_clips_in_time(models, tmp_path):
+def test_continuation_joins_clips_in_time(models, tmp_path, monkeypatch):
+  """Two clips joined into one sample; with a class-conditional DiT the second clip is drawn for
+  the class the first one drew (not a class of its own), and index.json records it."""
   config = tiny_config(mode="continuation", num_clips=2)
-  config.dit.continuation = True
+  config.dit.update(continuation=True, class_conditional=True)
+  given_labels = []
+  original = dit_lib.sample_latents
+
+  def recording(*args, labels=None, **kwargs):
+    given_labels.append(labels is not None)
+    return original(*args, labels=labels, **kwargs)
+  monkeypatch.setattr(dit_lib, "sample_latents", recording)
   dit = dit_lib.build_dit(config)
   continuing = sample.Models(
       dit=dit, dit_params=filled(lambda key: dit_lib.init_params(dit, key), jax.random.PRNGKey(3)),
@@ -351,6 +360,8 @@ def test_continuation_joins_clips_in_time(models, tmp_path):
   folder = str(tmp_path / "continuation")
   index = sample.write_samples(config, continuing, folder, progress=False)
   entry = index["samples"][0]
+  assert given_labels == [False, True]   # traced once per clip: drawn, then the first clip's
+  assert entry["label"] in range(config.data.num_classes)
   clip_samples = config_lib.clip_samples(config)
   assert entry["num_frames"] == 2 * config.data.num_frames
   assert entry["num_audio_samples"] == 2 * clip_samples
