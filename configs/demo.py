@@ -3,9 +3,9 @@
 Run:
   python -m mmldm_jax.main --config=configs/demo.py --workdir=runs/demo
 
-Cost: measured 12 min 20 s on 2 CPU cores from a fresh clone (2026-12-05, commit f6d4bc6, install
-included, empty compile cache; 13 min 49 s at bf63bd9 the day before, and 27 to 31 minutes on a slow
-day of this machine at an older commit; the README has the breakdown), 4.5 to 6.5
+Cost: measured 12 min 13 s on 2 CPU cores from a fresh clone (2026-12-06, commit c0cec00, install
+included, empty compile cache; 12 min 20 s at f6d4bc6 the day before, and 27 to 31 minutes on a slow
+day of this machine at an older commit; the README has the breakdown), 4.5 to 7
 GB of memory and a few hundred MB of disk.
 The samples show muddy scene-class backgrounds with coloured objects that change place during the
 clip, but in jumps (the decoder switches between what it keeps of the four key frames rather than
