@@ -379,3 +379,23 @@ def test_continuation_trains_on_consecutive_clip_pairs(tmp_path):
                          "train-process_0-of-1.clip_start.npy"))
   with pytest.raises(FileNotFoundError, match=r"clip_start.npy is missing .* rerun the `latents`"):
     latents_lib.LatentSource(workdir_lib.latents_dir(short))
+
+
+def test_class_conditional_generator_refuses_labels_outside_the_classes(tmp_path):
+  """A class-conditional DiT's latents are checked before training: a label outside
+  0..num_classes-1 (inside the jitted step it would be clamped to the last class) is named with
+  its file and row."""
+  config = generator_config(num_steps=2)
+  config.dit.class_conditional = True
+  workdir = str(tmp_path)
+  write_latents(workdir, config, count=8, clips_per_video=4)
+  task = tasks.generator_task(config, workdir)
+  task.make_dataset(0, 1, 2, 0)                 # every label 0: accepted
+  path = os.path.join(workdir_lib.latents_dir(workdir), "train-process_0-of-1.label.npy")
+  labels = np.load(path)
+  labels[5] = config.data.num_classes
+  np.save(path, labels)
+  with pytest.raises(ValueError, match=rf"label.npy: field 'label' is {config.data.num_classes} "
+                     rf"at row 5 \(1 of 8 rows outside the classes\); expected "
+                     rf"0..{config.data.num_classes - 1}"):
+    task.make_dataset(0, 1, 2, 0)

@@ -125,6 +125,22 @@ class LatentSource:
   def __len__(self) -> int:
     return int(self.starts[-1])
 
+  def check_labels(self, num_classes: int) -> None:
+    """Fails, naming the shard file, when a clip's label is outside 0..num_classes - 1. A
+    class-conditional DiT looks its class vector up by the label, and inside a jitted step an index
+    out of range is clamped to the last class, not reported."""
+    for name in self.names:
+      path = os.path.join(self.folder, f"{name}.label.npy")
+      labels = np.load(path, mmap_mode="r")
+      outside = np.flatnonzero((labels < 0) | (labels >= num_classes))
+      if outside.size:
+        raise ValueError(
+            f"{path}: field 'label' is {int(labels[outside[0]])} at row {int(outside[0])} "
+            f"({outside.size} of {len(labels)} rows outside the classes); expected 0.."
+            f"{num_classes - 1} (data.num_classes={num_classes}) for dit.class_conditional. "
+            f"Latents written without classes hold -1: rerun the `latents` stage with "
+            f"data.num_classes set")
+
   def _open(self):
     self._arrays = [{field: np.load(os.path.join(self.folder, f"{name}.{field}.npy"), mmap_mode="r")
                      for field in FIELDS} for name in self.names]

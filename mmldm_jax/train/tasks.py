@@ -485,6 +485,8 @@ def generator_task(config, workdir: str) -> loop.Task:
     return dit_lib.generator_loss(params["dit"], batch, rng, config, model=model)
 
   def make_dataset(process_index, process_count, batch_size, seed):
+    if config.dit.class_conditional:
+      latents_lib.LatentSource(folder).check_labels(int(config.data.num_classes))
     return latents_lib.make_latent_dataset(
         folder, process_index=process_index, process_count=process_count, batch_size=batch_size,
         seed=seed, continuation_frames=int(config.data.num_frames) if continuation else None)
