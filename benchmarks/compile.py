@@ -7,8 +7,9 @@ of this repository measured in the same run (the "peer" is our own code before a
 For each stage, in a fresh subprocess (no in-process or persistent compilation cache, so every
 figure is a cold compile; peak RSS is that process's): the train-state init's compile time, the
 train step's trace, lower and compile times, the first step and the median of `--steps` further
-steps, XLA's FLOP count of the step and its rate against this CPU's own float32 matmul rate
-(a 2048^3 `jnp.dot`, measured in the same subprocess). The stages run on random inputs shaped
+steps, XLA's FLOP count of the step (for the DiT, whose layers run in a scan that XLA counts
+once, the analytic count of models/flops.py) and its rate against this CPU's own float32 matmul
+rate (a 2048^3 `jnp.dot`, measured in the same subprocess). The stages run on random inputs shaped
 like the real batches, as `train/loop.py` builds them (state init, donated jitted step), without
 the input pipeline or checkpoints; the autoencoder's frozen VAE is a randomly initialised one.
 
@@ -132,6 +133,12 @@ def _worker(repo: str, config_path: str, stage: str, steps: int) -> dict:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", float("nan")))
+  if stage == "generator" and config.dit.get("scan_layers"):
+    # XLA's cost analysis counts a scanned (while-loop) body once, not once per layer: the DiT's
+    # analytic count instead (models/flops.py, 3x the forward; tests/test_dit.py checks it
+    # against XLA's on unrolled layers).
+    from mmldm_jax.models import flops as flops_lib
+    flops = float(flops_lib.dit_flops_per_sample(config)) * batch_size
 
   def run():
     nonlocal state
