@@ -190,19 +190,22 @@ def test_cpu_xla_flags_keep_reductions_out_of_ynnpack(monkeypatch):
   # Already named in XLA_FLAGS (by conftest, or by a user): nothing is added.
   assert parallel.set_cpu_xla_flags() == []
   monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT "
-                     "--xla_backend_optimization_level=2")
+                     "--xla_backend_optimization_level=2 --xla_cpu_opt_preset=DEFAULT")
   assert parallel.set_cpu_xla_flags() == []
   # Not named, but XLA has started: the flags could no longer take effect, so it is an error.
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
   with pytest.raises(RuntimeError, match="xla_cpu_experimental_ynn_fusion_type=.*"
-                                         "xla_backend_optimization_level=1"):
+                                         "xla_backend_optimization_level=1.*"
+                                         "xla_cpu_opt_preset=FAST_COMPILE"):
     parallel.set_cpu_xla_flags()
   assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
-  # Where an accelerator may start, the LLVM level is left to XLA (its GPU compiler reads it too).
+  # Where an accelerator may start, the LLVM level and the compile preset are left to XLA (its
+  # GPU compiler reads the level too).
   monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
   with pytest.raises(RuntimeError) as raised:
     parallel.set_cpu_xla_flags()
   assert "xla_backend_optimization_level" not in str(raised.value)
+  assert "xla_cpu_opt_preset" not in str(raised.value)
 
 
 def test_cpu_only_run_reads_jax_platforms_and_the_installed_plugins(monkeypatch):
