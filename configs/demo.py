@@ -3,23 +3,21 @@
 Run:
   python -m mmldm_jax.main --config=configs/demo.py --workdir=runs/demo
 
-Cost: measured 12 min 13 s on 2 CPU cores from a fresh clone (2026-12-06, commit c0cec00, install
-included, empty compile cache; 12 min 20 s at f6d4bc6 the day before, and 27 to 31 minutes on a slow
-day of this machine at an older commit; the README has the breakdown), 4.5 to 7
-GB of memory and a few hundred MB of disk.
-The samples show muddy scene-class backgrounds with coloured objects that change place during the
-clip, but in jumps (the decoder switches between what it keeps of the four key frames rather than
-moving the objects smoothly), often in the wrong colour, and quiet sound whose tones land on the
-bounces more often than on another sample's in the latest run only (sync F1 0.13-0.33 in earlier
-runs, each about its shuffled pairs' score; 0.54 against 0.31 at f6d4bc6, over 27 bounces in
-8 samples; real clips 0.99). The synthetic clips (coloured objects
-bouncing over a class-dependent background; every wall hit is a tone whose pitch is the object's
-colour) are generated from a seed, so nothing is downloaded. Frames are 64x64 at 10 fps, audio 16
-kHz; every network is the `tiny` size of the paper configs, trained from scratch without
-discriminators. Outputs: `samples/joint/*.mp4|wav|png`, `metrics.json` (sync F1 of the samples,
-beside its chance level `real_mismatched`, the samples' shuffled pairs and noise clips; distances
-with their real floor and noise ceiling) and each stage's quality signals under `<stage>/logs`
-(`media/` holds them as PNG and WAV files).
+Cost: measured 7 min 53 s on 2 CPU cores from a fresh clone (2026-12-06, install included, empty
+compile cache, a fast hour of the machine; 9 min 36 s with the four-level U-Net two hours before,
+12 min 13 s that morning, and 27 to 31 minutes on a slow day of this machine at an older commit;
+the README has the breakdown), 4.5 to 7 GB of memory and a few hundred MB of disk.
+The samples show muddy scene-class backgrounds with one to three sharp coloured objects that mostly
+keep their colour and place through the clip, some of them moving, and quiet sound with faint tones
+that do not follow the bounces (sync F1 0.06 against 0.24 for shuffled pairs in the latest run, and
+about the shuffled pairs' score in most earlier ones; real clips 0.99). The synthetic clips
+(coloured objects bouncing over a class-dependent background; every wall hit is a tone whose pitch
+is the object's colour) are generated from a seed, so nothing is downloaded. Frames are 64x64 at 10
+fps, audio 16 kHz; every network is the `tiny` size of the paper configs (the U-Net with two of its
+four levels), trained from scratch without discriminators. Outputs: `samples/joint/*.mp4|wav|png`,
+`metrics.json` (sync F1 of the samples, beside its chance level `real_mismatched`, the samples'
+shuffled pairs and noise clips; distances with their real floor and noise ceiling) and each stage's
+quality signals under `<stage>/logs` (`media/` holds them as PNG and WAV files).
 
 The `quality` preset (`--config=configs/demo.py:quality`) trains the same chain longer, with 8 key
 frames, z_a at 4x4, 192 training videos and a DiT whose tokens share a time axis (`apply_quality`).
@@ -82,6 +80,15 @@ def get_config(arg=None):
   # The paper's 16 channels for z_v, not the tiny preset's 4: measured on this demo, the samples'
   # distances were video 70 / audio 204 with 4 channels and 60 / 97 with 16.
   config.autoencoder.video_z_channels = 16
+  # A diffusion decoder sized to the 8x8 VAE latent: two U-Net levels (8x8 at 32 channels, 4x4 at
+  # 64) with attention at both and a 4x4 mid block, where the tiny preset's four levels go down
+  # to a 1x1 mid block whose self-attention sees a single token. Half the U-Net's blocks (6 input
+  # blocks instead of 12) for 3% fewer FLOPs (the removed levels were 2x2 and 1x1): measured
+  # against the four levels in the same run (benchmarks/README.md, 2026-12-06), the autoencoder's
+  # train step compiled in 40 s against 60 s and ran in 0.17 s against 0.22 s. Its 600 steps
+  # decoded frames at 17.5 dB PSNR (four levels: 18.2), audio images at 24.0 dB (24.2), and the
+  # samples scored video Frechet 108 (104) and audio 58 (74); one run each.
+  config.unet.update(channel_mult=(1, 2), attention_resolutions=(1, 2))
   config.autoencoder.gan_weight = 0.0
   # The frozen VAE's posteriors of the training clips, encoded once when the stage starts instead
   # of every step (train/posterior_cache.py; a few MB here).
@@ -156,6 +163,8 @@ def apply_quality(config):
   config.synthetic.num_train_videos = 192
   config.vae.frames_per_clip = 1     # a third less per VAE step (see get_config)
   config.vae.channel_mult = (1, 2, 2, 2)   # the VAE docs/results was made with (see get_config)
+  # ... and its four-level U-Net (the tiny preset's; see get_config).
+  config.unet.update(channel_mult=(1, 2, 2, 2), attention_resolutions=(4, 2, 1))
   config.train_vae.update(num_steps=1200, checkpoint_every=400, eval_every=400)
   config.train_autoencoder.update(num_steps=7000, checkpoint_every=1000, eval_every=2000,
                                   decay="cosine", warmup_steps=100)
