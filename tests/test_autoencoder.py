@@ -124,8 +124,8 @@ def _abs_sum(tree):
 
 class HostAdam:
   """Adam (Kingma & Ba, 2015) in NumPy on the host, for the training test: jitted over the
-  autoencoder's 1,231 parameter leaves, optax's update took 17 s to compile, longer than its 80
-  steps take here."""
+  autoencoder's 1,231 and the discriminator's 51 parameter leaves, optax's update took 17 s to
+  compile, a fifth of what the test's 80 steps take."""
 
   def __init__(self, params, learning_rate, b1=0.9, b2=0.999, eps=1e-8):
     self.params = jax.tree_util.tree_map(lambda leaf: np.array(leaf, np.float32), params)
