@@ -58,10 +58,18 @@ class TorchCnn14(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def torch_model_and_file(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("panns")
+  return saved_torch_cnn14(str(folder / panns.WEIGHTS_FILE))
+
+
+def saved_torch_cnn14(path):
+  """A random TorchCnn14 saved at `path` as the PANNs release saves it; returns (model, path).
+
+  Its BatchNorm statistics are measured on a few sounds (as training would set them) and its affine
+  terms random: every layer then passes on what the input changes, so a parity check has teeth.
+  (benchmarks/panns.py times this model too.)"""
   torch.manual_seed(0)
   model = TorchCnn14()
-  # BatchNorm statistics measured on a few sounds (as training would set them) and random affine
-  # terms: every layer then passes on what the input changes, so the parity check has teeth.
   rng = np.random.default_rng(1)
   time = np.arange(32000) / 32000
   calibration = np.stack([0.3 * np.sin(2 * np.pi * f * time) + rng.normal(0, 0.02, 32000)
@@ -75,7 +83,6 @@ def torch_model_and_file(tmp_path_factory):
     model.train()
     model(torch.from_numpy(calibration))
   model.eval()
-  path = str(tmp_path_factory.mktemp("panns") / panns.WEIGHTS_FILE)
   torch.save({"model": model.state_dict(), "iteration": 0}, path)
   return model, path
 
@@ -91,13 +98,28 @@ def test_embedding_equals_pytorch(torch_model_and_file):
   spread = float((expected_embedding[0] - expected_embedding[1]).abs().max())
   assert spread > 100 * 1e-4 * float(expected_embedding.abs().max()), spread
   variables = panns.load_cnn14(path)
-  outputs = panns.Cnn14().apply(variables, waveform)
+  outputs = jax.jit(panns.Cnn14().apply)(variables, waveform)
   np.testing.assert_allclose(outputs["embedding"], expected_embedding.numpy(), rtol=1e-4,
                              atol=1e-4 * float(expected_embedding.abs().max()))
   np.testing.assert_allclose(outputs["clipwise"], expected_tags.numpy(), atol=1e-3)
   embedder = panns.Cnn14Embeddings(path)
   np.testing.assert_allclose(embedder(waveform), expected_embedding.numpy(), rtol=1e-4,
                              atol=1e-4 * float(expected_embedding.abs().max()))
+
+
+@pytest.mark.parametrize("height,width", [(1, 1), (3, 2), (2, 5), (4, 4)])
+def test_conv3x3_is_the_convolution_on_small_and_larger_maps(height, width):
+  """Maps with a side under 3 take the matmul path (`panns.conv3x3`), the others XLA's
+  convolution: both are the float64 convolution up to float32 rounding of sums of 9 x 64 terms."""
+  rng = np.random.default_rng(height * 10 + width)
+  x = rng.normal(size=(3, height, width, 64))
+  kernel = rng.normal(size=(3, 3, 64, 32)) / 24.0
+  padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  expected = sum(np.einsum("bhwc,co->bhwo", padded[:, dy:dy + height, dx:dx + width],
+                           kernel[dy, dx]) for dy in range(3) for dx in range(3))
+  got = jax.jit(panns.conv3x3)(x.astype(np.float32), kernel.astype(np.float32))
+  assert got.shape == (3, height, width, 32)
+  np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
 def test_every_key_is_used_and_leftovers_are_refused(torch_model_and_file):

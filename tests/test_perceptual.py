@@ -1,5 +1,7 @@
 """`perceptual.FeatureInjector`: zero at initialisation either way; with a single zero-initialised
 layer the frame index reaches the first update."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,7 @@ from flax import linen as nn
 
 from mmldm_jax.models import perceptual
 
-pytestmark = pytest.mark.slow   # each test compiles small models: 10-20 s on 2 cores
+pytestmark = pytest.mark.slow   # each test compiles small models
 
 
 def _injector(double_zero):
@@ -20,8 +22,8 @@ def _zero_conv_gradients(double_zero, emb):
   """Gradient of a fixed loss w.r.t. the zero 1x1 convs, at initialisation, for embedding `emb`."""
   injector = _injector(double_zero)
   z = jax.random.normal(jax.random.key(0), (2, 4, 4, 8))
-  params = nn.unbox(injector.init(jax.random.key(1), z, emb))["params"]
-  outputs = injector.apply({"params": params}, z, emb)
+  params = nn.unbox(jax.jit(injector.init)(jax.random.key(1), z, emb))["params"]
+  outputs = jax.jit(injector.apply)({"params": params}, z, emb)
   assert all(float(jnp.abs(out).max()) == 0.0 for out in outputs)   # zero at init either way
 
   def loss(zero_convs):
@@ -29,7 +31,7 @@ def _zero_conv_gradients(double_zero, emb):
     return sum(jnp.sum(out * jnp.linspace(-1.0, 1.0, out.size).reshape(out.shape))
                for out in injector.apply({"params": merged}, z, emb))
   zero_convs = {name: value for name, value in params.items() if name.startswith("zero_conv")}
-  return jax.grad(loss)(zero_convs)
+  return jax.jit(jax.grad(loss))(zero_convs)
 
 
 def test_single_zero_init_lets_the_frame_index_reach_the_first_update():
@@ -58,16 +60,17 @@ def test_per_key_frame_video_latent_has_the_content_slot_shape_and_one_group_per
   shapes = {}
   for per_key_frame in (False, True):
     encoder = _video_encoder(per_key_frame)
-    variables = encoder.init(jax.random.key(1), key_latents)
-    mean, logvar = encoder.apply(variables, key_latents)
+    # Jitted: run op by op, init and apply took 15 s on 2 cores (a program per op), jitted 2 s.
+    variables = jax.jit(encoder.init)(jax.random.key(1), key_latents)
+    (mean, logvar), state = jax.jit(functools.partial(
+        encoder.apply, capture_intermediates=True, mutable=["intermediates"]))(
+            variables, key_latents)
     shapes[per_key_frame] = mean.shape
     assert logvar.shape == mean.shape
     assert ("content" in variables["params"]) != per_key_frame   # no content slot when stacked
     if per_key_frame:
       # Channel group t (2 channels each) is the head's output at key frame t.
-      head = encoder.apply(variables, key_latents, capture_intermediates=True,
-                           mutable=["intermediates"])[1]["intermediates"]["mean_head_out"]
-      per_frame_mean = head["__call__"][0]     # [B, T, h, w, 2]
+      per_frame_mean = state["intermediates"]["mean_head_out"]["__call__"][0]  # [B, T, h, w, 2]
       for t in range(4):
         np.testing.assert_array_equal(mean[..., 2 * t:2 * t + 2], per_frame_mean[:, t])
   assert shapes[False] == shapes[True] == (2, 4, 4, 8)
