@@ -25,7 +25,7 @@ def config():
 def disc_and_params(config):
   disc = disc_lib.discriminator_from_config(config)
   size = config.data.image_size
-  variables = disc.init(jax.random.PRNGKey(0), jnp.zeros((1, 3, size, size, 3)))
+  variables = jax.jit(disc.init)(jax.random.PRNGKey(0), jnp.zeros((1, 3, size, size, 3)))
   return disc, variables["params"]
 
 
@@ -101,7 +101,7 @@ def test_discriminator_learns_to_separate(config, disc_and_params):
   for _ in range(20):
     params, state, loss = step(params, state)
     first = float(loss) if first is None else first
-  logits = disc.apply({"params": params}, jnp.concatenate([real, fake]))
+  logits = jax.jit(disc.apply)({"params": params}, jnp.concatenate([real, fake]))
   assert float(loss) < 0.9 * first, (first, float(loss))
   assert float(jnp.mean(logits[:4])) > float(jnp.mean(logits[4:])) + 0.1, logits
 
@@ -132,17 +132,17 @@ def test_contrastive_head_temperatures_and_classifier(config):
   ae = config.autoencoder
   maps = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 2, ae.semantic_dim))
   head = semantic.ContrastiveHead(ae.contrastive_dim, norm_groups=config.unet.norm_groups)
-  variables = head.init(jax.random.PRNGKey(1), maps, maps)
-  video_emb, audio_emb, t_v2a, t_a2v = head.apply(variables, maps, maps)
+  variables = jax.jit(head.init)(jax.random.PRNGKey(1), maps, maps)
+  video_emb, audio_emb, t_v2a, t_a2v = jax.jit(head.apply)(variables, maps, maps)
   assert video_emb.shape == (3, ae.contrastive_dim)
   np.testing.assert_allclose(np.linalg.norm(np.asarray(video_emb), axis=-1), 1.0, rtol=1e-5)
   assert float(t_v2a) == pytest.approx(0.07) and float(t_a2v) == pytest.approx(0.07)
   # The temperatures are parameters: the InfoNCE gradient reaches them.
-  grads = jax.grad(lambda v: semantic.info_nce(*head.apply(v, maps, maps))[0])(variables)
+  grads = jax.jit(jax.grad(lambda v: semantic.info_nce(*head.apply(v, maps, maps))[0]))(variables)
   assert float(jnp.abs(nn.unbox(grads)["params"]["temperature_v2a"]).sum()) > 0
   classifier = semantic.ClassificationHead(config.data.num_classes, config.unet.norm_groups)
-  cls_vars = classifier.init(jax.random.PRNGKey(2), maps, maps)
-  logits = classifier.apply(cls_vars, maps, maps)
+  cls_vars = jax.jit(classifier.init)(jax.random.PRNGKey(2), maps, maps)
+  logits = jax.jit(classifier.apply)(cls_vars, maps, maps)
   assert logits.shape == (3, config.data.num_classes)
   loss, _ = semantic.classification_loss(logits, jnp.array([0, 1, 2]))
   assert np.isfinite(float(loss))

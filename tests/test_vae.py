@@ -117,7 +117,7 @@ def loss_setup(config, converted):
   params = nn.meta.unbox(converted[1])
   disc = vae_lib.build_discriminator(config)
   images = jax.random.uniform(jax.random.key(3), (2, 32, 32, 3), minval=-1, maxval=1)
-  disc_params = nn.meta.unbox(disc.init(jax.random.key(4), images)["params"])
+  disc_params = nn.meta.unbox(jax.jit(disc.init)(jax.random.key(4), images)["params"])
   return params, disc_params, images
 
 
@@ -140,7 +140,7 @@ def test_generator_loss_terms_and_frozen_encoder(config, loss_setup, frozen_step
   expected = aux["nll"] + config.vae.kl_weight * aux["kl"] + aux["d_weight"] * aux["g_loss"]
   np.testing.assert_allclose(loss, expected, rtol=1e-6)
   assert config.vae.freeze_encoder
-  assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree_util.tree_leaves(grads["encoder"]))
+  assert all(not np.any(np.asarray(g)) for g in jax.tree_util.tree_leaves(grads["encoder"]))
   assert float(jnp.abs(grads["decoder"]["conv_in"]["kernel"]).max()) > 0
   mask = vae_lib.trainable_mask(params, config)
   assert not any(jax.tree_util.tree_leaves(mask["encoder"]))
