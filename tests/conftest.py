@@ -3,8 +3,8 @@ sets, absl flags parsed (Grain workers need them), and a persistent compilation 
 compiles across test files are cheap.
 
 The README's command runs the suite in two processes (pytest-xdist, `-n 2 --dist loadfile`): XLA
-compiles a program on one core, and compiling is most of the suite's time on 2 cores, so a second
-process keeps the other core busy. `loadfile` keeps each file in one process, so module-scoped
+compiles a program on one core, and compiling is about a third of a first run on 2 cores (the rest
+is the tests' own steps), so a second process keeps the other core busy. `loadfile` keeps each file in one process, so module-scoped
 fixtures (a model initialised once per file) are still built once."""
 import gc
 import os
@@ -77,8 +77,8 @@ def _free_compiled_programs_after_each_file():
   gc.collect()
 
 
-# The files that take longest, longest first (the suite's two processes, 2026-12-05:
-# test_autoencoder.py about 10 minutes, the next seven 1 to 3.5 minutes each). They run first, so
+# The files that take longest, longest first (a clean run of the suite's two processes, 2026-12-06:
+# test_autoencoder.py about 7 minutes, the next seven 1.5 to 4 minutes each). They run first, so
 # that a long file does not start when the other process has little left to do.
 LONGEST_FIRST = ("test_autoencoder.py", "test_autoencoder_stage.py", "test_evaluate.py",
                  "test_sample.py", "test_remat.py", "test_train.py", "test_multihost.py",
