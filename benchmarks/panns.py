@@ -5,8 +5,9 @@
 
 Random weights with measured BatchNorm statistics (tests/test_panns.py's `saved_torch_cnn14`,
 loaded through `panns.load_cnn14` as a real `Cnn14_mAP=0.431.pth` would be); the input is a batch
-of 32 kHz waveforms; the time is the forward to the 2048-d embedding, median of `--repeats` timed
-calls after a warm-up call (which compiles ours). Cnn14's last block sees a map of
+of 32 kHz waveforms; the time is a call of `panns.Cnn14Embeddings` (the evaluate stage's embedder:
+the waveforms to the device, the forward to the 2048-d embedding, the result back to NumPy),
+median of `--repeats` timed calls after a warm-up call (which compiles ours). Cnn14's last block sees a map of
 (frames / 32) x 2: 3 x 2 for 1 s clips, where XLA:CPU's convolution crawls (see `conv3x3`), and
 5 x 2 for the 1.6 s clips of the paper configs. The peer is plain PyTorch (eager, float32,
 torch's CPU threads). Prints Markdown rows for benchmarks/README.md.
@@ -48,25 +49,22 @@ def main():
   args = parser.parse_args()
   parallel.set_cpu_xla_flags()
   model, path = saved_torch_cnn14(os.path.join(tempfile.mkdtemp(), panns.WEIGHTS_FILE))
-  variables = panns.load_cnn14(path)
-  forward = jax.jit(lambda v, w: panns.Cnn14().apply(v, w)["embedding"])
+  embed = panns.Cnn14Embeddings(path)          # what the evaluate stage runs
   date = datetime.date.today().isoformat()
   command = f"`python benchmarks/panns.py --batch={args.batch} --repeats={args.repeats}`"
   for seconds in (float(s) for s in args.seconds.split(",")):
     samples = int(round(seconds * panns.SAMPLE_RATE))
     rng = np.random.default_rng(0)
     waveforms = (0.3 * rng.standard_normal((args.batch, samples))).astype(np.float32)
-    ours_out = forward(variables, waveforms)
-    ours = median_seconds(lambda: jax.block_until_ready(forward(variables, waveforms)),
-                          args.repeats)
-    with mock.patch.object(panns, "conv3x3", xla_conv3x3):
-      before_forward = jax.jit(lambda v, w: panns.Cnn14().apply(v, w)["embedding"])
-      before = median_seconds(
-          lambda: jax.block_until_ready(before_forward(variables, waveforms)), args.repeats)
+    ours_out = embed(waveforms)
+    ours = median_seconds(lambda: embed(waveforms), args.repeats)
+    with mock.patch.object(panns, "conv3x3", xla_conv3x3):   # traced while patched
+      before_embed = panns.Cnn14Embeddings(path)
+      before = median_seconds(lambda: before_embed(waveforms), args.repeats)
     with torch.no_grad():
       peer_out = model(torch.from_numpy(waveforms))[0].numpy()
       peer = median_seconds(lambda: model(torch.from_numpy(waveforms)), args.repeats)
-    difference = float(np.abs(np.asarray(ours_out) - peer_out).max() / np.abs(peer_out).max())
+    difference = float(np.abs(ours_out - peer_out).max() / np.abs(peer_out).max())
     frames = samples // panns.HOP + 1
     for _ in range(len(panns.WIDTHS) - 1):   # the five 2x2 poolings
       frames //= 2
