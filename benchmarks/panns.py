@@ -7,9 +7,9 @@ Random weights with measured BatchNorm statistics (tests/test_panns.py's `saved_
 loaded through `panns.load_cnn14` as a real `Cnn14_mAP=0.431.pth` would be); the input is a batch
 of 32 kHz waveforms; the time is a call of `panns.Cnn14Embeddings` (the evaluate stage's embedder:
 the waveforms to the device, the forward to the 2048-d embedding, the result back to NumPy),
-median of `--repeats` timed calls after a warm-up call (which compiles ours). Cnn14's last block sees a map of
-(frames / 32) x 2: 3 x 2 for 1 s clips, where XLA:CPU's convolution crawls (see `conv3x3`), and
-5 x 2 for the 1.6 s clips of the paper configs. The peer is plain PyTorch (eager, float32,
+median of `--repeats` timed calls after a warm-up call (which compiles ours). Cnn14's last block
+sees a map of (frames / 32) x 2: 3 x 2 for 1 s clips, where XLA:CPU's convolution crawls (see
+`conv3x3`), and 5 x 2 for the 1.6 s clips of the paper configs. The peer is plain PyTorch (eager, float32,
 torch's CPU threads). Prints Markdown rows for benchmarks/README.md.
 
 Cost: about 2 minutes on 2 cores (most of it the XLA-convolution runs on 1 s clips).

@@ -4,8 +4,9 @@ compiles across test files are cheap.
 
 The README's command runs the suite in two processes (pytest-xdist, `-n 2 --dist loadfile`): XLA
 compiles a program on one core, and compiling is about a third of a first run on 2 cores (the rest
-is the tests' own steps), so a second process keeps the other core busy. `loadfile` keeps each file in one process, so module-scoped
-fixtures (a model initialised once per file) are still built once."""
+is the tests' own steps), so a second process keeps the other core busy. `loadfile` keeps each
+file in one process, so module-scoped fixtures (a model initialised once per file) are still built
+once."""
 import gc
 import os
 
