@@ -9,8 +9,8 @@ of 32 kHz waveforms; the time is a call of `panns.Cnn14Embeddings` (the evaluate
 the waveforms to the device, the forward to the 2048-d embedding, the result back to NumPy),
 median of `--repeats` timed calls after a warm-up call (which compiles ours). Cnn14's last block
 sees a map of (frames / 32) x 2: 3 x 2 for 1 s clips, where XLA:CPU's convolution crawls (see
-`conv3x3`), and 5 x 2 for the 1.6 s clips of the paper configs. The peer is plain PyTorch (eager, float32,
-torch's CPU threads). Prints Markdown rows for benchmarks/README.md.
+`conv3x3`), and 5 x 2 for the 1.6 s clips of the paper configs. The peer is plain PyTorch (eager,
+float32, torch's CPU threads). Prints Markdown rows for benchmarks/README.md.
 
 Cost: about 2 minutes on 2 cores (most of it the XLA-convolution runs on 1 s clips).
 """
@@ -25,9 +25,8 @@ import jax
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "tests"))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
 from dit import median_seconds  # noqa: E402  (the benchmarks' timing rule: warm-up, then median)
 from mmldm_jax import parallel  # noqa: E402
 from mmldm_jax.evaluation import panns  # noqa: E402

@@ -57,9 +57,9 @@ def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
   On maps with a side under 3 (Cnn14's last block on 1 s clips is 3 x 2) XLA:CPU's convolution
   runs at about 1 GFLOP/s, a hundredth of its rate on larger maps (2026-12-06: 9.3 s for the
-  3 x 2 x 2048 -> 2048 convolution of 11 clips); there the nine shifted copies of the map,
-  side by side on the channel axis, times the kernel as one matrix give the same sums as one
-  matmul (these maps are small, so the copies are too)."""
+  3 x 2 x 2048 -> 2048 convolution of 11 clips). There it is one matmul instead: the nine
+  shifted copies of the padded map side by side on the channel axis, times the kernel as a
+  [9 C, O] matrix (the copies are small because the maps are)."""
   height, width = x.shape[1], x.shape[2]
   if min(height, width) >= 3:
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
