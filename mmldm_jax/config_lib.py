@@ -37,6 +37,8 @@ ConfigDict = ml_collections.ConfigDict
 ALL_STAGES = ("data", "vae", "autoencoder", "latents", "generator", "sample", "evaluate")
 # What `config.sample.mode` may be (stages/sample.py documents each).
 SAMPLE_MODES = ("joint", "a2v", "v2a", "continuation", "reconstruction")
+# How joint samples are drawn (`models.dit.sample_latents`).
+JOINT_ORDERS = ("together", "video_first", "audio_first")
 
 
 def parse_preset(arg: str | None, known: tuple[str, ...] = ("tiny",)) -> dict[str, Any]:
@@ -316,6 +318,9 @@ def sample_config() -> ConfigDict:
       num_samples=16,
       batch_size=4,
       mode="joint",                 # 'joint', 'a2v', 'v2a', 'continuation' or 'reconstruction'
+      joint_order="together",       # joint samples: 'together' (one pass, the reference) or
+                                    # 'video_first' / 'audio_first' (that modality jointly, then
+                                    # the other given it, by the DiT's V2A / A2V conditioning)
       num_clips=1,                  # > 1: autoregressive continuation
       seed=23,
       shared_key_frame_noise=0.0,   # share of the DiT's starting video noise common to all key
@@ -549,6 +554,11 @@ def validate(config: ConfigDict) -> None:
     at_least(f"{stage}.eval_every", section.eval_every, 0)
     at_least(f"{stage}.warmup_steps", section.warmup_steps, 0)
   one_of("sample.mode", config.sample.mode, SAMPLE_MODES)
+  one_of("sample.joint_order", config.sample.joint_order, JOINT_ORDERS)
+  if config.sample.joint_order != "together" and config.dit.cond_prob <= 0:
+    fail("sample.joint_order", config.sample.joint_order,
+         "'together' with dit.cond_prob=0 (the second pass needs the DiT's A2V / V2A "
+         "conditioning, which it learns only with dit.cond_prob > 0)")
   for field in ("num_clips", "steps", "num_samples", "batch_size"):
     at_least(f"sample.{field}", config.sample[field], 1)
   if not 0.0 <= config.sample.eta <= 1.0:

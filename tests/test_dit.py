@@ -327,6 +327,38 @@ def test_a2v_returns_the_given_audio(tiny_config, tiny_model, random_apply):
     dit.sample_latents(params, tiny_config, jax.random.PRNGKey(15), 2, model=tiny_model, mode="v2a")
 
 
+def test_joint_order_samples_one_modality_then_the_other_given_it(tiny_config, tiny_model,
+                                                                   random_apply):
+  """`sample.joint_order='video_first'`: the video of the one-pass joint sample, and the sound the
+  V2A pass draws given it (same keys, so both parts are bitwise those). 'audio_first' is the same
+  code with the modalities' roles swapped."""
+  params, _ = random_apply
+  key = jax.random.PRNGKey(19)
+
+  def ordered(order):
+    config = tiny_config.copy_and_resolve_references()
+    config.sample.joint_order = order
+    config_lib.validate(config)
+    return config
+  together = dit.sample_latents(params, tiny_config, key, 2, model=tiny_model)
+  assert tiny_config.sample.joint_order == "together"
+  video_first = dit.sample_latents(params, ordered("video_first"), key, 2, model=tiny_model)
+  second = jax.random.fold_in(key, 1)
+  v2a = dit.sample_latents(params, tiny_config, second, 2, model=tiny_model, mode="v2a",
+                           video_latent=together["video"])
+  np.testing.assert_array_equal(video_first["video"], together["video"])
+  np.testing.assert_array_equal(video_first["audio"], v2a["audio"])
+  # The second pass is a new draw: the sound is not the one-pass sample's.
+  assert float(jnp.max(jnp.abs(video_first["audio"] - together["audio"]))) > 1e-3
+  with pytest.raises(ValueError, match="sample.joint_order"):
+    ordered("sound_first")
+  without_conditioning = ordered("together")
+  without_conditioning.dit.cond_prob = 0.0
+  without_conditioning.sample.joint_order = "video_first"
+  with pytest.raises(ValueError, match="dit.cond_prob"):
+    config_lib.validate(without_conditioning)
+
+
 def test_generator_diffusion_overrides_only_the_generator(tiny_config, tiny_model, random_apply):
   """`dit.schedule` / `dit.prediction` give the DiT's loss and sampler what the same values in
   `diffusion` give them, and leave `diffusion` (the autoencoder's decoder reads it) as it was."""

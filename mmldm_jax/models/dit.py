@@ -619,12 +619,29 @@ def sample_latents(params, config, rng: Array, batch_size: int, *, model: MMDiT 
   model; `fixed` is the samplers' replacement conditioning (zero-shot, any model). A
   class-conditional DiT samples classes `labels` [B], drawn uniformly from `rng` when None, and
   returns them as 'label'.
+
+  Joint samples follow `config.sample.joint_order`: 'together' denoises both modalities in one
+  pass (the reference); 'video_first' keeps the video of that pass and samples the sound again
+  given it (V2A, with the key fold_in(rng, 1)), 'audio_first' the mirror: twice the DiT's
+  sampling cost. On the quality preset's models 'video_first' lowered both Frechet distances
+  (video 38.9 -> 23.0 and 44.2 -> 32.9, audio 36.4 -> 31.8 and 33.5 -> 29.8, two DiTs, README) but
+  not the sync F1: the sound follows the picture only as well as the DiT's V2A learned it.
   """
   from mmldm_jax.diffusion import samplers, schedules
   model = model or build_dit(config)
   shapes = {"audio": model.audio_shape, "video": model.video_shape}
   if mode not in ("joint", "a2v", "v2a"):
     raise ValueError(f"mode={mode!r}: expected 'joint', 'a2v' or 'v2a'")
+  order = config.sample.joint_order
+  if mode == "joint" and order != "together":
+    kept, second = {"video_first": ("video", "v2a"), "audio_first": ("audio", "a2v")}[order]
+    together = config.copy_and_resolve_references()
+    together.sample.joint_order = "together"
+    first = sample_latents(params, together, rng, batch_size, model=model, prev=prev, text=text,
+                           guidance=guidance, fixed=fixed, labels=labels)
+    return sample_latents(params, together, jax.random.fold_in(rng, 1), batch_size, model=model,
+                          mode=second, prev=prev, text=text, guidance=guidance, fixed=fixed,
+                          labels=first.get("label"), **{f"{kept}_latent": first[kept]})
   given = {"a2v": ("audio", audio_latent), "v2a": ("video", video_latent)}.get(mode)
   if given is not None and given[1] is None:
     raise ValueError(f"mode={mode!r} needs {given[0]}_latent")

@@ -130,13 +130,16 @@ def sample_settings(config, models_description: dict[str, Any]) -> dict[str, Any
   s, ae = config.sample, config.autoencoder
   vocoder = (f"hifigan:{config.vocoder.pretrained_path}" if config.vocoder.pretrained_path
              else f"griffin_lim:{config.audio.griffin_lim_iters}")
-  return {"sampler": s.sampler, "steps": int(s.steps), "eta": float(s.eta),
-          "guidance_audio": float(s.guidance_audio), "guidance_video": float(s.guidance_video),
-          "mode": s.mode, "num_clips": int(s.num_clips), "seed": int(s.seed),
-          "batch_size": int(s.batch_size), "decode_steps": int(ae.decode_steps),
-          "decode_guidance_audio": float(ae.decode_guidance_audio),
-          "decode_guidance_video": float(ae.decode_guidance_video), "vocoder": vocoder,
-          "models": dict(models_description)}
+  settings = {"sampler": s.sampler, "steps": int(s.steps), "eta": float(s.eta),
+              "guidance_audio": float(s.guidance_audio), "guidance_video": float(s.guidance_video),
+              "mode": s.mode, "num_clips": int(s.num_clips), "seed": int(s.seed),
+              "batch_size": int(s.batch_size), "decode_steps": int(ae.decode_steps),
+              "decode_guidance_audio": float(ae.decode_guidance_audio),
+              "decode_guidance_video": float(ae.decode_guidance_video), "vocoder": vocoder,
+              "models": dict(models_description)}
+  if s.joint_order != "together":   # absent otherwise, so folders written before it still resume
+    settings["joint_order"] = s.joint_order
+  return settings
 
 
 def _check_settings(folder: str, index: dict[str, Any], settings: dict[str, Any]) -> None:
