@@ -38,6 +38,7 @@ ALL_STAGES = ("data", "vae", "autoencoder", "latents", "generator", "sample", "e
 # What `config.sample.mode` may be (stages/sample.py documents each).
 SAMPLE_MODES = ("joint", "a2v", "v2a", "continuation", "reconstruction")
 # How joint samples are drawn (`models.dit.sample_latents`).
+GUIDANCE_DROPS = ("context", "given")
 JOINT_ORDERS = ("together", "video_first", "audio_first")
 
 
@@ -261,6 +262,11 @@ def dit_config() -> ConfigDict:
       context_tokens=77,
       context_dim=768,
       cond_prob=0.05,               # A2V and V2A conditioning, each (mutually exclusive)
+      # The samples trained with A2V / V2A conditioning draw their timestep uniformly from
+      # [cond_min_timestep, T) instead of [0, T) (not in the reference, 0). The given modality
+      # settles the other's layout at high noise; at low noise the noisy latent itself does, so
+      # uniform timesteps spend most conditioned samples where the condition teaches little.
+      cond_min_timestep=0,
       context_dropout=0.1,          # classifier-free guidance dropout
       scan_layers=True,
       remat_policy="nothing_saveable",  # a jax.checkpoint_policies name, or 'none'
@@ -321,6 +327,10 @@ def sample_config() -> ConfigDict:
       joint_order="together",       # joint samples: 'together' (one pass, the reference) or
                                     # 'video_first' / 'audio_first' (that modality jointly, then
                                     # the other given it, by the DiT's V2A / A2V conditioning)
+      guidance_drops="context",     # a2v / v2a: what the unconditional branch of guidance drops:
+                                    # 'context' (the reference; the given latent stays) or 'given'
+                                    # (the given latent; the context stays), which guides the
+                                    # sampled modality towards the given one
       num_clips=1,                  # > 1: autoregressive continuation
       seed=23,
       shared_key_frame_noise=0.0,   # share of the DiT's starting video noise common to all key
@@ -555,6 +565,10 @@ def validate(config: ConfigDict) -> None:
     at_least(f"{stage}.warmup_steps", section.warmup_steps, 0)
   one_of("sample.mode", config.sample.mode, SAMPLE_MODES)
   one_of("sample.joint_order", config.sample.joint_order, JOINT_ORDERS)
+  one_of("sample.guidance_drops", config.sample.guidance_drops, GUIDANCE_DROPS)
+  if not 0 <= config.dit.cond_min_timestep < config.diffusion.num_timesteps:
+    fail("dit.cond_min_timestep", config.dit.cond_min_timestep,
+         f"an integer in [0, diffusion.num_timesteps={config.diffusion.num_timesteps})")
   if config.sample.joint_order != "together" and config.dit.cond_prob <= 0:
     fail("sample.joint_order", config.sample.joint_order,
          "'together' with dit.cond_prob=0 (the second pass needs the DiT's A2V / V2A "

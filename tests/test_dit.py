@@ -359,6 +359,71 @@ def test_joint_order_samples_one_modality_then_the_other_given_it(tiny_config, t
     config_lib.validate(without_conditioning)
 
 
+def test_v2a_guidance_can_drop_the_given_latent(tiny_config, tiny_model, random_apply,
+                                               monkeypatch):
+  """`sample.guidance_drops`: the unconditional branch of a v2a sample keeps the given video and
+  drops the context ('context', the reference) or keeps the context and drops the video
+  ('given')."""
+  from mmldm_jax.diffusion import samplers
+  params, _ = random_apply
+  video = latents(tiny_model, 2, seed=21)["video"]
+  seen = []
+  original = samplers.guided_output
+
+  def spy(model_fn, x, t, cond, uncond, guidance):
+    seen.append((cond, uncond))
+    return original(model_fn, x, t, cond, uncond, guidance)
+  monkeypatch.setattr(samplers, "guided_output", spy)
+  outputs = {}
+  for drops in ("context", "given"):
+    config = tiny_config.copy_and_resolve_references()
+    config.sample.update(guidance_drops=drops, guidance_audio=3.0, steps=2)
+    config_lib.validate(config)
+    seen.clear()
+    outputs[drops] = dit.sample_latents(params, config, jax.random.PRNGKey(22), 2,
+                                        model=tiny_model, mode="v2a", video_latent=video)
+    cond, uncond = seen[0]
+    np.testing.assert_array_equal(cond["cond_video"], video)
+    np.testing.assert_array_equal(cond["context_mask"], np.ones(2))
+    if drops == "context":
+      np.testing.assert_array_equal(uncond["cond_video"], video)
+      np.testing.assert_array_equal(uncond["context_mask"], np.zeros(2))
+    else:
+      np.testing.assert_array_equal(uncond["cond_video"], np.zeros_like(video))
+      np.testing.assert_array_equal(uncond["context_mask"], np.ones(2))
+  assert float(jnp.max(jnp.abs(outputs["given"]["audio"] - outputs["context"]["audio"]))) > 1e-4
+  config = tiny_config.copy_and_resolve_references()
+  config.sample.guidance_drops = "video"
+  with pytest.raises(ValueError, match="sample.guidance_drops"):
+    config_lib.validate(config)
+
+
+def test_conditioned_samples_can_train_at_high_noise(tiny_config):
+  """`dit.cond_min_timestep`: the A2V / V2A samples' timesteps lie in [min, T), the others stay
+  uniform in [0, T); 0 leaves the draw to the loss (None), as before the option."""
+  config = tiny_config.copy_and_resolve_references()
+  config.dit.cond_prob = 0.3
+  size = 4000
+  batch = {"audio_latent": jnp.ones((size, 2, 2, 4)), "video_latent": jnp.ones((size, 4, 4, 4))}
+  key = jax.random.PRNGKey(23)
+  cond = dit.training_conditioning(key, batch, config)
+  assert dit.training_timesteps(key, cond, config) is None
+  config.dit.cond_min_timestep = 600
+  config_lib.validate(config)
+  t = dit.training_timesteps(key, cond, config)
+  np.testing.assert_array_equal(t["audio"], t["video"])
+  t = np.asarray(t["audio"])
+  given = (np.asarray(cond["cond_audio"][:, 0, 0, 0]) == 1) | (
+      np.asarray(cond["cond_video"][:, 0, 0, 0]) == 1)
+  assert given.sum() > 500
+  assert t[given].min() >= 600 and t.max() <= 999
+  assert abs(t[given].mean() - 799.5) < 10
+  assert abs((t[~given] < 600).mean() - 0.6) < 0.03
+  config.dit.cond_min_timestep = 1000
+  with pytest.raises(ValueError, match="dit.cond_min_timestep"):
+    config_lib.validate(config)
+
+
 def test_generator_diffusion_overrides_only_the_generator(tiny_config, tiny_model, random_apply):
   """`dit.schedule` / `dit.prediction` give the DiT's loss and sampler what the same values in
   `diffusion` give them, and leave `diffusion` (the autoencoder's decoder reads it) as it was."""

@@ -94,15 +94,17 @@ def modality_losses(schedule: schedules.Schedule, x0: Batch, noise: Batch, t: Ba
 def denoising_loss(model_fn: Callable[[Batch, Batch], Batch], schedule: schedules.Schedule,
                    x0: Batch, rng: jax.Array, *, prediction: str = "eps",
                    shared_timesteps: bool = True, weights: Mapping[str, float] | None = None,
-                   noise_fn: NoiseFn | None = None,
+                   noise_fn: NoiseFn | None = None, timesteps: Batch | None = None,
                    ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-  """The multi-modal diffusion training loss. `noise_fn`: see `noise_batch`.
+  """The multi-modal diffusion training loss. `noise_fn`: see `noise_batch`. `timesteps`
+  ({modality: int [B]}) replaces the uniform draw (`shared_timesteps` then has no effect).
 
   Returns (loss, metrics): loss = sum over modalities of weight_m * mean MSE_m (weights default 1, the
   reference); metrics holds 'loss_<modality>' for each modality.
   """
   t_rng, noise_rng = jax.random.split(rng)
-  t = sample_timesteps(t_rng, x0, schedule.num_timesteps, shared_timesteps)
+  t = (sample_timesteps(t_rng, x0, schedule.num_timesteps, shared_timesteps)
+       if timesteps is None else timesteps)
   x_t, noise = noise_batch(schedule, x0, t, noise_rng, noise_fn)
   output = model_fn(x_t, t)
   missing = sorted(set(x0) - set(output))

@@ -557,7 +557,32 @@ def generator_loss(params, batch: Mapping[str, Array], rng: Array, config,
   x0 = {"audio": batch["audio_latent"], "video": batch["video_latent"]}
   noise_fn = key_frame_noise_fn(config, config.dit.shared_key_frame_noise)
   return losses.denoising_loss(model_fn, schedule, x0, loss_rng, prediction=diffusion.prediction,
-                               shared_timesteps=True, noise_fn=noise_fn)
+                               shared_timesteps=True, noise_fn=noise_fn,
+                               timesteps=training_timesteps(cond_rng, cond, config))
+
+
+def training_timesteps(rng: Array, cond: Mapping[str, Array], config) -> dict[str, Array] | None:
+  """One timestep per sample for both modalities: uniform in [0, T), and for the samples given a
+  clean latent (A2V / V2A, `training_conditioning`) uniform in [dit.cond_min_timestep, T). None
+  when dit.cond_min_timestep is 0 (the loss then draws uniform timesteps itself, the reference).
+
+  Why: a V2A sample teaches the audio's dependence on the picture only where the audio is too
+  noisy to be read from its own latent. Measured on the quality preset's latents (a DiT trained
+  V2A only, 3000 steps of 8; R^2 of its estimate of the clean audio latent at t=999 given the
+  clean video, on 16 videos left out of its training): 0.24 with timesteps in [500, 1000)
+  against 0.07 with [0, 1000).
+  """
+  low = int(config.dit.cond_min_timestep)
+  if low == 0:
+    return None
+  batch = cond["cond_audio"].shape[0]
+  total = int(config.diffusion.num_timesteps)
+  given = (jnp.any(cond["cond_audio"] != 0, axis=(1, 2, 3)) |
+           jnp.any(cond["cond_video"] != 0, axis=(1, 2, 3)))
+  uniform = jax.random.uniform(jax.random.fold_in(rng, 7), (batch,))
+  t = jnp.where(given, low + uniform * (total - low), uniform * total)
+  t = jnp.minimum(t.astype(jnp.int32), total - 1)
+  return {"audio": t, "video": t}
 
 
 def key_frame_noise_fn(config, shared: float):
@@ -615,7 +640,9 @@ def sample_latents(params, config, rng: Array, batch_size: int, *, model: MMDiT 
   `samplers.share_across_groups`).
 
   mode: 'joint'; 'a2v' (trained-in conditioning on `audio_latent`; the returned audio IS the given
-  latent, as the reference reuses the ground truth) or 'v2a' (mirror). `prev` feeds a continuation
+  latent, as the reference reuses the ground truth) or 'v2a' (mirror); with
+  `config.sample.guidance_drops='given'` their guidance contrasts the given latent with none
+  (the context kept) instead of the context with none. `prev` feeds a continuation
   model; `fixed` is the samplers' replacement conditioning (zero-shot, any model). A
   class-conditional DiT samples classes `labels` [B], drawn uniformly from `rng` when None, and
   returns them as 'label'.
@@ -654,6 +681,9 @@ def sample_latents(params, config, rng: Array, batch_size: int, *, model: MMDiT 
       batch_size, shapes, cond_audio=audio_latent if mode == "a2v" else None,
       cond_video=video_latent if mode == "v2a" else None, prev=prev, text=text,
       labels=labels, continuation=model.continuation)
+  if given is not None and config.sample.guidance_drops == "given":
+    # Guide towards the given latent: the unconditional branch keeps the context and lacks it.
+    uncond = dict(cond, **{f"cond_{given[0]}": jnp.zeros_like(cond[f"cond_{given[0]}"])})
   noise_rng, sample_rng = jax.random.split(rng)
   x_init = samplers.initial_noise(
       noise_rng, {name: (batch_size,) + tuple(shape) for name, shape in shapes.items()})

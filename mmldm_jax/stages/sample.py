@@ -139,6 +139,8 @@ def sample_settings(config, models_description: dict[str, Any]) -> dict[str, Any
               "models": dict(models_description)}
   if s.joint_order != "together":   # absent otherwise, so folders written before it still resume
     settings["joint_order"] = s.joint_order
+  if s.guidance_drops != "context":
+    settings["guidance_drops"] = s.guidance_drops
   return settings
 
 
