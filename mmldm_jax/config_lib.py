@@ -38,8 +38,9 @@ ALL_STAGES = ("data", "vae", "autoencoder", "latents", "generator", "sample", "e
 # What `config.sample.mode` may be (stages/sample.py documents each).
 SAMPLE_MODES = ("joint", "a2v", "v2a", "continuation", "reconstruction")
 # How joint samples are drawn (`models.dit.sample_latents`).
-GUIDANCE_DROPS = ("context", "given")
 JOINT_ORDERS = ("together", "video_first", "audio_first")
+# What the unconditional branch of a2v / v2a guidance drops (`models.dit.sample_latents`).
+GUIDANCE_DROPS = ("context", "given")
 
 
 def parse_preset(arg: str | None, known: tuple[str, ...] = ("tiny",)) -> dict[str, Any]:

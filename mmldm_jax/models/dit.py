@@ -577,6 +577,7 @@ def training_timesteps(rng: Array, cond: Mapping[str, Array], config) -> dict[st
     return None
   batch = cond["cond_audio"].shape[0]
   total = int(config.diffusion.num_timesteps)
+  # `training_conditioning` gives a sample its clip's clean latent (never all zeros) or zeros.
   given = (jnp.any(cond["cond_audio"] != 0, axis=(1, 2, 3)) |
            jnp.any(cond["cond_video"] != 0, axis=(1, 2, 3)))
   uniform = jax.random.uniform(jax.random.fold_in(rng, 7), (batch,))
