@@ -570,6 +570,10 @@ def validate(config: ConfigDict) -> None:
   if not 0 <= config.dit.cond_min_timestep < config.diffusion.num_timesteps:
     fail("dit.cond_min_timestep", config.dit.cond_min_timestep,
          f"an integer in [0, diffusion.num_timesteps={config.diffusion.num_timesteps})")
+  if config.dit.cond_min_timestep > 0 and config.dit.cond_prob <= 0:
+    fail("dit.cond_min_timestep", config.dit.cond_min_timestep,
+         "0 with dit.cond_prob=0 (it sets the timesteps of the A2V / V2A samples, and there are "
+         "none)")
   if config.sample.joint_order != "together" and config.dit.cond_prob <= 0:
     fail("sample.joint_order", config.sample.joint_order,
          "'together' with dit.cond_prob=0 (the second pass needs the DiT's A2V / V2A "

@@ -422,6 +422,9 @@ def test_conditioned_samples_can_train_at_high_noise(tiny_config):
   config.dit.cond_min_timestep = 1000
   with pytest.raises(ValueError, match="dit.cond_min_timestep"):
     config_lib.validate(config)
+  config.dit.update(cond_min_timestep=500, cond_prob=0.0)
+  with pytest.raises(ValueError, match="dit.cond_prob=0"):
+    config_lib.validate(config)
 
 
 def test_generator_diffusion_overrides_only_the_generator(tiny_config, tiny_model, random_apply):
