@@ -317,6 +317,19 @@ def test_continuation_sampling(continuation_setup):
   assert float(jnp.max(jnp.abs(audio_continued[0]["video"] - clips[0]["video"]))) > 1e-3
 
 
+def test_class_conditional_continuation_keeps_the_first_clips_class(tiny_config):
+  config = tiny_config.copy_and_resolve_references()
+  with config.unlocked():
+    config.dit.update(continuation=True, class_conditional=True)
+  model = dit.build_dit(config)
+  params = rerandomise(nn.unbox(dit.init_params(model, jax.random.PRNGKey(8))))
+  clips = dit.sample_continuation(params, config, jax.random.PRNGKey(12), 8, 3, model=model)
+  first = np.asarray(clips[0]["label"])
+  assert len(set(first.tolist())) > 1   # the videos draw different classes ...
+  for clip in clips[1:]:                # ... and each keeps its own through every clip
+    np.testing.assert_array_equal(np.asarray(clip["label"]), first)
+
+
 def test_a2v_returns_the_given_audio(tiny_config, tiny_model, random_apply):
   params, _ = random_apply
   audio = latents(tiny_model, 2, seed=14)["audio"]

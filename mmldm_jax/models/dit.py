@@ -713,17 +713,21 @@ def sample_continuation(params, config, rng: Array, batch_size: int, num_clips: 
   """Autoregressive long generation with a continuation model: each clip is conditioned on the
   previous one. Without `seed` the first clip has zero previous latents (the reference samples it
   "unconditionally"); with seed = {'audio': real latent, 'video': zeros} (audio continuation) or the
-  mirror, every clip continues from it. Returns the `num_clips` sampled clips."""
+  mirror, every clip continues from it. Returns the `num_clips` sampled clips. A class-conditional
+  DiT draws each video's class with its first clip and keeps it (a long video does not change
+  class from clip to clip), as the sample stage does; every clip returns it as 'label'."""
   model = model or build_dit(config)
   if not model.continuation:
     raise ValueError("sample_continuation needs config.dit.continuation=True")
   shapes = {"audio": model.audio_shape, "video": model.video_shape}
   prev = dict(seed) if seed is not None else {
       name: jnp.zeros((batch_size,) + tuple(shape)) for name, shape in shapes.items()}
-  clip = jax.jit(lambda params, key, prev: sample_latents(
-      params, config, key, batch_size, model=model, prev=prev, guidance=guidance))
-  clips = []
+  clip = jax.jit(lambda params, key, prev, labels: sample_latents(
+      params, config, key, batch_size, model=model, prev=prev, guidance=guidance, labels=labels))
+  clips, labels = [], None
   for key in jax.random.split(rng, num_clips):
-    prev = clip(params, key, prev)
-    clips.append(prev)
+    sampled = clip(params, key, prev, labels)
+    labels = sampled.get("label")
+    prev = {name: sampled[name] for name in shapes}
+    clips.append(sampled)
   return clips
