@@ -191,3 +191,16 @@ def test_posterior_cache_draws_the_latents_of_the_pixels(tmp_path):
                                err_msg=name)
   other_draw = latents(vae_params, cached, jax.random.key(6))
   assert not np.allclose(other_draw["keys"], from_cache["keys"])   # sampled, not the mode
+
+  # Never-flipped training data: the frames are encoded only as stored, and a mirrored clip is
+  # refused by name instead of being looked up in frames that were never encoded.
+  with config.unlocked():
+    config.data.hflip_prob = 0.0
+  unmirrored = posterior_cache.build(config, system.vae, vae_params, source, mesh)
+  assert unmirrored.frame_moments.shape[:2] == (1, frames)
+  np.testing.assert_array_equal(unmirrored.frame_moments[0], cache.frame_moments[0])
+  with pytest.raises(ValueError, match="'flipped'"):
+    unmirrored.model_batch(batch)
+  as_stored = dict(batch, flipped=np.zeros_like(batch["flipped"]))
+  np.testing.assert_array_equal(unmirrored.model_batch(as_stored)["key_moments"],
+                                cache.model_batch(as_stored)["key_moments"])

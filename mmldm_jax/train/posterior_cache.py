@@ -4,18 +4,19 @@ The `autoencoder` stage trains on VAE latents of each batch's key frames, target
 image, sampled from the frozen VAE's posterior. Without this cache every step VAE-encodes those
 images again (and turns the waveform into its audio image): on the demo, about a third of a
 step's time on a CPU. With it, the stage encodes every frame of every training video, as stored
-and mirrored (the pipeline's horizontal flip), and the audio image of every clip window once,
-keeps the posterior moments (mean and log-variance, `vae.DiagonalGaussian`) in host memory, and
-hands the step those moments instead of pixels; the step still draws a fresh posterior sample,
-so the latents' distribution is the same as without the cache.
+and mirrored (the pipeline's horizontal flip; only as stored when config.data.hflip_prob is 0),
+and the audio image of every clip window once, keeps the posterior moments (mean and
+log-variance, `vae.DiagonalGaussian`) in host memory, and hands the step those moments instead
+of pixels; the step still draws a fresh posterior sample, so the latents' distribution is the
+same as without the cache.
 
   build(config, vae, vae_params, source, mesh) -> PosteriorCache
   cache.model_batch(host_batch) -> {'audio_moments', 'key_moments', 'target_moments',
                                     'target_indices', 'label'} for the step
 
-Limits: memory is (2 x frames + clip windows) x the moments of one latent (for 64x64 frames at f8
-and 4 latent channels: 2 KiB each), on every host: meant for small datasets (the synthetic demo,
-a few thousand clips), not AudioSet. The cache holds the VAE of the run that built it; it is
+Limits: memory is (2 x frames, or 1 x without flips, + clip windows) x the moments of one latent
+(for 64x64 frames at f8 and 4 latent channels: 2 KiB each), on every host: meant for small
+datasets (the synthetic demo, a few thousand clips), not AudioSet. The cache holds the VAE of the run that built it; it is
 rebuilt whenever the stage starts or resumes, never written to disk.
 """
 from __future__ import annotations
@@ -41,7 +42,8 @@ ENCODE_BATCH = 64
 class PosteriorCache:
   """Posterior moments [..., h, w, 2 * z] (mean, then log-variance) of one split.
 
-  frame_moments: [2, total frames, h, w, 2z]; [0] the frames as stored, [1] mirrored.
+  frame_moments: [2 or 1, total frames, h, w, 2z]; [0] the frames as stored, [1] mirrored
+                 (absent when the training data is never flipped).
   audio_moments: [clip windows, h, w, 2z], in the order of `pipeline.ClipSource`.
   first_frame:   [videos] the row of each video's first frame in frame_moments.
   first_clip:    [videos] the row of each video's first clip window in audio_moments.
@@ -64,6 +66,10 @@ class PosteriorCache:
                        f"has {len(self.first_frame)} videos (was it built from another split?)")
     start = np.asarray(host_batch["clip_start"], np.int64)
     mirrored = np.asarray(host_batch["flipped"], np.int64)[:, None]
+    if mirrored.any() and len(self.frame_moments) < 2:
+      raise ValueError("batch field 'flipped' marks mirrored clips, but the posterior cache was "
+                       "built without mirrored frames (config.data.hflip_prob was 0 when it was "
+                       "built)")
     clip_first_frame = (self.first_frame[video] + start)[:, None]
     return {
         "key_moments": self.frame_moments[mirrored, clip_first_frame + host_batch["key_positions"]],
@@ -80,9 +86,9 @@ def _moments(posterior) -> jax.Array:
 
 
 def build(config, vae, vae_params, source: pipeline.ClipSource, mesh) -> PosteriorCache:
-  """Encodes every frame (as stored and mirrored) of `source`'s videos and every clip window's
-  audio image with `vae` (parameters `vae_params`, placed on `mesh`), with a progress bar; logs
-  its time and size.
+  """Encodes every frame (as stored, and mirrored when config.data.hflip_prob > 0) of `source`'s
+  videos and every clip window's audio image with `vae` (parameters `vae_params`, placed on
+  `mesh`), with a progress bar; logs its time and size.
 
   Every host builds the whole cache (the same calls in the same order)."""
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -124,19 +130,21 @@ def build(config, vae, vae_params, source: pipeline.ClipSource, mesh) -> Posteri
     first_clip.append(first_clip[-1] + windows)
   frames = np.concatenate(frames)    # uint8; converted a chunk at a time
   mirror = lambda chunk: chunk[:, :, ::-1]  # noqa: E731  (the pipeline's hflip)
+  orientations = [video_lib.to_float]
+  if config.data.hflip_prob > 0:
+    orientations.append(lambda chunk: video_lib.to_float(mirror(chunk)))
   calls = lambda count: -(-count // ENCODE_BATCH)  # noqa: E731
-  with tqdm.tqdm(total=2 * calls(len(frames)) + calls(len(sounds)), unit="batch",
+  with tqdm.tqdm(total=len(orientations) * calls(len(frames)) + calls(len(sounds)), unit="batch",
                  desc="autoencoder: VAE posterior cache",
                  disable=jax.process_index() != 0) as progress:
-    frame_moments = np.stack([
-        in_batches(encode_images, frames, progress, video_lib.to_float),
-        in_batches(encode_images, frames, progress,
-                   lambda chunk: video_lib.to_float(mirror(chunk)))])
+    frame_moments = np.stack([in_batches(encode_images, frames, progress, prepare)
+                              for prepare in orientations])
     audio_moments = in_batches(encode_sounds, np.stack(sounds), progress)
   cache = PosteriorCache(frame_moments=frame_moments, audio_moments=audio_moments,
                          first_frame=np.asarray(first_frame[:-1], np.int64),
                          first_clip=np.asarray(first_clip[:-1], np.int64))
-  logging.info("posterior cache: %d frames (x2 mirrored) and %d clip windows of %d videos "
-               "encoded in %.1f s, %.1f MB", len(frames), len(sounds), len(videos.lengths),
+  logging.info("posterior cache: %d frames (x%d orientations) and %d clip windows of %d videos "
+               "encoded in %.1f s, %.1f MB", len(frames), len(orientations), len(sounds),
+               len(videos.lengths),
                time.perf_counter() - started, cache.nbytes / 1e6)
   return cache
