@@ -263,7 +263,9 @@ def dit_config() -> ConfigDict:
       mlp_ratio=4.0,
       context_tokens=77,
       context_dim=768,
-      cond_prob=0.05,               # A2V and V2A conditioning, each (mutually exclusive)
+      # A2V and V2A conditioning, each drawn with this p and both dropped where both hit, so
+      # each is cond_prob (1 - cond_prob) of the samples that keep the context (at most 1/4).
+      cond_prob=0.05,
       # The samples trained with A2V / V2A conditioning draw their timestep uniformly from
       # [cond_min_timestep, T) instead of [0, T) (not in the reference, 0). The given modality
       # settles the other's layout at high noise; at low noise the noisy latent itself does, so
