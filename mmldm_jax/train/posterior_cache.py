@@ -16,8 +16,8 @@ same as without the cache.
 
 Limits: memory is (2 x frames, or 1 x without flips, + clip windows) x the moments of one latent
 (for 64x64 frames at f8 and 4 latent channels: 2 KiB each), on every host: meant for small
-datasets (the synthetic demo, a few thousand clips), not AudioSet. The cache holds the VAE of the run that built it; it is
-rebuilt whenever the stage starts or resumes, never written to disk.
+datasets (the synthetic demo, a few thousand clips), not AudioSet. The cache holds the VAE of
+the run that built it; it is rebuilt whenever the stage starts or resumes, never written to disk.
 """
 from __future__ import annotations
 
