@@ -317,6 +317,7 @@ def test_continuation_sampling(continuation_setup):
   assert float(jnp.max(jnp.abs(audio_continued[0]["video"] - clips[0]["video"]))) > 1e-3
 
 
+@pytest.mark.slow
 def test_class_conditional_continuation_keeps_the_first_clips_class(tiny_config):
   config = tiny_config.copy_and_resolve_references()
   with config.unlocked():
