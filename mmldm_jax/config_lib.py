@@ -216,9 +216,9 @@ def autoencoder_config() -> ConfigDict:
       # Encode every training frame (as stored, and mirrored if data.hflip_prob > 0) and every
       # clip window's audio image with the frozen VAE once, when the stage starts, and train
       # from those posteriors instead of VAE-encoding each batch (`train/posterior_cache.py`).
-      # The same latent distribution, sampled per step; it costs host memory of (2 x frames +
-      # clip windows) x latent moments (for 64x64 frames at f8: 2 KiB each), so it suits small
-      # datasets, not AudioSet.
+      # The same latent distribution, sampled per step; it costs host memory of (2 x frames, 1 x
+      # without flips, + clip windows) x latent moments (for 64x64 frames at f8: 2 KiB each), so
+      # it suits small datasets, not AudioSet.
       cache_vae_latents=False,
       # Encoders, feature injectors, projectors (the U-Net: unet.remat_policy): a
       # jax.checkpoint_policies name, or 'none'.

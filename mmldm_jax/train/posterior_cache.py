@@ -145,6 +145,5 @@ def build(config, vae, vae_params, source: pipeline.ClipSource, mesh) -> Posteri
                          first_clip=np.asarray(first_clip[:-1], np.int64))
   logging.info("posterior cache: %d frames (x%d orientations) and %d clip windows of %d videos "
                "encoded in %.1f s, %.1f MB", len(frames), len(orientations), len(sounds),
-               len(videos.lengths),
-               time.perf_counter() - started, cache.nbytes / 1e6)
+               len(videos.lengths), time.perf_counter() - started, cache.nbytes / 1e6)
   return cache
