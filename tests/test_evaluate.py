@@ -134,7 +134,12 @@ def test_sync_of_real_clips_is_high(train_copy_metrics):
   # The "generated" copies re-paired (picture i with sound i + 1) drop to that chance level.
   shuffled = train_copy_metrics["sync"]["generated_shuffled"]
   assert shuffled["f1"] < 0.6 * generated["f1"], (shuffled, generated)
-  for entry in (generated, shuffled):   # the bootstrap interval over the samples holds the F1
+  # ... and so does every other re-pairing, averaged (`sync.all_pairs_scores`).
+  all_pairs = train_copy_metrics["sync"]["generated_shuffled_all_pairs"]
+  assert all_pairs["f1"] < 0.6 * generated["f1"], (all_pairs, generated)
+  real_all_pairs = train_copy_metrics["sync"]["real_mismatched_all_pairs"]
+  assert real_all_pairs["f1"] < 0.6 * real["f1"], (real_all_pairs, real)
+  for entry in (generated, shuffled, all_pairs):   # the bootstrap interval holds the F1
     low, high = entry["f1_interval_95"]
     assert 0.0 <= low <= entry["f1"] <= high <= 1.0, entry
   # Uniform random frames with white noise: no objects, no tones, nothing to match.
@@ -410,3 +415,12 @@ def test_av_align_on_every_set(train_copy_metrics):
   assert scores["real"]["video_peaks_per_second"] > 0
   assert scores["real"]["audio_peaks_per_second"] > 0
   assert "Farneback" in scores["definition"]
+
+
+def test_conditioned_samples_name_their_real_clip():
+  """The all-pairs chance level leaves out pairs of samples generated from one real clip: the
+  index entry's conditioning names it; joint samples have none."""
+  entry = {"number": 3, "conditioning": {"split": "validation", "video_index": 4,
+                                         "clip_start": 8, "label": 1}}
+  assert stage.conditioning_source(entry) == "validation/4/8"
+  assert stage.conditioning_source({"number": 3}) is None

@@ -5,6 +5,7 @@ Clips: the demo config's 64x64 frames and 16 kHz audio, 1.6 s at 20 fps (32 fram
 10 fps the +-1 frame window is +-100 ms and chance agreement between unrelated sound and picture is
 about 0.38 F1 (measured: 64 clips, derangement); at 20 fps it is about 0.18.
 """
+import dataclasses
 import os
 
 import jax
@@ -180,3 +181,28 @@ def test_f1_interval_is_a_bootstrap_over_clips():
   wide, narrow = high - low, np.subtract(*sync.f1_interval(mixed * 16)[::-1])
   assert narrow < 0.5 * wide
   assert sync.f1_interval([]) == (0.0, 0.0)
+
+
+def test_all_pairs_chance_level_averages_every_re_pairing(videos):
+  """`all_pairs_scores`: each picture against every other clip's sound, counts averaged, equals
+  the mean over all the offsets by which the next-clip re-pairing could be taken; pairs from one
+  source (two samples of one real clip) are left out, and would otherwise score as true pairs."""
+  scored = [sync.score_clip(v["frames"][SHIFT:SHIFT + CLIP_FRAMES], sound(v, SHIFT), FPS, 16000)
+            for v in videos[:8]]
+  count = len(scored)
+  by_offset = [sync.aggregate(sync.repaired(scored[i][1], scored[(i + k) % count][1])
+                              for i in range(count)) for k in range(1, count)]
+  mean_counts = np.mean([dataclasses.astuple(total) for total in by_offset], axis=0)
+  all_pairs = sync.aggregate(sync.all_pairs_scores(scored))
+  np.testing.assert_allclose(dataclasses.astuple(all_pairs), mean_counts, rtol=1e-12)
+  true = sync.aggregate(score for score, _ in scored)
+  assert all_pairs.f1 < 0.5 * true.f1, (all_pairs.as_dict(), true.as_dict())
+  # Each clip twice, as 16 v2a samples of 8 real clips: the copies are not chance pairs.
+  doubled, sources = scored + scored, list(range(count)) * 2
+  with_sources = sync.aggregate(sync.all_pairs_scores(doubled, sources))
+  np.testing.assert_allclose(with_sources.f1, all_pairs.f1, rtol=1e-12)
+  assert sync.aggregate(sync.all_pairs_scores(doubled)).f1 > with_sources.f1 + 0.05
+  lonely = sync.all_pairs_scores(scored[:2], sources=["a", "a"])
+  assert all(dataclasses.astuple(score) == (0, 0, 0, 0) for score in lonely)
+  with pytest.raises(ValueError, match="sources"):
+    sync.all_pairs_scores(scored, sources=["a"])

@@ -416,6 +416,26 @@ def mismatched_sync(scored: list) -> SyncScore:
   return aggregate(mismatched_scores(scored))
 
 
+def all_pairs_scores(scored: list, sources: list | None = None) -> list[SyncScore]:
+  """Per clip, its picture scored against the sound of EVERY other clip, the counts averaged over
+  those pairings (so fractional): the chance level of `mismatched_scores` without its dependence
+  on which clip comes next. On 32 v2a samples the next-clip pairing scored between 0.12 and 0.44
+  depending on the offset used to re-pair them (2026-12-07), so a single re-pairing can move a
+  ratio to chance by a third. `sources` [len(scored)]: pairs whose sources are equal are left
+  out (two samples generated from one real clip, two windows of one real video). A clip with no
+  partner scores 0 counts."""
+  if sources is not None and len(sources) != len(scored):
+    raise ValueError(f"all_pairs_scores: {len(sources)} sources for {len(scored)} clips")
+  averaged = []
+  for index, (_, video_side) in enumerate(scored):
+    partners = [other for other in range(len(scored)) if other != index
+                and (sources is None or sources[other] != sources[index])]
+    total = aggregate(repaired(video_side, scored[other][1]) for other in partners)
+    share = 1.0 / len(partners) if partners else 0.0
+    averaged.append(SyncScore(*(share * count for count in dataclasses.astuple(total))))
+  return averaged
+
+
 def f1_interval(scores: list[SyncScore], level: float = 0.95, draws: int = 2000,
                 seed: int = 0) -> tuple[float, float]:
   """Percentile bootstrap interval of the aggregate F1 over clips (clips drawn with replacement,

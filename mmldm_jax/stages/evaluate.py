@@ -30,7 +30,11 @@ same name or from the mp4), one sample at a time, and real clips of the dataset,
                   and on those real clips with each picture paired with the next clip's sound
                   (`real_mismatched`: its chance level, what ignoring the other modality gets);
                   the generated set re-paired the same way (`generated_shuffled`: a model whose
-                  sound follows its picture scores well above it); NOISE_CLIPS clips of uniform
+                  sound follows its picture scores well above it); both chance levels also with
+                  every picture against every other clip's sound, counts averaged
+                  (`generated_shuffled_all_pairs`, `real_mismatched_all_pairs`; pairs from one
+                  real clip or video left out), which does not depend on which clip comes next
+                  (`sync.all_pairs_scores`); NOISE_CLIPS clips of uniform
                   random frames and white noise (`noise`, ~0: the metric finds no objects and no
                   tones in them); and the events per second found in the picture and the sound of
                   each set (`event_rates`), so that a score cannot come from a flood of events.
@@ -151,9 +155,9 @@ def clip_features(frames: np.ndarray, waveform: np.ndarray, config) -> dict[str,
 
 
 FEATURE_SETS = ("video_colour_motion", "audio_logmel_stats")
-# Raised whenever a feature's definition changes, so that `run` scores old samples again.
-# 2: audio_logmel_stats floored at -80 dB.
-FEATURES_VERSION = 2
+# Raised whenever a feature's definition changes or a score is added, so that `run` scores old
+# samples again. 2: audio_logmel_stats floored at -80 dB. 3: the sync all-pairs chance levels.
+FEATURES_VERSION = 3
 
 
 # ------------------------------------------------------------------------------------------------
@@ -176,10 +180,12 @@ class SampleRejected(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class SampleFile:
-  """One generated sample on disk: its name, the mp4 and the wav (None: the mp4's own sound)."""
+  """One generated sample on disk: its name, the mp4, the wav (None: the mp4's own sound) and
+  the real clip it was generated from (a2v / v2a / reconstruction; None for joint samples)."""
   name: str
   mp4: str
   wav: str | None
+  source: str | None = None
 
 
 def sample_files(config, folder: str) -> tuple[dict[str, Any], list[SampleFile]]:
@@ -189,7 +195,8 @@ def sample_files(config, folder: str) -> tuple[dict[str, Any], list[SampleFile]]
   index = sampling.read_index(folder)
   if index is not None:
     files = [SampleFile(sampling.sample_name(entry["number"]), os.path.join(folder, entry["mp4"]),
-                        os.path.join(folder, entry["wav"])) for entry in index["samples"]]
+                        os.path.join(folder, entry["wav"]), conditioning_source(entry))
+             for entry in index["samples"]]
     description = {"folder": folder, "mode": index["settings"]["mode"],
                    "settings": index["settings"]}
   elif config.evaluation.samples_folder and os.path.isdir(folder):
@@ -210,6 +217,14 @@ def sample_files(config, folder: str) -> tuple[dict[str, Any], list[SampleFile]]
     raise ValueError(f"{folder}: no samples to evaluate (no entries in "
                      f"{sampling.INDEX_FILE} and no mp4 files)")
   return description, files
+
+
+def conditioning_source(entry: dict[str, Any]) -> str | None:
+  """The real clip a sample index entry was generated from, as one string (None: none)."""
+  source = entry.get("conditioning")
+  if source is None:
+    return None
+  return f"{source['split']}/{source['video_index']}/{source['clip_start']}"
 
 
 def _resample_audio(waveform: np.ndarray, rate: int, target: int) -> np.ndarray:
@@ -278,14 +293,15 @@ def cut_into_clips(frames: np.ndarray, waveform: np.ndarray, config) -> Iterable
 
 def real_split(config, folder: str, split: str, stride: int, limit: int, *, with_sync: bool,
                with_av_align: bool = False):
-  """Features, the sync scores (with_sync) and the AV-Align peaks (with_av_align) of a split's real
-  clips."""
+  """Features, the sync scores (with_sync), the AV-Align peaks (with_av_align) and the source
+  video ('split/video index', one per clip) of a split's real clips."""
   from tqdm import tqdm
   clips = pipeline.SplitClips(config, folder, split, stride=stride, limit=limit)
   features = {name: [] for name in FEATURE_SETS}
-  scores, peaks = [], []
+  scores, peaks, sources = [], [], []
   for i in tqdm(range(len(clips)), desc=f"evaluate: real {split} clips", unit="clip"):
     clip = clips[i]
+    sources.append(f"{split}/{int(clip['video_index'])}")
     frames = clip["frames"][:int(clip["valid_frames"])]
     for name, value in clip_features(frames, clip["audio"], config).items():
       features[name].append(value)
@@ -295,7 +311,7 @@ def real_split(config, folder: str, split: str, stride: int, limit: int, *, with
     if with_av_align:
       peaks.append(av_align.clip_peaks(frames, clip["audio"], config.data.fps,
                                        config.audio.sample_rate))
-  return {name: np.stack(values) for name, values in features.items()}, scores, peaks
+  return {name: np.stack(values) for name, values in features.items()}, scores, peaks, sources
 
 
 def noise_clips(config, count: int, seed: int = 0) -> Iterable[tuple[np.ndarray, np.ndarray]]:
@@ -573,7 +589,7 @@ def evaluate(config, samples_folder: str, data_folder: str,
   generated_peaks = []
   num_frames = int(config.data.num_frames)
   generated = {name: [] for name in FEATURE_SETS}
-  generated_scores, generated_names, evaluated = [], [], 0
+  generated_scores, generated_sources, generated_names, evaluated = [], [], [], 0
   problems = {"unreadable": [], "rejected": [], "resampled": []}
   for item in tqdm(files, desc="evaluate: generated samples", unit="sample"):
     try:
@@ -599,6 +615,7 @@ def evaluate(config, samples_folder: str, data_folder: str,
     if with_sync:
       generated_scores.append(sync.score_clip(frames, waveform, config.data.fps,
                                               config.audio.sample_rate))
+      generated_sources.append(item.source or item.name)
   if not evaluated:
     raise ValueError(f"{samples_folder}: none of the {len(files)} samples could be evaluated: "
                      f"{problems['unreadable'] + problems['rejected']}")
@@ -614,13 +631,13 @@ def evaluate(config, samples_folder: str, data_folder: str,
   noise = {name: np.stack(values) for name, values in noise.items()}
 
   real_stride = max(1, num_frames // 2)
-  validation, validation_scores, validation_peaks = real_split(
+  validation, validation_scores, validation_peaks, validation_sources = real_split(
       config, data_folder, "validation", real_stride, REAL_LIMIT, with_sync=with_sync,
       with_av_align=not av_align_missing)
-  heldout, heldout_scores, heldout_peaks = real_split(
+  heldout, heldout_scores, heldout_peaks, heldout_sources = real_split(
       config, data_folder, "heldout", real_stride, REAL_LIMIT, with_sync=with_sync,
       with_av_align=not av_align_missing)
-  train, _, _ = real_split(config, data_folder, "train", max(1, num_frames // 4), TRAIN_LIMIT,
+  train, _, _, _ = real_split(config, data_folder, "train", max(1, num_frames // 4), TRAIN_LIMIT,
                            with_sync=False)
 
   standardise = standardiser(train)
@@ -685,14 +702,19 @@ def evaluate(config, samples_folder: str, data_folder: str,
     fps = float(config.data.fps)
     sample_sync_scores = [score for score, _ in generated_scores]
     shuffled_sync_scores = sync.mismatched_scores(generated_scores)
+    all_pairs_scores = sync.all_pairs_scores(generated_scores, generated_sources)
     interval = lambda scores: list(sync.f1_interval(scores))  # noqa: E731
     metrics["sync"] = {
         "generated": dict(sync.aggregate(sample_sync_scores).as_dict(),
                           f1_interval_95=interval(sample_sync_scores)),
         "generated_shuffled": dict(sync.aggregate(shuffled_sync_scores).as_dict(),
                                    f1_interval_95=interval(shuffled_sync_scores)),
+        "generated_shuffled_all_pairs": dict(sync.aggregate(all_pairs_scores).as_dict(),
+                                             f1_interval_95=interval(all_pairs_scores)),
         "real": sync.aggregate(score for score, _ in real_scored).as_dict(),
         "real_mismatched": sync.mismatched_sync(real_scored).as_dict(),
+        "real_mismatched_all_pairs": sync.aggregate(sync.all_pairs_scores(
+            real_scored, validation_sources + heldout_sources)).as_dict(),
         "noise": sync.aggregate(score for score, _ in noise_scores).as_dict(),
         "event_rates": {"generated": sync.event_rates(generated_scores, fps),
                         "real": sync.event_rates(real_scored, fps),
@@ -702,7 +724,8 @@ def evaluate(config, samples_folder: str, data_folder: str,
 
 
 REFERENCE_KEYS = ("fvd", "kvd", "fad_audioclip_x1e4", "fad_panns_cnn14")
-SYNC_SETS = ("generated", "generated_shuffled", "real", "real_mismatched", "noise")
+SYNC_SETS = ("generated", "generated_shuffled", "generated_shuffled_all_pairs", "real",
+             "real_mismatched", "real_mismatched_all_pairs", "noise")
 
 
 def summary_scalars(metrics: dict[str, Any]) -> dict[str, float]:
@@ -812,6 +835,7 @@ def run(config, workdir: str) -> None:
                f", sync F1 {metrics['sync']['generated']['f1']:.3f} (95% interval "
                f"{_interval(metrics['sync']['generated'])}; shuffled pairs "
                f"{metrics['sync']['generated_shuffled']['f1']:.3f}, "
-               f"{_interval(metrics['sync']['generated_shuffled'])}; real "
+               f"{_interval(metrics['sync']['generated_shuffled'])}, all pairs "
+               f"{metrics['sync']['generated_shuffled_all_pairs']['f1']:.3f}; real "
                f"{metrics['sync']['real']['f1']:.3f}, noise {metrics['sync']['noise']['f1']:.3f})"
                if "sync" in metrics else "")
