@@ -394,3 +394,21 @@ def test_vocoder_turns_the_audio_image_into_the_clip_waveform(models):
   assert expected.shape[-1] >= result.shape[-1]
   np.testing.assert_allclose(result, expected[:, :result.shape[1]], atol=1e-5)
   assert np.std(result) > 0
+
+
+def test_a_folder_of_samples_refuses_other_sampling_settings(tmp_path):
+  """Every setting that changes sample i is in the folder's settings, so a resumed or re-evaluated
+  folder never mixes samples of two settings (the starting noise's shared part was missing:
+  samples from shared and independent noise were taken for one set)."""
+  config = config_lib.load(os.path.join(CONFIGS, "demo.py:tiny"))
+  base = sample.sample_settings(config, {"generator_step": 4})
+  changes = {"shared_key_frame_noise": 0.5 if config.sample.shared_key_frame_noise != 0.5 else 0.0,
+             "joint_order": "video_first", "guidance_drops": "given",
+             "steps": config.sample.steps + 1, "seed": config.sample.seed + 1}
+  for name, value in changes.items():
+    changed = config.copy_and_resolve_references()
+    changed.sample[name] = value
+    settings = sample.sample_settings(changed, {"generator_step": 4})
+    assert settings != base, name
+    with pytest.raises(ValueError, match=name):
+      sample._check_settings(str(tmp_path), {"settings": base}, settings)

@@ -141,6 +141,8 @@ def sample_settings(config, models_description: dict[str, Any]) -> dict[str, Any
     settings["joint_order"] = s.joint_order
   if s.guidance_drops != "context":
     settings["guidance_drops"] = s.guidance_drops
+  if s.shared_key_frame_noise:
+    settings["shared_key_frame_noise"] = float(s.shared_key_frame_noise)
   return settings
 
 
