@@ -511,6 +511,8 @@ def generator_quality_signals(config, workdir: str, model):
   synthetic dataset:
     sync_f1 / sync_f1_shuffled: the samples' sync score, and with each picture paired with the next
       sample's sound (what samples whose halves ignore each other score);
+    sync_f1_shuffled_all_pairs: the same chance level over every pairing of a picture with another
+      sample's sound (`sync.all_pairs_scores`; steadier than one re-pairing of a few samples);
     video_events_per_second / audio_events_per_second: bounces and onsets found in the samples,
       beside real_video_events_per_second / real_audio_events_per_second of validation clips.
   Images: the samples' contact sheet (frames and audio image per row). Sounds: the first samples.
@@ -560,6 +562,7 @@ def generator_quality_signals(config, workdir: str, model):
       scored = [sync.score_clip(clip, wave, fps, rate) for clip, wave in zip(frames, waveforms)]
       scalars["sync_f1"] = sync.aggregate(score for score, _ in scored).f1
       scalars["sync_f1_shuffled"] = sync.mismatched_sync(scored).f1
+      scalars["sync_f1_shuffled_all_pairs"] = sync.aggregate(sync.all_pairs_scores(scored)).f1
       rates = sync.event_rates(scored, fps)
       scalars.update({f"{name.replace('_per_second', '')}_events_per_second": value
                       for name, value in rates.items()})
