@@ -272,6 +272,11 @@ def dit_config() -> ConfigDict:
       # uniform timesteps spend most conditioned samples where the condition teaches little.
       cond_min_timestep=0,
       context_dropout=0.1,          # classifier-free guidance dropout
+      # The blocks as one `nn.scan` (parameters stacked on a 'layers' axis): one block to
+      # compile whatever the depth. On XLA:CPU a scanned step copies each block's weights out of
+      # the stack and its gradients into one; at paper width (depth 4, benchmarks/dit.py) the
+      # training step took 1.2x the unrolled one's time. False unrolls the blocks (`blocks_<i>`
+      # parameters, so checkpoints of the two layouts do not restore into each other).
       scan_layers=True,
       remat_policy="nothing_saveable",  # a jax.checkpoint_policies name, or 'none'
       # Time-aligned tokens (not in the reference): the per-key-frame video latent
