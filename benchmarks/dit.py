@@ -5,13 +5,18 @@
 Rows (paper width 1152, 16 heads, MLP 4x, 399 tokens: 77 context + EOS_a + 64 audio + EOS_v + 256
 video; depth 4 so it fits this CPU; fp32; batch 2):
   1. one training step, forward + backward (gradients of the eps-MSE loss w.r.t. every parameter).
-     Ours: `dit.generator_loss` under jax.jit (value_and_grad), no remat, layers scanned. Peer: a
+     Ours: `dit.generator_loss` under jax.jit (value_and_grad), no remat, layers scanned (the
+     default, `dit.scan_layers=True`) and, as a second row, unrolled (`scan_layers=False`). Peer: a
      compact PyTorch DiT with the reference's structure (conv patch embeds, timm-style Attention with
      qkv bias and Mlp with tanh-GELU, adaLN-Zero, two FinalLayers), loss.backward().
   2. one DDIM sampler step with guidance (both branches batched, 2 x batch), ms/step: ours (the
      `lax.scan` sampler under jit, total / steps) vs a PyTorch loop doing the same guided DDIM step.
-Each figure is the median of `--repeats` timed calls after a warm-up call (which compiles ours).
-Prints Markdown rows for benchmarks/README.md. About 2 minutes on a 2-core CPU.
+  3. one block's self-attention alone (the 399 tokens, 16 heads of 72), forward and forward +
+     backward: ours (`layers.dot_product_attention`) against `jax.nn.dot_product_attention` (what
+     ours called before 2026-12-07) and against torch's scaled_dot_product_attention.
+Each figure is the median of `--repeats` timed calls after a warm-up call (which compiles ours); the
+functions of a row take turns, call by call, so that a slow minute of a shared machine falls on
+all of them. Prints Markdown rows for benchmarks/README.md. About 4 minutes on a 2-core CPU.
 """
 import argparse
 import functools
@@ -32,19 +37,23 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mmldm_jax import config_lib  # noqa: E402
 from mmldm_jax import parallel  # noqa: E402
 from mmldm_jax.diffusion import samplers, schedules  # noqa: E402
-from mmldm_jax.models import dit  # noqa: E402
+from mmldm_jax.models import dit, layers  # noqa: E402
 
 MACHINE = "2-core x86_64 CPU (shared), 24 GiB"
 
 
-def median_seconds(fn, repeats: int) -> float:
-  fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
+def alternating_medians(functions, repeats: int) -> list[float]:
+  """Median seconds per call of each function: one warm-up call each, then `repeats` rounds in
+  which every function is called once, in turn."""
+  for fn in functions:
     fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  times = [[] for _ in functions]
+  for _ in range(repeats):
+    for fn, record in zip(functions, times):
+      start = time.perf_counter()
+      fn()
+      record.append(time.perf_counter() - start)
+  return [statistics.median(record) for record in times]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -117,16 +126,23 @@ class TorchDiT(tnn.Module):
 
 
 def training_rows(config, model, batch_size, repeats):
-  params = jax.jit(lambda key: flax_nn.unbox(dit.init_params(model, key)))(jax.random.PRNGKey(0))
+  """Median training-step seconds: ours with scanned layers, ours unrolled, the PyTorch peer."""
   keys = jax.random.split(jax.random.PRNGKey(1), 2)
   batch = {"audio_latent": jax.random.normal(keys[0], (batch_size,) + model.audio_shape),
            "video_latent": jax.random.normal(keys[1], (batch_size,) + model.video_shape)}
-  grad_fn = jax.jit(jax.value_and_grad(
-      functools.partial(dit.generator_loss, config=config, model=model), has_aux=True))
 
-  def ours():
-    (loss, _), grads = grad_fn(params, batch, jax.random.PRNGKey(2))
-    jax.block_until_ready(grads)
+  def ours_with(variant):
+    params = jax.jit(lambda key: flax_nn.unbox(dit.init_params(variant, key)))(jax.random.PRNGKey(0))
+    grad_fn = jax.jit(jax.value_and_grad(
+        functools.partial(dit.generator_loss, config=config, model=variant), has_aux=True))
+
+    def step():
+      (_, _), grads = grad_fn(params, batch, jax.random.PRNGKey(2))
+      jax.block_until_ready(grads)
+    return step, params
+
+  ours_scanned, params = ours_with(model)
+  ours_unrolled, _ = ours_with(model.clone(scan_layers=False))
 
   torch.manual_seed(0)
   peer_model = TorchDiT(model.hidden_size, model.depth, model.num_heads)
@@ -146,7 +162,8 @@ def training_rows(config, model, batch_size, repeats):
     loss = ((eps_a - noise_a) ** 2).mean() + ((eps_v - noise_v) ** 2).mean()
     loss.backward()
 
-  return median_seconds(ours, repeats), median_seconds(peer, repeats), params, peer_model
+  scanned, unrolled, peer_time = alternating_medians([ours_scanned, ours_unrolled, peer], repeats)
+  return scanned, unrolled, peer_time, params, peer_model
 
 
 def sampler_rows(config, model, params, peer_model, batch_size, steps, repeats):
@@ -181,7 +198,43 @@ def sampler_rows(config, model, params, peer_model, batch_size, steps, repeats):
         outs.append(math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * e)
       audio, video = outs
 
-  return median_seconds(ours, repeats) / steps, median_seconds(peer, repeats) / steps
+  ours_time, peer_time = alternating_medians([ours, peer], repeats)
+  return ours_time / steps, peer_time / steps
+
+
+def attention_rows(batch_size, width, heads, repeats):
+  """Median ms of one self-attention, forward and forward + backward: ours, jax.nn's, torch's."""
+  tokens, head_dim = 399, width // heads
+  keys = jax.random.split(jax.random.PRNGKey(4), 4)
+  query, key, value, cotangent = (jax.random.normal(k, (batch_size, tokens, width)) for k in keys)
+
+  def jax_nn(q, k, v):
+    split = lambda t: t.reshape(batch_size, tokens, heads, head_dim)
+    return jax.nn.dot_product_attention(split(q), split(k), split(v)).reshape(q.shape)
+
+  def timed(attention):
+    forward = jax.jit(attention)
+    both = jax.jit(lambda q, k, v, g: jax.vjp(attention, q, k, v)[1](g))
+    return (lambda: jax.block_until_ready(forward(query, key, value)),
+            lambda: jax.block_until_ready(both(query, key, value, cotangent)))
+
+  ours_forward, ours_both = timed(lambda q, k, v: layers.dot_product_attention(q, k, v, heads))
+  nn_forward, nn_both = timed(jax_nn)
+  torch_inputs = [torch.randn(batch_size, heads, tokens, head_dim, requires_grad=True)
+                  for _ in range(3)]
+  torch_cotangent = torch.randn(batch_size, heads, tokens, head_dim)
+  sdpa = torch.nn.functional.scaled_dot_product_attention
+
+  def torch_forward():
+    with torch.no_grad():
+      sdpa(*torch_inputs)
+
+  def torch_both():
+    sdpa(*torch_inputs).backward(torch_cotangent)
+
+  times = alternating_medians([ours_forward, nn_forward, torch_forward, ours_both, nn_both,
+                               torch_both], repeats)
+  return [1e3 * t for t in times]
 
 
 def main():
@@ -202,16 +255,31 @@ def main():
   torch.set_num_threads(os.cpu_count() or 1)
   config = config_lib.load("configs/aist.py")
   model = dit.build_dit(config, depth=args.depth, remat="none")
-  ours, peer, params, peer_model = training_rows(config, model, args.batch, args.repeats)
+  scanned, unrolled, peer, params, peer_model = training_rows(config, model, args.batch,
+                                                               args.repeats)
   date = time.strftime("%Y-%m-%d")
-  print(f"| DiT training step fwd+bwd, width 1152 / 16 heads / depth {args.depth}, 399 tokens, fp32, "
-        f"batch {args.batch}, ours with {ours_with}: time | {command} | {MACHINE} | {date} | "
-        f"{ours:.2f} s | {peer:.2f} s (plain-PyTorch DiT, same shape) | {ours / peer:.2f} |")
+  for layout, ours in (("layers scanned (the default)", scanned),
+                       ("layers unrolled (dit.scan_layers=False)", unrolled)):
+    print(f"| DiT training step fwd+bwd, width 1152 / 16 heads / depth {args.depth}, 399 tokens, "
+          f"fp32, batch {args.batch}, {layout}, ours with {ours_with}: time | {command} | "
+          f"{MACHINE} | {date} | {ours:.2f} s | {peer:.2f} s (plain-PyTorch DiT, same shape) | "
+          f"{ours / peer:.2f} |")
   ours, peer = sampler_rows(config, model, params, peer_model, args.batch, args.sample_steps,
                             args.repeats)
   print(f"| DDIM step with guidance (2 x batch {args.batch} through the depth-{args.depth} DiT), "
         f"ours with {ours_with}: ms/step | {command} | {MACHINE} | {date} | {1e3 * ours:.0f} ms | "
         f"{1e3 * peer:.0f} ms (PyTorch loop, same step) | {ours / peer:.2f} |")
+  (ours_forward, nn_forward, torch_forward, ours_both, nn_both,
+   torch_both) = attention_rows(args.batch, model.hidden_size, model.num_heads, 3 * args.repeats)
+  for what, ours, nn_time, torch_time in (("forward", ours_forward, nn_forward, torch_forward),
+                                          ("forward + backward", ours_both, nn_both, torch_both)):
+    shape = (f"{args.batch} x 399 tokens, {model.num_heads} heads of "
+             f"{model.hidden_size // model.num_heads}")
+    for peer_name, peer in (("jax.nn.dot_product_attention, same flags", nn_time),
+                            ("torch scaled_dot_product_attention", torch_time)):
+      print(f"| one DiT block's self-attention ({shape}), {what}, fp32, ours with {ours_with}: "
+            f"ms | {command} | {MACHINE} | {date} | {ours:.1f} ms | {peer:.1f} ms ({peer_name}) | "
+            f"{ours / peer:.2f} |")
 
 
 if __name__ == "__main__":

@@ -275,7 +275,7 @@ def dit_config() -> ConfigDict:
       # The blocks as one `nn.scan` (parameters stacked on a 'layers' axis): one block to
       # compile whatever the depth. On XLA:CPU a scanned step copies each block's weights out of
       # the stack and its gradients into one; at paper width (depth 4, benchmarks/dit.py) the
-      # training step took 1.2x the unrolled one's time. False unrolls the blocks (`blocks_<i>`
+      # training step took 1.2-1.26x the unrolled one's time. False unrolls the blocks (`blocks_<i>`
       # parameters, so checkpoints of the two layouts do not restore into each other).
       scan_layers=True,
       remat_policy="nothing_saveable",  # a jax.checkpoint_policies name, or 'none'

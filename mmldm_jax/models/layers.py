@@ -302,7 +302,7 @@ class Dense(nn.Module):
     # Leading axes flattened into one: the kernel's gradient is then a plain [in, N] x [N, out]
     # product. With [B, L, in] kept, XLA:CPU contracts two axes for it, 68 ms against 52 ms at
     # the paper DiT's fc1 (2 x 399 tokens, 1152 -> 4608; 2026-12-07); the unrolled DiT training
-    # step at paper width went from 1.17x PyTorch's time to 1.00-1.05x (benchmarks/README.md).
+    # step at paper width went from 1.17x PyTorch's time to 0.97-1.05x (benchmarks/README.md).
     flat = x.reshape(-1, x.shape[-1]) if x.ndim > 2 else x
     y = jnp.dot(flat.astype(self.dtype), kernel.astype(self.dtype))
     y = y.reshape(x.shape[:-1] + (self.features,))
