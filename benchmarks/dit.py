@@ -230,6 +230,8 @@ def attention_rows(batch_size, width, heads, repeats):
       sdpa(*torch_inputs)
 
   def torch_both():
+    for tensor in torch_inputs:   # fresh gradients each call, as the training peer's zero_grad
+      tensor.grad = None
     sdpa(*torch_inputs).backward(torch_cotangent)
 
   times = alternating_medians([ours_forward, nn_forward, torch_forward, ours_both, nn_both,
