@@ -80,15 +80,11 @@ def get_config(arg=None):
   # The paper's 16 channels for z_v, not the tiny preset's 4: measured on this demo, the samples'
   # distances were video 70 / audio 204 with 4 channels and 60 / 97 with 16.
   config.autoencoder.video_z_channels = 16
-  # A diffusion decoder sized to the 8x8 VAE latent: two U-Net levels (8x8 at 32 channels, 4x4 at
-  # 64) with attention at both and a 4x4 mid block, where the tiny preset's four levels go down
-  # to a 1x1 mid block whose self-attention sees a single token. Half the U-Net's blocks (6 input
-  # blocks instead of 12) for 3% fewer FLOPs (the removed levels were 2x2 and 1x1): measured
-  # against the four levels in the same run (benchmarks/README.md, 2026-12-06), the autoencoder's
-  # train step compiled in 40 s against 60 s and ran in 0.17 s against 0.22 s. Its 600 steps
-  # decoded frames at 17.5 dB PSNR (four levels: 18.2), audio images at 24.0 dB (24.2), and the
-  # samples scored video Frechet 108 (104) and audio 58 (74); one run each.
-  config.unet.update(channel_mult=(1, 2), attention_resolutions=(1, 2))
+  # The diffusion decoder is the tiny preset's two-level U-Net, sized to the 8x8 VAE latent
+  # (config_lib.apply_tiny). Against SD's four levels (down to a 1x1 mid block) on this demo,
+  # measured in one run (benchmarks/README.md, 2026-12-06): train step compile 40 s against 60 s,
+  # step 0.17 s against 0.22 s; its 600 steps decoded frames at 17.5 dB PSNR (four levels: 18.2),
+  # audio images at 24.0 dB (24.2), and the samples scored video Frechet 108 (104) and audio 58 (74).
   config.autoencoder.gan_weight = 0.0
   # The frozen VAE's posteriors of the training clips, encoded once when the stage starts instead
   # of every step (train/posterior_cache.py; a few MB here).
@@ -163,7 +159,7 @@ def apply_quality(config):
   config.synthetic.num_train_videos = 192
   config.vae.frames_per_clip = 1     # a third less per VAE step (see get_config)
   config.vae.channel_mult = (1, 2, 2, 2)   # the VAE docs/results was made with (see get_config)
-  # ... and its four-level U-Net (the tiny preset's; see get_config).
+  # ... and SD's four-level U-Net, which docs/results was also made with (see get_config).
   config.unet.update(channel_mult=(1, 2, 2, 2), attention_resolutions=(4, 2, 1))
   config.train_vae.update(num_steps=1200, checkpoint_every=400, eval_every=400)
   config.train_autoencoder.update(num_steps=7000, checkpoint_every=1000, eval_every=2000,

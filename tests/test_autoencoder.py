@@ -1,7 +1,7 @@
 """The hierarchical multi-modal autoencoder on the tiny preset of configs/aist.py: zero-initialised
 paths, gradient routing between generator and discriminator, a short training run on synthetic
-sounding clips (loss falls, audio matches its own video above chance, decoding own latents beats
-decoding another clip's), and the paper-size parameter count."""
+sounding clips (loss falls, audio matches its own video above chance, the decoder denoises a clip
+better from its own latents than from another clip's), and the paper-size parameter count."""
 import os
 
 import flax.linen as nn
@@ -13,6 +13,7 @@ import pytest
 from mmldm_jax import config_lib
 from mmldm_jax.data import audio as audio_lib
 from mmldm_jax.data import synthetic
+from mmldm_jax.diffusion import schedules
 from mmldm_jax.models import autoencoder as ae_lib
 from mmldm_jax.models import unet as unet_lib
 from mmldm_jax.models import vae as vae_lib
@@ -154,7 +155,6 @@ def test_zero_initialised_paths_make_the_decoder_the_plain_unet(system, config, 
   ae = params["autoencoder"]
   latent = system.latent_size
   rng = jax.random.split(jax.random.PRNGKey(5), 6)
-  # BATCH clips, as the training test decodes: its decode then reuses the program compiled here.
   z_audio = jax.random.normal(
       rng[0], (BATCH, latent // 4, latent // 4, config.autoencoder.audio_z_channels))
   z_video = jax.random.normal(
@@ -180,7 +180,7 @@ def test_zero_initialised_paths_make_the_decoder_the_plain_unet(system, config, 
 
   cond, ours, plain = run(ae)
   for modality in ("audio", "video"):
-    assert len(cond[modality]["residuals"]) == 12
+    assert len(cond[modality]["residuals"]) == len(unet_lib.input_block_geometry(config.unet))
     assert _abs_sum(cond[modality]["residuals"]) == 0.0
     assert _abs_sum(cond[modality]["embedding"]) == 0.0
     semantic_tokens = cond[modality]["context"][..., -4:, :]   # the other modality's 2x2 tokens
@@ -235,19 +235,59 @@ def test_gradient_routing(system, params, batch, all_grads):
   grads = all_grads(moved, disc, vae, _model_inputs(batch), jax.random.PRNGKey(9))
   flat = jax.tree_util.tree_flatten_with_path(grads["g_ae"])[0]
   zero = {jax.tree_util.keystr(path) for path, leaf in flat if _abs_sum(leaf) == 0}
-  # The only exception: at the tiny size the U-Net's mid block is 1x1, so its self-attention has a
-  # single token, the softmax is constantly 1 and query/key cannot matter.
-  mid_self_attention = "['unet']['mid_block_attentions_0']['transformer_blocks_0']['attn1']"
-  assert zero == {f"{mid_self_attention}['{name}']['kernel']" for name in ("to_q", "to_k")}, zero
+  assert not zero, zero
   assert float(grads["g_metrics"]["generator_gan_loss"]) > 0.0
 
 
-def test_training_reduces_loss_aligns_modalities_and_decodes_own_latents_best(
+def _denoising_errors(system):
+  """A jitted fn(ae, vae, inputs, order) -> {'audio': [8], 'video': [8]}: the decoder's
+  eps-prediction error (mean square) on the batch's own audio image and target frames, each draw
+  at its own timesteps and noise (the same draws for every call), when the decoder is conditioned
+  on the latents and labels of clip order[i] instead of clip i's."""
+  draws = 8
+
+  @jax.jit
+  def fn(ae, vae, inputs, order):
+    latents = system.batch_latents(vae, inputs, jax.random.PRNGKey(0))
+    z_audio, z_video = system.encode(ae, vae, inputs)
+    b, frames = latents["targets"].shape[:2]
+    ones = jnp.ones((b,))
+    apply = lambda *a, **k: system.model.apply({"params": ae}, *a, **k)
+    cond = apply(z_audio[order], z_video[order], inputs["target_indices"],
+                 inputs["label"][order], ones, ones, method="condition")
+    x0 = dict(audio=latents["audio"], video=latents["targets"])
+    num_t = system.schedule.num_timesteps
+
+    def one_draw(rng):
+      rngs = jax.random.split(rng, 4)
+      t = dict(audio=jax.random.randint(rngs[0], (b,), 0, num_t),
+               video=jax.random.randint(rngs[1], (b, frames), 0, num_t))
+      noise = dict(audio=jax.random.normal(rngs[2], x0["audio"].shape),
+                   video=jax.random.normal(rngs[3], x0["video"].shape))
+      noisy = {m: schedules.q_sample(system.schedule, x0[m], t[m], noise[m]) for m in x0}
+      out = apply(noisy, t, cond, method="denoise")
+      return {m: jnp.mean(jnp.square(out[m] - noise[m])) for m in x0}
+    return jax.lax.map(one_draw, jax.random.split(jax.random.PRNGKey(42), draws))
+  return fn
+
+
+def _other_over_own(denoising_errors, ae, vae, inputs):
+  """Per modality: the mean denoising error over the three re-pairings with another clip's
+  conditioning, divided by the error with the clip's own (paired draws)."""
+  own = jnp.arange(BATCH)
+  errors = [denoising_errors(ae, vae, inputs, jnp.roll(own, shift)) for shift in range(BATCH)]
+  return {m: float(np.mean([np.mean(e[m]) for e in errors[1:]]) / np.mean(errors[0][m]))
+          for m in ("audio", "video")}
+
+
+def test_training_reduces_loss_aligns_modalities_and_denoises_best_from_own_latents(
     system, config, params, batch, all_grads):
   ae, disc, vae = params["autoencoder"], params["discriminator"], params["vae"]
   inputs = _model_inputs(batch)
   eval_rng = jax.random.PRNGKey(100)
   before = all_grads(ae, disc, vae, inputs, eval_rng)["g_metrics"]
+  denoising_errors = _denoising_errors(system)
+  ratio_before = _other_over_own(denoising_errors, ae, vae, inputs)
   ae_adam, disc_adam = HostAdam(ae, 5e-4), HostAdam(disc, 5e-4)
   contrastive = []
   for step in range(80):
@@ -264,23 +304,20 @@ def test_training_reduces_loss_aligns_modalities_and_decodes_own_latents_best(
   late_loss, late_accuracy = np.mean(contrastive[-30:], axis=0)
   assert late_accuracy > 0.35, contrastive
   assert late_loss < np.log(BATCH) - 0.1, contrastive
-  # Decoding: own latents reconstruct each clip better than the next clip's latents do (same
-  # sampler noise, so only the conditioning differs).
+  # The decoder uses each clip's own conditioning: its denoising error on a clip is lower with
+  # that clip's latents and label than with another clip's. At initialisation the latent paths
+  # are zero and only the random class token differs, so the ratio is 1 to within a few 1e-4
+  # (measured: audio 0.9996, video 1.0005); after 80 steps it was audio 1.011, video 1.053
+  # (2026-12-07). The comparison is of the training objective at the same timesteps and noise;
+  # decoding whole clips (4 DDIM steps and the VAE) and comparing pixels was at its noise level
+  # at 80 steps (own/other 0.99-1.02 across sampler seeds).
+  ratio_after = _other_over_own(denoising_errors, ae, vae, inputs)
+  for modality in ("audio", "video"):
+    gain, drift = ratio_after[modality] - 1, abs(ratio_before[modality] - 1)
+    assert gain > 3 * drift and gain > 0, (modality, ratio_before, ratio_after)
   audio_latent, video_latent = jax.jit(system.encode)(ae, vae, inputs)
   assert audio_latent.shape == (BATCH, 2, 2, config.autoencoder.audio_z_channels)
   assert video_latent.shape == (BATCH, 4, 4, config.autoencoder.video_z_channels)
-  rng = jax.random.PRNGKey(11)
-  frames, audio_image = system.decode(ae, vae, audio_latent, video_latent, rng)
-  shifted = lambda x: jnp.roll(x, 1, axis=0)
-  other_frames, other_audio = system.decode(ae, vae, shifted(audio_latent), shifted(video_latent),
-                                            rng)
-  assert frames.shape == batch["frames"].shape and audio_image.shape == (BATCH, 64, 64, 3)
-  real_audio = audio_lib.waveform_to_image(batch["audio"], config.audio)
-  per_clip = lambda x, y: np.asarray(jnp.mean(jnp.square(x - y), axis=tuple(range(1, x.ndim))))
-  own_v, other_v = per_clip(frames, batch["frames"]), per_clip(other_frames, batch["frames"])
-  own_a, other_a = per_clip(audio_image, real_audio), per_clip(other_audio, real_audio)
-  assert own_v.mean() < other_v.mean(), (own_v, other_v)
-  assert own_a.mean() < other_a.mean(), (own_a, other_a)
 
 
 def test_paper_size_parameter_count():

@@ -19,7 +19,7 @@ from conftest import CONFIGS, REPO_ROOT
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
-from test_unet import torch_unet  # noqa: E402  (after the importorskip)
+from test_unet import tiny_sd_layout_config, torch_unet  # noqa: E402  (after the importorskip)
 from test_vae import randomise, torch_vae  # noqa: E402
 
 TINY = os.path.join(CONFIGS, "aist.py:tiny")
@@ -27,7 +27,7 @@ TINY = os.path.join(CONFIGS, "aist.py:tiny")
 
 @pytest.fixture(scope="module")
 def config():
-  return config_lib.load(TINY)
+  return tiny_sd_layout_config()
 
 
 @pytest.fixture(scope="module")
@@ -176,17 +176,21 @@ def test_mismatched_checkpoints_list_every_bad_key(config, vae_state_dict, unet_
 
 
 @pytest.mark.subprocess
-def test_cli_writes_loadable_params(config, vae_state_dict, unet_state_dict, tmp_path):
+def test_cli_writes_loadable_params(config, vae_state_dict, tmp_path):
   from safetensors.numpy import save_file
   cli = importlib.import_module("mmldm_jax.convert.__main__")
+  # The command line names a config file, so its U-Net is the preset's own (two levels).
+  tiny = config_lib.load(TINY)
+  unet_state_dict = {k: v.numpy()
+                     for k, v in randomise(torch_unet(tiny.unet), seed=2).state_dict().items()}
   src = str(tmp_path / "unet.safetensors")
   save_file(unet_state_dict, src)
   dst = str(tmp_path / "unet.msgpack")
   line = cli.run("unet", src, dst, TINY)
   assert "format=diffusers" in line and dst in line
-  expected, _ = convert_unet.convert_unet_state_dict(unet_state_dict, config)
-  _assert_same_params(convert_unet.load_unet_params(dst, config), expected)
-  _assert_same_params(convert_unet.load_unet_params(src, config), expected)
+  expected, _ = convert_unet.convert_unet_state_dict(unet_state_dict, tiny)
+  _assert_same_params(convert_unet.load_unet_params(dst, tiny), expected)
+  _assert_same_params(convert_unet.load_unet_params(src, tiny), expected)
   # A converted file that does not fit the configured model is refused, naming the parameters.
   wide = config_lib.load(TINY)
   wide.unlock()

@@ -39,9 +39,17 @@ def torch_unet(unet_config, device=None, **extra):
         **extra).eval()
 
 
+def tiny_sd_layout_config():
+  """The tiny preset with SD-1.5's four-level U-Net (the last level without attention) at the tiny
+  width: the preset itself uses two levels, sized to its 8x8 latent, and parity should cover SD's."""
+  config = config_lib.load(os.path.join(CONFIGS, "aist.py:tiny"))
+  config.unet.update(channel_mult=(1, 2, 2, 2), attention_resolutions=(4, 2, 1))
+  return config
+
+
 @pytest.fixture(scope="module")
 def config():
-  return config_lib.load(os.path.join(CONFIGS, "aist.py:tiny"))
+  return tiny_sd_layout_config()
 
 
 @pytest.fixture(scope="module")

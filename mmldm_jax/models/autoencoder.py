@@ -6,7 +6,7 @@ Encoding: the frozen stage-0 VAE turns the key frames and the audio image into 4
 4 key frames, audio z_a [B, h/4, w/4, 16]), diagonal Gaussians trained with a KL term.
 Decoding is a diffusion model: the SD-1.5-shaped U-Net regenerates each target frame's and the
 audio image's VAE latent from noise, conditioned on the perceptual latents three ways:
-  (a) ControlNet-like residuals after each of the 12 U-Net input blocks (`FeatureInjector`;
+  (a) ControlNet-like residuals after each U-Net input block (12 in SD's layout) (`FeatureInjector`;
       the video's are conditioned on the frame index embedding, sinusoidal -> MLP);
   (b) the flattened perceptual latent through an MLP, added to the timestep embedding;
   (c) cross-attention over [learnable modality prompt ; class token ; the OTHER modality's

@@ -7,8 +7,9 @@ What is here (the released code's `src/fm_ae/modules/video_enc.py` / `audio_enc.
   * `PerceptualEncoder`: video key-frame latents [B, T, h, w, 4] (or the audio image latent
     [B, h, w, 4]) -> the mean and log-variance of a diagonal Gaussian over the perceptual latent
     (video z_v [B, h/2, w/2, z], audio z_a [B, h/4, w/4, z]);
-  * `FeatureInjector`: a perceptual latent -> the 12 zero-initialised residuals added after the
-    U-Net's 12 input blocks (ControlNet-like), one resampling ResBlock + zero 1x1 conv per block.
+  * `FeatureInjector`: a perceptual latent -> one zero-initialised residual added after each of
+    the U-Net's input blocks (12 in SD's layout; ControlNet-like), one resampling ResBlock + zero
+    1x1 conv per block.
 
 Layout is channels-last: video features are [B, T, H, W, C], images [B, H, W, C].
 
