@@ -84,7 +84,7 @@ def get_config(arg=None):
   # (config_lib.apply_tiny). Against SD's four levels (down to a 1x1 mid block) on this demo,
   # measured in one run (benchmarks/README.md, 2026-12-06): train step compile 40 s against 60 s,
   # step 0.17 s against 0.22 s; its 600 steps decoded frames at 17.5 dB PSNR (four levels: 18.2),
-  # audio images at 24.0 dB (24.2), and the samples scored video Frechet 108 (104) and audio 58 (74).
+  # audio images at 24.0 dB (24.2), and the samples scored video Frechet 108 (104), audio 58 (74).
   config.autoencoder.gan_weight = 0.0
   # The frozen VAE's posteriors of the training clips, encoded once when the stage starts instead
   # of every step (train/posterior_cache.py; a few MB here).

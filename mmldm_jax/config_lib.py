@@ -450,10 +450,10 @@ def apply_tiny(config: ConfigDict) -> ConfigDict:
 
   The U-Net is sized to the 8x8 VAE latent: two levels (8x8 at 32 channels, 4x4 at 64) with
   attention at both and a 4x4 mid block. SD's four levels would go down to a 1x1 mid block whose
-  self-attention sees a single token, and compile half again as long (the autoencoder's train step
-  40 s against 60 s on configs/demo.py, benchmarks/README.md). SD's four-level layout, with its
-  last level without attention, stays covered where it matters: the U-Net parity and converter
-  tests set it explicitly.
+  self-attention sees a single token, and compile half again as long (this preset's autoencoder
+  train step: 116 s against 175 s in one run, benchmarks/README.md). SD's four-level layout, with
+  its last level without attention, stays covered where it matters: the U-Net parity and
+  converter tests set it explicitly.
   """
   config.data.image_size = 64
   config.audio.image_size = 64

@@ -41,7 +41,7 @@ def torch_unet(unet_config, device=None, **extra):
 
 def tiny_sd_layout_config():
   """The tiny preset with SD-1.5's four-level U-Net (the last level without attention) at the tiny
-  width: the preset itself uses two levels, sized to its 8x8 latent, and parity should cover SD's."""
+  width: the preset itself uses two levels, sized to its 8x8 latent; parity should cover SD's."""
   config = config_lib.load(os.path.join(CONFIGS, "aist.py:tiny"))
   config.unet.update(channel_mult=(1, 2, 2, 2), attention_resolutions=(4, 2, 1))
   return config
