@@ -78,6 +78,20 @@ def _free_compiled_programs_after_each_file():
   gc.collect()
 
 
+@pytest.fixture(scope="module")
+def highest_matmul_precision():
+  """Full float32 products for a parity module (`pytestmark = pytest.mark.usefixtures(...)`): on
+  GPUs and TPUs the default precision rounds float32 operands of products to bfloat16 or TF32,
+  far above the 1e-5 tolerances against the references; XLA:CPU multiplies in full float32
+  either way. Set for the module and restored after it: set at import, as it was, it held for
+  every test of the process (pytest imports every module before the first test) and entered every
+  program's compile-cache key, so the suite's programs missed the entries of the same programs
+  compiled by `python -m mmldm_jax.main` (which the tests start as subprocesses) or by one file
+  run alone."""
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
 # The files that take longest, longest first (a clean run of the suite's two processes, 2026-12-06:
 # test_autoencoder.py about 7 minutes, the next seven 1.5 to 4 minutes each). They run first, so
 # that a long file does not start when the other process has little left to do.

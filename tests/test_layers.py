@@ -6,7 +6,7 @@ import pytest
 
 from mmldm_jax.models import layers
 
-jax.config.update("jax_default_matmul_precision", "highest")
+pytestmark = pytest.mark.usefixtures("highest_matmul_precision")
 
 
 def _boxed_leaves(variables):

@@ -14,7 +14,7 @@ from mmldm_jax.models import unet as unet_lib
 
 from conftest import CONFIGS
 
-jax.config.update("jax_default_matmul_precision", "highest")
+pytestmark = pytest.mark.usefixtures("highest_matmul_precision")
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 from test_vae import randomise  # noqa: E402  (after the importorskip; one re-randomiser for parity)

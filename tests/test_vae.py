@@ -14,7 +14,7 @@ from mmldm_jax.models import vae as vae_lib
 
 from conftest import CONFIGS
 
-jax.config.update("jax_default_matmul_precision", "highest")
+pytestmark = pytest.mark.usefixtures("highest_matmul_precision")
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
