@@ -275,9 +275,14 @@ def dit_config() -> ConfigDict:
       # The blocks as one `nn.scan` (parameters stacked on a 'layers' axis): one block to
       # compile whatever the depth. On XLA:CPU a scanned step copies each block's weights out of
       # the stack and its gradients into one; at paper width (depth 4, benchmarks/dit.py) the
-      # training step took 1.2-1.26x the unrolled one's time. False unrolls the blocks (`blocks_<i>`
-      # parameters, so checkpoints of the two layouts do not restore into each other).
+      # training step took 1.18-1.26x the unrolled one's time. False unrolls the blocks
+      # (`blocks_<i>` parameters, so checkpoints of the two layouts do not restore into each other).
       scan_layers=True,
+      # With scan_layers: the stacked blocks applied one after another in straight-line code
+      # instead of a loop; the same parameters, checkpoints and results. On XLA:CPU at paper
+      # width, no remat, the training step took 0.94-0.96 of the scanned one's time (unrolled
+      # blocks: 0.83-0.85; benchmarks/dit.py); it compiles like unrolled blocks, longer with depth.
+      unroll_scanned_layers=False,
       remat_policy="nothing_saveable",  # a jax.checkpoint_policies name, or 'none'
       # Time-aligned tokens (not in the reference): the per-key-frame video latent
       # (autoencoder.video_latent_per_key_frame) becomes one token per key frame and position
@@ -564,6 +569,9 @@ def validate(config: ConfigDict) -> None:
   if config.dit.time_tokens and not config.autoencoder.video_latent_per_key_frame:
     fail("dit.time_tokens", True, "autoencoder.video_latent_per_key_frame=True (the video "
          "latent's channels must be one block per key frame)")
+  if config.dit.unroll_scanned_layers and not config.dit.scan_layers:
+    fail("dit.unroll_scanned_layers", True, "False unless dit.scan_layers=True (unrolled layers "
+         "have no stack of parameters to apply block by block)")
   if config.dit.time_tokens and config.dit.continuation:
     fail("dit.time_tokens", True, "dit.continuation=False (the continuation side DiT reads the "
          "reference's token layout)")

@@ -105,6 +105,16 @@ def test_training_noise_shared_by_key_frames_needs_deterministic_ddim():
     config_lib.validate(config)
 
 
+def test_unrolling_the_stacked_layers_needs_stacked_layers():
+  config = config_lib.load(os.path.join(CONFIGS, "demo.py"))
+  config.dit.unroll_scanned_layers = True
+  config_lib.validate(config)
+  config.dit.scan_layers = False
+  with pytest.raises(ValueError, match="config.dit.unroll_scanned_layers=True: expected False "
+                     "unless dit.scan_layers=True"):
+    config_lib.validate(config)
+
+
 def test_class_conditional_dit_needs_classes():
   config = config_lib.load(os.path.join(CONFIGS, "audioset.py"))
   with config.unlocked():

@@ -80,6 +80,42 @@ def test_unrolled_layers_have_the_same_parameters_and_outputs(tiny_config, tiny_
     np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_stacked_layers_applied_unrolled_equal_the_scan(tiny_config, tiny_model, tiny_params):
+  """`dit.unroll_scanned_layers`: the scanned layout's parameters, applied block by block without
+  the loop, give the scan's outputs and gradients (the same products in another program; float32
+  rounding may differ at the level of a few ulps of the values), main DiT and the continuation's
+  previous-clip encoder alike."""
+  config = tiny_config.copy_and_resolve_references()
+  config.dit.continuation = True
+  config.dit.unroll_scanned_layers = True
+  straight = dit.build_dit(config)
+  looped = dit.build_dit(config, unroll_stacked=False)
+  params = rerandomise(nn.unbox(dit.init_params(looped, jax.random.PRNGKey(0))))
+  shapes = jax.eval_shape(lambda key: dit.init_params(straight, key), jax.random.PRNGKey(0))
+  assert (jax.tree_util.tree_structure(nn.unbox(shapes)) ==
+          jax.tree_util.tree_structure(params))
+  x, t = latents(looped, 2), jnp.array([10, 900])
+  cond = {"context_mask": jnp.ones(2), "prev_audio": latents(looped, 2, seed=3)["audio"],
+          "prev_video": latents(looped, 2, seed=3)["video"]}
+
+  def loss(model, p):
+    out = model.apply({"params": p}, x, t, cond)
+    return sum(jnp.sum(jnp.square(out[name])) for name in ("audio", "video"))
+  # No loop left in the program (the scan lowers to one while loop per block stack).
+  assert "stablehlo.while" in jax.jit(functools.partial(loss, looped)).lower(params).as_text()
+  assert "stablehlo.while" not in jax.jit(functools.partial(loss, straight)).lower(params).as_text()
+  ours, ours_grads = jax.jit(jax.value_and_grad(functools.partial(loss, straight)))(params)
+  theirs, their_grads = jax.jit(jax.value_and_grad(functools.partial(loss, looped)))(params)
+  assert float(theirs) > 0
+  np.testing.assert_allclose(float(ours), float(theirs), rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(ours_grads), jax.tree_util.tree_leaves(their_grads)):
+    scale = float(np.abs(np.asarray(b)).max()) or 1.0
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * scale)
+  assert any(np.any(np.asarray(leaf)) for leaf in jax.tree_util.tree_leaves(
+      their_grads["prev_encoder"]))
+
+
 def test_every_parameter_has_logical_axis_names(tiny_model):
   boxed = dit.init_params(tiny_model, jax.random.PRNGKey(0))
   leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
