@@ -6,7 +6,8 @@ Rows (paper width 1152, 16 heads, MLP 4x, 399 tokens: 77 context + EOS_a + 64 au
 video; depth 4 so it fits this CPU; fp32; batch 2):
   1. one training step, forward + backward (gradients of the eps-MSE loss w.r.t. every parameter).
      Ours: `dit.generator_loss` under jax.jit (value_and_grad), no remat, layers scanned (the
-     default, `dit.scan_layers=True`) and, as a second row, unrolled (`scan_layers=False`). Peer: a
+     default, `dit.scan_layers=True`), the same stacked parameters applied block by block
+     (`dit.unroll_scanned_layers=True`) and unrolled (`scan_layers=False`). Peer: a
      compact PyTorch DiT with the reference's structure (conv patch embeds, timm-style Attention with
      qkv bias and Mlp with tanh-GELU, adaLN-Zero, two FinalLayers), loss.backward().
   2. one DDIM sampler step with guidance (both branches batched, 2 x batch), ms/step: ours (the
@@ -126,7 +127,8 @@ class TorchDiT(tnn.Module):
 
 
 def training_rows(config, model, batch_size, repeats):
-  """Median training-step seconds: ours with scanned layers, ours unrolled, the PyTorch peer."""
+  """Median training-step seconds: ours with scanned layers, with the stacked layers applied
+  unrolled, with unrolled layers; the PyTorch peer."""
   keys = jax.random.split(jax.random.PRNGKey(1), 2)
   batch = {"audio_latent": jax.random.normal(keys[0], (batch_size,) + model.audio_shape),
            "video_latent": jax.random.normal(keys[1], (batch_size,) + model.video_shape)}
@@ -142,6 +144,7 @@ def training_rows(config, model, batch_size, repeats):
     return step, params
 
   ours_scanned, params = ours_with(model)
+  ours_straight, _ = ours_with(model.clone(unroll_stacked=True))
   ours_unrolled, _ = ours_with(model.clone(scan_layers=False))
 
   torch.manual_seed(0)
@@ -162,8 +165,8 @@ def training_rows(config, model, batch_size, repeats):
     loss = ((eps_a - noise_a) ** 2).mean() + ((eps_v - noise_v) ** 2).mean()
     loss.backward()
 
-  scanned, unrolled, peer_time = alternating_medians([ours_scanned, ours_unrolled, peer], repeats)
-  return scanned, unrolled, peer_time, params, peer_model
+  times = alternating_medians([ours_scanned, ours_straight, ours_unrolled, peer], repeats)
+  return (*times, params, peer_model)
 
 
 def sampler_rows(config, model, params, peer_model, batch_size, steps, repeats):
@@ -257,10 +260,12 @@ def main():
   torch.set_num_threads(os.cpu_count() or 1)
   config = config_lib.load("configs/aist.py")
   model = dit.build_dit(config, depth=args.depth, remat="none")
-  scanned, unrolled, peer, params, peer_model = training_rows(config, model, args.batch,
-                                                               args.repeats)
+  scanned, straight, unrolled, peer, params, peer_model = training_rows(config, model, args.batch,
+                                                                         args.repeats)
   date = time.strftime("%Y-%m-%d")
   for layout, ours in (("layers scanned (the default)", scanned),
+                       ("stacked layers applied unrolled (dit.unroll_scanned_layers=True)",
+                        straight),
                        ("layers unrolled (dit.scan_layers=False)", unrolled)):
     print(f"| DiT training step fwd+bwd, width 1152 / 16 heads / depth {args.depth}, 399 tokens, "
           f"fp32, batch {args.batch}, {layout}, ours with {ours_with}: time | {command} | "
