@@ -163,15 +163,18 @@ class BlockStack(nn.Module):
                       mlp_ratio=self.mlp_ratio, emit_residual=self.emit_residual,
                       dtype=self.dtype, param_dtype=self.param_dtype)
     policy = layers.remat_policy(self.remat, "dit.remat_policy")
+    # The stacked parameters are created by the scan (at init) and applied by it or, with
+    # unroll_stacked, block by block.
+    looped = self.scan_layers and not (self.unroll_stacked and not self.is_initializing())
     block_cls = DiTBlock
     if self.remat != "none":
-      block_cls = nn.remat(DiTBlock, policy=policy, prevent_cse=not self.scan_layers)
+      block_cls = nn.remat(DiTBlock, policy=policy, prevent_cse=not looped)
+    if self.scan_layers and not looped:
+      return self._apply_stacked_unrolled(block_cls, block_args, x, c, residuals)
     if self.scan_layers:
       scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                         in_axes=(nn.broadcast, nn.broadcast, 0), length=self.depth,
                         metadata_params={nn.PARTITION_NAME: "layers"})
-      if self.unroll_stacked and not self.is_initializing():
-        return self._apply_stacked_unrolled(block_args, policy, x, c, residuals)
       return scanned(**block_args, name="blocks")(x, c, residuals, jnp.arange(self.depth))
     emitted = []
     for layer in range(self.depth):
@@ -179,7 +182,7 @@ class BlockStack(nn.Module):
       emitted.append(out)
     return x, (jnp.stack(emitted) if self.emit_residual else None)
 
-  def _apply_stacked_unrolled(self, block_args, policy, x, c, residuals):
+  def _apply_stacked_unrolled(self, block_cls, block_args, x, c, residuals):
     """The scanned parameters (`blocks`, stacked on axis 0) applied one block after another.
 
     Why: in the while loop of `nn.scan`, XLA:CPU copies each block's weights out of the stack,
@@ -193,9 +196,6 @@ class BlockStack(nn.Module):
     stacked = nn.unbox(self.variables["params"]["blocks"])
     leaves, treedef = jax.tree_util.tree_flatten(stacked)
     per_leaf = [jnp.split(leaf, self.depth) for leaf in leaves]
-    block_cls = DiTBlock
-    if self.remat != "none":
-      block_cls = nn.remat(DiTBlock, policy=policy, prevent_cse=True)
     block = block_cls(**block_args, parent=None)   # unbound: applied to each block's slice
     emitted = []
     for layer in range(self.depth):
