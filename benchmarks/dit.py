@@ -17,7 +17,8 @@ video; depth 4 so it fits this CPU; fp32; batch 2):
      ours called before 2026-12-07) and against torch's scaled_dot_product_attention.
 Each figure is the median of `--repeats` timed calls after a warm-up call (which compiles ours); the
 functions of a row take turns, call by call, so that a slow minute of a shared machine falls on
-all of them. Prints Markdown rows for benchmarks/README.md. About 4 minutes on a 2-core CPU.
+all of them. Prints Markdown rows for benchmarks/README.md. About 8 minutes on a 2-core CPU
+(2026-12-07, a slow afternoon; 4 minutes on faster days before the third layout was added).
 """
 import argparse
 import functools
