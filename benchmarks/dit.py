@@ -14,11 +14,11 @@ video; depth 4 so it fits this CPU; fp32; batch 2):
      `lax.scan` sampler under jit, total / steps) vs a PyTorch loop doing the same guided DDIM step.
   3. one block's self-attention alone (the 399 tokens, 16 heads of 72), forward and forward +
      backward: ours (`layers.dot_product_attention`) against `jax.nn.dot_product_attention` (what
-     ours called before 2026-12-07) and against torch's scaled_dot_product_attention.
+     ours called before 2026-12-07) and against torch's fused scaled_dot_product_attention.
 Each figure is the median of `--repeats` timed calls after a warm-up call (which compiles ours); the
 functions of a row take turns, call by call, so that a slow minute of a shared machine falls on
-all of them. Prints Markdown rows for benchmarks/README.md. About 8 minutes on a 2-core CPU
-(2026-12-07, a slow afternoon; 4 minutes on faster days before the third layout was added).
+all of them. Prints Markdown rows for benchmarks/README.md. About 2 minutes on a 2-core CPU on a
+fast evening (2026-12-07, matmul ~450 GFLOP/s), 8 minutes on that day's slow afternoon.
 """
 import argparse
 import functools

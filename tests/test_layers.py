@@ -141,3 +141,34 @@ def test_every_model_options():
     params = jax.eval_shape(module.init, jax.random.key(0), frames)["params"]
     assert set(params) == {child}
   assert layers.fitted_groups(32, 16) == 16 and layers.fitted_groups(32, 48, 64) == 16
+
+
+@pytest.mark.parametrize("score_scale", [1.0, 40.0])
+def test_dot_product_attention_equals_jax_nn_with_its_gradients(score_scale):
+  """Ours defers the softmax's normalisation to the output; jax.nn's normalises the weights. At
+  score_scale 40 the scores reach the hundreds, where exp overflows float32 unless each row's
+  maximum is taken off first, and the softmax is nearly one-hot."""
+  batch, tokens, context_tokens, heads, head_dim = 2, 7, 5, 3, 4
+  query_key, key_key, value_key, cotangent_key = jax.random.split(jax.random.key(3), 4)
+  query = score_scale * jax.random.normal(query_key, (batch, tokens, heads * head_dim))
+  key = jax.random.normal(key_key, (batch, context_tokens, heads * head_dim))
+  value = jax.random.normal(value_key, (batch, context_tokens, heads * head_dim))
+  cotangent = jax.random.normal(cotangent_key, (batch, tokens, heads * head_dim))
+
+  def reference(query, key, value):
+    split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, head_dim)
+    return jax.nn.dot_product_attention(split(query), split(key), split(value)).reshape(
+        batch, tokens, heads * head_dim)
+
+  ours_out, ours_vjp = jax.vjp(lambda q, k, v: layers.dot_product_attention(q, k, v, heads),
+                               query, key, value)
+  ref_out, ref_vjp = jax.vjp(reference, query, key, value)
+  assert np.isfinite(np.asarray(ours_out)).all()
+  np.testing.assert_allclose(ours_out, ref_out, rtol=1e-5, atol=1e-5)
+  for ours_grad, ref_grad in zip(ours_vjp(cotangent), ref_vjp(cotangent)):
+    scale = float(jnp.abs(ref_grad).max())
+    np.testing.assert_allclose(ours_grad, ref_grad, rtol=0, atol=1e-5 * max(scale, 1.0))
+  half = layers.dot_product_attention(*(t.astype(jnp.bfloat16) for t in (query, key, value)), heads)
+  assert half.dtype == jnp.bfloat16
+  with pytest.raises(ValueError, match="not divisible by 5 heads"):
+    layers.dot_product_attention(query, key, value, 5)
