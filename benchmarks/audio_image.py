@@ -13,7 +13,6 @@ Prints Markdown table rows for benchmarks/README.md. About a minute on a 2-core 
 import argparse
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -28,16 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mmldm_jax import config_lib  # noqa: E402
 from mmldm_jax import parallel  # noqa: E402
 from mmldm_jax.data import audio  # noqa: E402
-
-
-def median_seconds(fn, repeats: int) -> float:
-  fn()  # warm-up (compilation for ours)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+from timing import median_seconds  # noqa: E402
 
 
 def reference_images(waveforms: np.ndarray, cfg, filterbank: torch.Tensor) -> np.ndarray:

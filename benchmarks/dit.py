@@ -24,13 +24,11 @@ import argparse
 import functools
 import math
 import os
-import statistics
 import sys
 import time
 
 import flax.linen as flax_nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 from torch import nn as tnn
@@ -40,22 +38,9 @@ from mmldm_jax import config_lib  # noqa: E402
 from mmldm_jax import parallel  # noqa: E402
 from mmldm_jax.diffusion import samplers, schedules  # noqa: E402
 from mmldm_jax.models import dit, layers  # noqa: E402
+from timing import alternating_medians  # noqa: E402
 
 MACHINE = "2-core x86_64 CPU (shared), 24 GiB"
-
-
-def alternating_medians(functions, repeats: int) -> list[float]:
-  """Median seconds per call of each function: one warm-up call each, then `repeats` rounds in
-  which every function is called once, in turn."""
-  for fn in functions:
-    fn()
-  times = [[] for _ in functions]
-  for _ in range(repeats):
-    for fn, record in zip(functions, times):
-      start = time.perf_counter()
-      fn()
-      record.append(time.perf_counter() - start)
-  return [statistics.median(record) for record in times]
 
 
 # ------------------------------------------------------------------------------------------------

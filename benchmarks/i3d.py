@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dit import median_seconds  # noqa: E402  (the benchmarks' timing rule: warm-up, then median)
 from mmldm_jax import parallel  # noqa: E402
 from mmldm_jax.evaluation import i3d  # noqa: E402
+from timing import median_seconds  # noqa: E402
 
 MACHINE = "2-core x86_64 CPU (shared), 24 GiB"
 

@@ -27,10 +27,10 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
-from dit import median_seconds  # noqa: E402  (the benchmarks' timing rule: warm-up, then median)
 from mmldm_jax import parallel  # noqa: E402
 from mmldm_jax.evaluation import panns  # noqa: E402
 from test_panns import saved_torch_cnn14  # noqa: E402  (the parity test's Cnn14)
+from timing import median_seconds  # noqa: E402
 
 MACHINE = "2-core x86_64 CPU, 24 GiB"
 

@@ -14,9 +14,7 @@ Prints Markdown table rows for benchmarks/README.md. Well under a minute on a 2-
 import argparse
 import datetime
 import os
-import statistics
 import sys
-import time
 
 import librosa
 import numpy as np
@@ -25,18 +23,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mmldm_jax import config_lib  # noqa: E402
 from mmldm_jax.data import synthetic  # noqa: E402
 from mmldm_jax.evaluation import sync  # noqa: E402
+from timing import median_seconds  # noqa: E402
 
 MACHINE = "2-core x86_64 CPU (shared), 24 GiB"
-
-
-def median_seconds(fn, repeats: int) -> float:
-  fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def onset_f1(found: list[np.ndarray], clips: list[dict], fps: float) -> float:

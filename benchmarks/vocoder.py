@@ -12,7 +12,6 @@ CPU (PyTorch at batch 8 dominates; `--batch_sizes=1` takes under a minute).
 import argparse
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -25,15 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mmldm_jax import config_lib  # noqa: E402
 from mmldm_jax import parallel  # noqa: E402
 from mmldm_jax.models import vocoder  # noqa: E402
-
-
-def median_seconds(fn, repeats: int) -> float:
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+from timing import median_seconds  # noqa: E402
 
 
 def main() -> None:
