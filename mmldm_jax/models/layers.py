@@ -552,7 +552,8 @@ def dot_product_attention(query: Array, key: Array, value: Array, num_heads: int
   row_max = jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True))
   exponentials = jnp.exp(scores - row_max)
   unnormalised = jnp.matmul(exponentials.astype(value.dtype), heads_first(value))
-  out = (unnormalised.astype(jnp.float32) / exponentials.sum(axis=-1, keepdims=True)).astype(value.dtype)
+  row_sums = exponentials.sum(axis=-1, keepdims=True)
+  out = (unnormalised.astype(jnp.float32) / row_sums).astype(value.dtype)
   return out.transpose(0, 2, 1, 3).reshape(batch, q_len, width)
 
 
