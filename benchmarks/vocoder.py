@@ -4,10 +4,10 @@
 
 Full-size V1 generator (13.9 M parameters), random weights (speed does not depend on them), 275 mel
 frames = 1.6 s of audio at hop 256 / 44.1 kHz (MM-LDM's clip). Both sides run fp32 on the default device
-of their framework (CPU here); each figure is the median of `--repeats` timed calls. Ours is compiled
-ahead of time (not timed); PyTorch gets one short untimed warm-up call. Prints one
-Markdown table row per batch size for benchmarks/README.md. Costs about 3 minutes on an idle 2-core
-CPU (PyTorch at batch 8 dominates; `--batch_sizes=1` takes under a minute).
+of their framework (CPU here); each figure is the median of `--repeats` timed calls after one untimed
+call (`timing.median_seconds`); ours is compiled ahead of time (not timed). Prints one Markdown table
+row per batch size for benchmarks/README.md. About a minute on an idle 2-core CPU on a fast evening
+(2026-12-07), 3 minutes on slower days (PyTorch at batch 8 dominates).
 """
 import argparse
 import os
@@ -53,7 +53,7 @@ def main() -> None:
   machine = (f"{os.cpu_count()}-core {platform.machine()} {jax.default_backend().upper()}, "
              f"{memory_gib:.0f} GiB")
   date = time.strftime("%Y-%m-%d")
-  for index, batch in enumerate(int(b) for b in args.batch_sizes.split(",")):
+  for batch in (int(b) for b in args.batch_sizes.split(",")):
     mel = np.random.RandomState(0).randn(batch, args.frames, section.num_mels).astype(np.float32)
     mel_torch = torch.from_numpy(mel)
     compiled = apply_fn.lower(params, mel).compile()
@@ -63,9 +63,6 @@ def main() -> None:
       with torch.inference_mode():
         reference_model(mel_torch)
 
-    if index == 0:  # one short untimed call: PyTorch's first call pays one-off setup costs
-      with torch.inference_mode():
-        reference_model(mel_torch[:1, :16])
     peer = median_seconds(run_peer, args.repeats)
     seconds = args.frames * vocoder.hop_length(config) / config.audio.sample_rate
     command = " ".join(["python", "benchmarks/vocoder.py"] + sys.argv[1:])
