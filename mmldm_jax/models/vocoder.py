@@ -177,10 +177,11 @@ def generator_from_config(config, dtype: Any = jnp.float32,
 
 
 def init_params(config, rng: jax.Array, num_frames: int = 8) -> dict:
-  """Randomly initialised generator parameters (boxed with logical axis names), for tests."""
+  """Randomly initialised generator parameters (boxed with logical axis names), for tests. One
+  jitted program: run op by op, the init compiled a small program per initialiser and shape."""
   model = generator_from_config(config)
   mel = jnp.zeros((1, num_frames, config.vocoder.num_mels), jnp.float32)
-  return model.init(rng, mel)["params"]
+  return jax.jit(model.init)(rng, mel)["params"]
 
 
 def check_mel_matches(config) -> None:
