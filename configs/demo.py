@@ -3,14 +3,15 @@
 Run:
   python -m mmldm_jax.main --config=configs/demo.py --workdir=runs/demo
 
-Cost: measured 7 min 53 s on 2 CPU cores from a fresh clone (2026-12-06, install included, empty
-compile cache, a fast hour of the machine; 9 min 36 s with the four-level U-Net two hours before,
-12 min 13 s that morning, and 27 to 31 minutes on a slow day of this machine at an older commit;
-the README has the breakdown), 4.5 to 7 GB of memory and a few hundred MB of disk.
-The samples show muddy scene-class backgrounds with one to three sharp coloured objects that mostly
-keep their colour and place through the clip, some of them moving, and quiet sound with faint tones
-that do not follow the bounces (sync F1 0.06 against 0.24 for shuffled pairs in the latest run, and
-about the shuffled pairs' score in most earlier ones; real clips 0.99). The synthetic clips
+Cost: measured 6 min 17 s on 2 CPU cores from a fresh clone (2026-12-07, commits 9f42bd4 and
+52f9b04, install included, empty compile cache, a fast evening of the machine; 7 min 53 s on a
+fast hour of 2026-12-06, 14 min 32 s on a slow hour of 2026-12-07; the README has the breakdown),
+4.5 to 7 GB of memory and a few hundred MB of disk.
+The samples show dark or muddy scene-class backgrounds with one to three sharp coloured objects
+that mostly keep their colour and place through the clip, some of them moving, and quiet sound
+with faint tones that do not follow the bounces (sync F1 0.17 against 0.17 for shuffled pairs in
+the latest runs, 9f42bd4 and 52f9b04, and about the shuffled pairs' score in most earlier ones;
+real clips 0.99). The synthetic clips
 (coloured objects bouncing over a class-dependent background; every wall hit is a tone whose pitch
 is the object's colour) are generated from a seed, so nothing is downloaded. Frames are 64x64 at 10
 fps, audio 16 kHz; every network is the `tiny` size of the paper configs (the U-Net with two of its
