@@ -52,23 +52,14 @@ def filled(init, key):
   return jax.tree_util.tree_unflatten(treedef, values)
 
 
-def one_device_mesh(config):
-  """The config's mesh on the first device only. Sampling 2 clips cannot be split over the
-  suite's 8 CPU devices, so on all of them every device computes the whole batch (measured: a
-  chain call 2.2x the time on one device)."""
-  return parallel.create_mesh(config, jax.devices()[:1])
-
-
-def random_models(config, seed=0, mesh=None):
-  """Randomly initialised DiT, autoencoder and VAE, replicated over `mesh` (default: the config's
-  mesh on one device, `one_device_mesh`) as the sample stage's restore places them on its mesh;
-  with the stage's own mesh (`parallel.create_mesh(config)`) both run the same programs, bit for
-  bit."""
+def random_models(config, seed=0):
+  """Randomly initialised DiT, autoencoder and VAE, replicated over the config's mesh as the
+  sample stage's restore places them (so both run the same programs, bit for bit)."""
   dit_key, ae_key, vae_key = jax.random.split(jax.random.PRNGKey(seed), 3)
   dit = dit_lib.build_dit(config)
   system = autoencoder_lib.AutoencoderSystem(config)
   image = np.zeros((1, config.data.image_size, config.data.image_size, 3), np.float32)
-  replicated = jax.sharding.NamedSharding(one_device_mesh(config) if mesh is None else mesh,
+  replicated = jax.sharding.NamedSharding(parallel.create_mesh(config),
                                           jax.sharding.PartitionSpec())
   place = lambda tree: jax.device_put(tree, replicated)
   return sample.Models(
@@ -254,16 +245,11 @@ def test_reconstruction_decodes_the_real_clips_own_latents(models, tmp_path):
   assert index["settings"]["mode"] == "reconstruction"
 
 
-def test_stage_restores_checkpoints_and_matches_the_chain(config, models, tmp_path):
+def test_stage_restores_checkpoints_and_matches_the_chain(config, models, joint_folder, tmp_path):
   """`run` restores the generator / autoencoder / vae checkpoints of a workdir and writes the same
   samples the chain writes from those parameters directly."""
   from mmldm_jax.train import tasks
-  # The stage places what it restores on the config's mesh over every device: the direct chain
-  # runs there too, so that both run the same programs.
-  on_stage_mesh = random_models(config, mesh=parallel.create_mesh(config))
-  direct_folder = str(tmp_path / "direct")
-  sample.write_samples(config, on_stage_mesh, direct_folder, progress=False)
-  workdir = str(tmp_path / "workdir")
+  workdir = str(tmp_path)
   synthetic.write_dataset(config, os.path.join(workdir, "data"), progress=False)
   save_checkpoint(config, workdir, tasks.generator_task(config, workdir),
                   {"dit": models.dit_params}, 4)
@@ -279,7 +265,7 @@ def test_stage_restores_checkpoints_and_matches_the_chain(config, models, tmp_pa
   for number in range(2):
     name = sample.sample_name(number) + ".wav"
     with open(os.path.join(folder, name), "rb") as ours, \
-         open(os.path.join(direct_folder, name), "rb") as direct:
+         open(os.path.join(joint_folder, name), "rb") as direct:
       written, expected = (np.frombuffer(f.read()[44:], "<i2").astype(int) for f in (ours, direct))
     # The same parameters on the same devices run the same programs: equal bit for bit.
     np.testing.assert_array_equal(written, expected)
@@ -300,8 +286,8 @@ def test_generator_quality_signals_are_the_sample_stage_samples_scored(config, m
                   {"autoencoder": models.autoencoder_params}, 4)
   save_checkpoint(config, workdir, tasks.vae_task(config, workdir), {"vae": models.vae_params}, 4)
   task = tasks.generator_task(config, workdir)
-  mesh = one_device_mesh(config)    # where `models` lives
-  scalars, images, sounds = task.evaluate({"dit": models.dit_params}, None, mesh)
+  scalars, images, sounds = task.evaluate({"dit": models.dit_params}, None,
+                                          parallel.create_mesh(config))
   assert sorted(scalars) == sorted([
       "sync_f1", "sync_f1_shuffled", "sync_f1_shuffled_all_pairs", "video_events_per_second",
       "audio_events_per_second", "real_video_events_per_second", "real_audio_events_per_second"])
@@ -321,6 +307,7 @@ def test_generator_quality_signals_are_the_sample_stage_samples_scored(config, m
 
   # The chain compiled ahead on a second thread (as the training loop does): the same samples.
   evaluate, compile_ahead = tasks.generator_quality_signals(config, workdir, models.dit)
+  mesh = parallel.create_mesh(config)
   compile_ahead({"dit": parallel.abstract_like(models.dit_params)}, None, mesh)
   ahead_scalars, ahead_images, ahead_sounds = evaluate({"dit": models.dit_params}, None, mesh)
   assert ahead_scalars == scalars
