@@ -11,7 +11,6 @@ import pytest
 from mmldm_jax import config_lib
 from mmldm_jax import metrics
 from mmldm_jax import parallel
-from mmldm_jax.stages import vae as vae_stage
 from mmldm_jax.train import loop
 from mmldm_jax.train import tasks
 from mmldm_jax.train import weights
@@ -27,11 +26,21 @@ SIGNALS = ("psnr_frames", "psnr_audio_image", "psnr_frames_other_latents",
 
 
 def test_autoencoder_quality_signals_are_computed_and_logged(tmp_path):
+  from test_sample import filled, save_checkpoint
+  from mmldm_jax.stages import data as data_stage
   config = config_lib.load(os.path.join(REPO, "configs", "demo.py") + ":tiny")
-  config.train_vae.update(num_steps=1, checkpoint_every=1, eval_every=0)
   workdir = str(tmp_path)
-  vae_stage.run(config, workdir)
-  factor = config_lib.resolve_scale_factor(config, workdir)    # measured by the vae stage
+  # What the vae stage leaves: a checkpoint (here of an untrained VAE, written without compiling a
+  # training step) and the scale factor it measures on a training batch of the data.
+  data_stage.ensure_dataset(config, workdir)
+  vae_task = tasks.vae_task(config, workdir)
+  size = config.data.image_size
+  vae = weights.autoencoder_system(config, 1.0).vae
+  save_checkpoint(config, workdir, vae_task, {"vae": filled(
+      lambda key: vae.init(key, np.zeros((1, size, size, 3), np.float32))["params"],
+      jax.random.key(2))}, 1)
+  tasks.write_measured_scale_factor(config, workdir)
+  factor = config_lib.resolve_scale_factor(config, workdir)
   task = tasks.autoencoder_task(config, workdir, factor)
   # One device: on the suite's 8 CPU devices a replicated program computes everything 8 times.
   # The parameters are placed on the mesh as training places them, so the program compiled ahead

@@ -76,12 +76,13 @@ def assert_remat_within_noise(loss_fn, params, plain, remat, batch, reversed_bat
 
 
 def test_unet_remat_same_parameters_loss_and_gradients(config):
-  # Two levels of one ResBlock each, with attention at both and in the mid block: every kind of
-  # rematerialised block (ResBlock with and without a channel change, SpatialTransformer), 15
-  # blocks instead of the tiny preset's 38: the two gradient programs are most of this test's time,
-  # and their compile time grows with the number of blocks.
+  # Two levels of one ResBlock each, with attention at the second level and in the mid block:
+  # every kind of rematerialised block (ResBlock with and without a channel change,
+  # SpatialTransformer), 12 blocks instead of the tiny preset's 38: the two gradient programs are
+  # most of this test's time, and their compile time grows with the number of blocks (with
+  # attention at both levels, 15 blocks: 19.6 s against 14.7 s alone, 2026-12-07).
   config = config.copy_and_resolve_references()
-  config.unet.update(channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1, 2))
+  config.unet.update(channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,))
   plain = unet_lib.build_unet(config)
   remat = unet_lib.build_unet(config, remat="nothing_saveable")
   rng = np.random.default_rng(0)
