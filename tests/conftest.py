@@ -18,6 +18,14 @@ import os
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),
                                     "--xla_force_host_platform_device_count=8"]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA:CPU runs the 8 devices' programs on one shared thread pool of max(cores, devices) threads
+# (the NPROC variable overrides that size). A collective blocks its thread until every device
+# joins, and a device may start two collectives that do not depend on each other in either order:
+# with one thread per device, the fsdp=8 generator step deadlocked when device 0 held its thread in
+# a later all-to-all while devices 1-7 held theirs in an earlier all-gather (test_train.py aborted
+# after XLA's 40 s rendezvous timeout in 2 of 8 runs from an empty compile cache, 2026-12-07).
+# Twice the devices leaves each device a second thread. Subprocesses inherit it.
+os.environ.setdefault("NPROC", "16")
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 import pytest  # noqa: E402
