@@ -164,6 +164,10 @@ def main(argv) -> None:
   log_above_progress_bars()
   # Both before anything touches the devices.
   xla_flags = parallel.set_cpu_xla_flags()
+  thread_pool = parallel.set_cpu_thread_pool_size()   # only where XLA_FLAGS forces CPU devices
+  if thread_pool is not None:
+    logging.info("mmldm_jax: NPROC=%d (XLA:CPU's thread pool, twice the forced CPU devices)",
+                 thread_pool)
   parallel.maybe_initialize_distributed(config)
   cache = config_lib.enable_compilation_cache(config)
   logging.info("mmldm_jax: stages %s in %s (XLA compilation cache: %s; XLA flags added: %s)",

@@ -406,6 +406,46 @@ def set_cpu_xla_flags() -> list[str]:
   return added
 
 
+def cpu_thread_pool_size(xla_flags: str, cores: int) -> int | None:
+  """The XLA:CPU thread pool size (the NPROC environment variable) that a run forcing several CPU
+  devices (`--xla_force_host_platform_device_count=N` in `xla_flags`, N > 1) needs: twice the
+  devices, at least `cores`. None when no flag forces more than one device (the default pool
+  serves).
+
+  XLA:CPU runs every device's program on one pool of max(cores, devices) threads, and a
+  collective holds its thread until all devices join it. A device may start two collectives that
+  do not depend on each other in either order; with one thread per device, a device that starts
+  the later one first can leave no thread for the earlier one, which the others wait at: the
+  fsdp=8 generator step on 8 devices of a 2-core machine ended in XLA's 40 s rendezvous timeout in
+  2 of 8 test runs (2026-12-07), and in none of 8 with twice the threads. A second thread per
+  device makes that much less likely; it does not prove it impossible."""
+  counts = [word.split("=", 1)[1] for word in xla_flags.split()
+            if word.lstrip("-").startswith("xla_force_host_platform_device_count=")]
+  if not counts:
+    return None
+  devices = int(counts[-1])        # XLA reads the last one
+  return max(int(cores), 2 * devices) if devices > 1 else None
+
+
+def set_cpu_thread_pool_size() -> int | None:
+  """Sets NPROC to `cpu_thread_pool_size(XLA_FLAGS, this machine's cores)` unless NPROC is already
+  set (the user's choice wins) or no size is needed. XLA:CPU reads it when its client starts, so
+  this must run before the first JAX computation; it raises RuntimeError after it. Returns the
+  size it set, or None."""
+  if "NPROC" in os.environ:
+    return None
+  size = cpu_thread_pool_size(os.environ.get("XLA_FLAGS", ""), os.cpu_count() or 1)
+  if size is None:
+    return None
+  from jax._src import xla_bridge  # noqa: PLC0415  (the only way to ask whether XLA has started)
+  if xla_bridge.backends_are_initialized():
+    raise RuntimeError(f"set_cpu_thread_pool_size: the JAX backends have already started, so "
+                       f"XLA:CPU would not read NPROC={size}; call it before the first JAX "
+                       f"computation")
+  os.environ["NPROC"] = str(size)
+  return size
+
+
 def detect_cluster() -> str | None:
   """Names the multi-process environment this process runs in, or None for a single process.
 

@@ -18,14 +18,10 @@ import os
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),
                                     "--xla_force_host_platform_device_count=8"]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# XLA:CPU runs the 8 devices' programs on one shared thread pool of max(cores, devices) threads
-# (the NPROC variable overrides that size). A collective blocks its thread until every device
-# joins, and a device may start two collectives that do not depend on each other in either order:
-# with one thread per device, the fsdp=8 generator step deadlocked when device 0 held its thread in
-# a later all-to-all while devices 1-7 held theirs in an earlier all-gather (test_train.py aborted
-# after XLA's 40 s rendezvous timeout in 2 of 8 runs from an empty compile cache, 2026-12-07).
-# Twice the devices leaves each device a second thread. Subprocesses inherit it.
-os.environ.setdefault("NPROC", "16")
+# XLA:CPU's thread pool at twice the 8 devices (NPROC=16, `parallel.set_cpu_thread_pool_size`,
+# below): with one thread per device the fsdp=8 generator step deadlocked in its collectives
+# (test_train.py aborted in 2 of 8 runs from an empty compile cache, 2026-12-07). Subprocesses
+# inherit it.
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 import pytest  # noqa: E402
@@ -35,6 +31,7 @@ from mmldm_jax import parallel  # noqa: E402
 
 # The CPU kernel choice of `python -m mmldm_jax.main`, so that the tests run what users run.
 parallel.set_cpu_xla_flags()
+parallel.set_cpu_thread_pool_size()
 
 # The suite's compile cache. Tests that start `python -m mmldm_jax.main` pass it on with
 # SUITE_CACHE_FLAG, so that their programs land here rather than in the user's cache folder (the

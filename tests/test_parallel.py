@@ -208,6 +208,30 @@ def test_cpu_xla_flags_keep_reductions_out_of_ynnpack(monkeypatch):
   assert "xla_cpu_opt_preset" not in str(raised.value)
 
 
+def test_forced_cpu_devices_get_twice_their_threads(monkeypatch):
+  size = parallel.cpu_thread_pool_size
+  assert size("", 2) is None and size("--xla_force_host_platform_device_count=1", 2) is None
+  assert size("--xla_force_host_platform_device_count=8", 2) == 16
+  assert size("--xla_force_host_platform_device_count=2", 64) == 64
+  assert size("--xla_force_host_platform_device_count=2 "
+              "--xla_force_host_platform_device_count=8", 2) == 16     # XLA reads the last one
+  # This process (conftest forces 8 devices): XLA:CPU started its pool with 16 threads (named
+  # tf_XLAEigen in jaxlib 0.10.2; counted where /proc lists a process's threads).
+  assert os.environ["NPROC"] == "16"
+  jax.jit(lambda x: x + 1)(jnp.ones(3)).block_until_ready()
+  if os.path.isdir("/proc/self/task"):
+    names = []
+    for task in os.listdir("/proc/self/task"):
+      with open(f"/proc/self/task/{task}/comm") as f:
+        names.append(f.read().strip())
+    assert names.count("tf_XLAEigen") == 16, names
+  # Set by the user: left alone. Unset after XLA started: an error, since it would not be read.
+  assert parallel.set_cpu_thread_pool_size() is None
+  monkeypatch.delenv("NPROC")
+  with pytest.raises(RuntimeError, match="NPROC=16"):
+    parallel.set_cpu_thread_pool_size()
+
+
 def test_cpu_only_run_reads_jax_platforms_and_the_installed_plugins(monkeypatch):
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   assert parallel.cpu_only_run()
