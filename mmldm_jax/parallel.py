@@ -387,6 +387,15 @@ def cpu_only_run() -> bool:
   return not any(importlib.util.find_spec(package) for package in _ACCELERATOR_PACKAGES)
 
 
+def _require_xla_not_started(caller: str, setting: str) -> None:
+  """Raises RuntimeError when the JAX backends have started: XLA reads its flags and XLA:CPU its
+  thread-pool size once, when the first backend starts, so `setting` would not take effect."""
+  from jax._src import xla_bridge  # noqa: PLC0415  (the only way to ask whether XLA has started)
+  if xla_bridge.backends_are_initialized():
+    raise RuntimeError(f"{caller}: the JAX backends have already started, so XLA would not read "
+                       f"{setting}; call it before the first JAX computation")
+
+
 def set_cpu_xla_flags() -> list[str]:
   """Appends `CPU_XLA_FLAGS` (and, when `cpu_only_run()`, `CPU_ONLY_XLA_FLAGS`) to the XLA_FLAGS
   environment variable, leaving out any flag that XLA_FLAGS already names (the user's choice
@@ -398,10 +407,7 @@ def set_cpu_xla_flags() -> list[str]:
   added = [f"--{name}={value}" for name, value in wanted.items() if name not in named]
   if not added:
     return []
-  from jax._src import xla_bridge  # noqa: PLC0415  (the only way to ask whether XLA has started)
-  if xla_bridge.backends_are_initialized():
-    raise RuntimeError(f"set_cpu_xla_flags: the JAX backends have already started, so XLA would not "
-                       f"read {' '.join(added)}; call it before the first JAX computation")
+  _require_xla_not_started("set_cpu_xla_flags", " ".join(added))
   os.environ["XLA_FLAGS"] = " ".join([current] + added).strip()
   return added
 
@@ -423,7 +429,10 @@ def cpu_thread_pool_size(xla_flags: str, cores: int) -> int | None:
             if word.lstrip("-").startswith("xla_force_host_platform_device_count=")]
   if not counts:
     return None
-  devices = int(counts[-1])        # XLA reads the last one
+  if not counts[-1].isdigit():      # XLA reads the last one
+    raise ValueError(f"XLA_FLAGS: --xla_force_host_platform_device_count={counts[-1]}: expected a "
+                     f"positive whole number of CPU devices")
+  devices = int(counts[-1])
   return max(int(cores), 2 * devices) if devices > 1 else None
 
 
@@ -437,11 +446,7 @@ def set_cpu_thread_pool_size() -> int | None:
   size = cpu_thread_pool_size(os.environ.get("XLA_FLAGS", ""), os.cpu_count() or 1)
   if size is None:
     return None
-  from jax._src import xla_bridge  # noqa: PLC0415  (the only way to ask whether XLA has started)
-  if xla_bridge.backends_are_initialized():
-    raise RuntimeError(f"set_cpu_thread_pool_size: the JAX backends have already started, so "
-                       f"XLA:CPU would not read NPROC={size}; call it before the first JAX "
-                       f"computation")
+  _require_xla_not_started("set_cpu_thread_pool_size", f"NPROC={size}")
   os.environ["NPROC"] = str(size)
   return size
 

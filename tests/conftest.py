@@ -18,10 +18,6 @@ import os
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),
                                     "--xla_force_host_platform_device_count=8"]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# XLA:CPU's thread pool at twice the 8 devices (NPROC=16, `parallel.set_cpu_thread_pool_size`,
-# below): with one thread per device the fsdp=8 generator step deadlocked in its collectives
-# (test_train.py aborted in 2 of 8 runs from an empty compile cache, 2026-12-07). Subprocesses
-# inherit it.
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 import pytest  # noqa: E402
@@ -31,6 +27,9 @@ from mmldm_jax import parallel  # noqa: E402
 
 # The CPU kernel choice of `python -m mmldm_jax.main`, so that the tests run what users run.
 parallel.set_cpu_xla_flags()
+# XLA:CPU's thread pool at twice the 8 devices (NPROC=16), as the entry point sets it: with one
+# thread per device the fsdp=8 generator step deadlocked in its collectives (test_train.py aborted
+# in 2 of 8 runs from an empty compile cache, 2026-12-07). Subprocesses inherit it.
 parallel.set_cpu_thread_pool_size()
 
 # The suite's compile cache. Tests that start `python -m mmldm_jax.main` pass it on with
