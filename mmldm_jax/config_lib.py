@@ -290,6 +290,11 @@ def dit_config() -> ConfigDict:
       # moment in the clip (key frame index; the audio latent's column), so that attention can
       # pair a bounce with the tone of the same moment. Not with continuation.
       time_tokens=False,
+      # With time_tokens (not in the reference): one token per key frame, holding its whole block
+      # of the video latent, and one per audio latent column (every row and channel of that
+      # moment), instead of one per grid position. Suits small latents (the quality preset's 4x4):
+      # a token then sees a whole picture, and attention runs over moments, not positions.
+      frame_tokens=False,
       # Share of the training noise's variance common to the video latent's key-frame blocks
       # (not in the reference; `dit.key_frame_noise_fn`): with 0 the DiT learns from independent
       # noise per key frame; above 0 it learns the noise process that
@@ -569,6 +574,9 @@ def validate(config: ConfigDict) -> None:
   if config.dit.time_tokens and not config.autoencoder.video_latent_per_key_frame:
     fail("dit.time_tokens", True, "autoencoder.video_latent_per_key_frame=True (the video "
          "latent's channels must be one block per key frame)")
+  if config.dit.frame_tokens and not config.dit.time_tokens:
+    fail("dit.frame_tokens", True, "False unless dit.time_tokens=True (frame tokens are a layout "
+         "of the time-aligned tokens)")
   if config.dit.unroll_scanned_layers and not config.dit.scan_layers:
     fail("dit.unroll_scanned_layers", True, "False unless dit.scan_layers=True (unrolled layers "
          "have no stack of parameters to apply block by block)")

@@ -234,6 +234,52 @@ def test_time_tokens_split_the_video_latent_by_key_frame():
     config_lib.validate(config)
 
 
+def test_frame_tokens_hold_a_whole_key_frame_and_an_audio_column():
+  """dit.frame_tokens: one video token per key frame (its whole block of channels, every position)
+  with that key frame's time code, one audio token per column (every row and channel) with the
+  column's; the layouts invert exactly, the outputs keep the latent shapes, and the option needs
+  time_tokens."""
+  config = config_lib.load(os.path.join(CONFIGS, "demo.py:tiny"))
+  config.data.key_frames = (0, 2, 4, 6, 8, 10, 12, 14)
+  config.autoencoder.update(video_z_channels=32, audio_z_channels=8)
+  config.autoencoder.audio_encoder.channel_mult = (1, 2)
+  config.dit.update(time_tokens=True, frame_tokens=True)
+  config_lib.validate(config)
+  model = dit.build_dit(config)
+  video = jax.random.normal(jax.random.PRNGKey(0), (2,) + model.video_shape)
+  audio = jax.random.normal(jax.random.PRNGKey(2), (2,) + model.audio_shape)
+  video_tokens = dit.to_tokens(video, 8, "block")
+  audio_tokens = dit.to_tokens(audio, 1, "column")
+  assert video_tokens.shape == (2, 8, 4 * 4 * 4) and model.token_shape("video") == (8, 64)
+  assert audio_tokens.shape == (2, 4, 4 * 8) and model.token_shape("audio") == (4, 32)
+  # Video token k holds channels 4k..4k+3 of every position (row-major); audio token c column c.
+  np.testing.assert_array_equal(video_tokens[:, 3].reshape(2, 4, 4, 4), video[..., 12:16])
+  np.testing.assert_array_equal(audio_tokens[:, 1].reshape(2, 4, 8), audio[:, :, 1])
+  np.testing.assert_array_equal(dit.from_tokens(video_tokens, model.video_shape, 8, "block"), video)
+  np.testing.assert_array_equal(dit.from_tokens(audio_tokens, model.audio_shape, 1, "column"),
+                                audio)
+  assert model.token_layout("video")["times"] == tuple(float(k) for k in range(0, 16, 2))
+  assert model.token_layout("audio")["times"] == (2.0, 6.0, 10.0, 14.0)
+  params = rerandomise(nn.unbox(dit.init_params(model, jax.random.PRNGKey(1))))
+  assert params["embed_video"]["x_embedder"]["kernel"].shape == (64, config.dit.hidden_size)
+  assert params["embed_video"]["mod_embed"].shape == (8, config.dit.hidden_size)
+  assert params["final_layer_audio"]["linear"]["kernel"].shape == (config.dit.hidden_size, 32)
+  x = {"audio": audio, "video": video}
+  apply = jax.jit(lambda p, x: model.apply({"params": p}, x, jnp.array([100, 700]),
+                                           {"context_mask": jnp.ones(2)}))
+  out = apply(params, x)
+  assert out["video"].shape == video.shape and out["audio"].shape == audio.shape
+  # The key frames' order matters (their time codes): swapping two key frames' blocks changes
+  # the prediction for the others.
+  swapped = jnp.concatenate([video[..., 4:8], video[..., 0:4], video[..., 8:]], axis=-1)
+  moved = apply(params, dict(x, video=swapped))
+  assert float(jnp.max(jnp.abs(moved["video"][..., 8:] - out["video"][..., 8:]))) > 1e-3
+  config.dit.time_tokens = False
+  with pytest.raises(ValueError, match="config.dit.frame_tokens=True: expected False unless "
+                     "dit.time_tokens=True"):
+    config_lib.validate(config)
+
+
 def test_training_conditioning_probabilities(tiny_config):
   size = 20000
   batch = {"audio_latent": jnp.ones((size, 2, 2, 4)), "video_latent": jnp.ones((size, 4, 4, 4))}
@@ -574,12 +620,16 @@ def test_class_conditional_dit(tiny_config, tiny_params):
     dit.sample_latents(params, tiny_config, jax.random.PRNGKey(3), 2, labels=jnp.array([0, 1]))
 
 
-@pytest.mark.parametrize("continuation, time_tokens", [(False, False), (True, False),
-                                                        (False, True)])
+@pytest.mark.parametrize("continuation, time_tokens", [(False, ""), (True, ""),
+                                                        (False, "positions"), (False, "frames")])
 def test_analytic_flops_match_xla(continuation, time_tokens):
   config = config_lib.load(os.path.join(CONFIGS, "aist.py"))
-  # Time-aligned tokens: the 16 video channels as 4 key frames' blocks -> 4x the video tokens.
-  layout = dict(key_frame_times=(0.0, 5.0, 10.0, 15.0), clip_frames=16) if time_tokens else {}
+  # Time-aligned tokens: the 16 video channels as 4 key frames' blocks -> 4x the video tokens, or
+  # (frame tokens) one token per key frame and audio column.
+  layout = {}
+  if time_tokens:
+    layout = dict(key_frame_times=(0.0, 5.0, 10.0, 15.0), clip_frames=16,
+                  frame_tokens=time_tokens == "frames")
   # Unrolled layers: XLA's cost analysis counts a scanned (while-loop) body once, not depth times.
   model = dit.build_dit(config, depth=2, prev_depth=1, continuation=continuation, remat="none",
                         scan_layers=False, **layout)

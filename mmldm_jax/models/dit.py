@@ -18,6 +18,9 @@ reference layout hides time in the channels of every video token, while the audi
 its columns. With the option each key frame's block is its own set of hv*wv tokens (`to_tokens`),
 and every video and audio token adds a 1-D sin-cos code of its moment in the clip (key frame index;
 the centre of the audio column, in frames), so a bounce's tokens and its tone's share a code.
+With `config.dit.frame_tokens` as well, a token holds a whole key frame's block (every position)
+or a whole audio column (every row and channel), so the sequence is one token per moment: 8 + 4
+instead of 128 + 16 at the quality preset's 4x4 latents, and attention relates moments, not places.
 
 Parameters vs constants: the sin-cos tables are NOT parameters (computed in numpy when tracing); the
 PyTorch module holds them as frozen parameters (368,640 of its 678,022,304 at paper size). The learnable
@@ -39,7 +42,6 @@ audio, as the reference).
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -221,34 +223,57 @@ class FinalLayer(nn.Module):
     return dense(self.channels, ("embed", None), zero_init=True, name="linear", **kw)(x)
 
 
-def to_tokens(latent: Array, groups: int = 1) -> Array:
-  """Latent grid [B, h, w, C] -> tokens [B, groups*h*w, C / groups]. With groups > 1 the channels
-  are split into `groups` consecutive blocks (the per-key-frame video latent stacks one block per
-  key frame) and the tokens run block-major: all of block 0's positions, then block 1's, ..."""
+def to_tokens(latent: Array, groups: int = 1, unit: str = "position") -> Array:
+  """Latent grid [B, h, w, C] -> tokens [B, N, D]. `unit` is what one token holds:
+    'position': one grid position's channels, N = groups*h*w, D = C / groups. With groups > 1 the
+      channels are split into `groups` consecutive blocks (the per-key-frame video latent stacks
+      one block per key frame) and the tokens run block-major: block 0's positions, then block 1's.
+    'block': one whole channel block (every position of one key frame), N = groups, D = h*w*C/groups.
+    'column': one grid column (every row and channel; the audio latent's moment), N = w, D = h*C."""
   batch, height, width, channels = latent.shape
+  if unit == "column":
+    return jnp.swapaxes(latent, 1, 2).reshape(batch, width, height * channels)
+  grouped = latent.reshape(batch, height, width, groups, channels // groups)
+  if unit == "block":
+    return jnp.moveaxis(grouped, 3, 1).reshape(batch, groups, -1)
   if groups == 1:
     return latent.reshape(batch, height * width, channels)
-  grouped = latent.reshape(batch, height, width, groups, channels // groups)
   return jnp.moveaxis(grouped, 3, 1).reshape(batch, groups * height * width, channels // groups)
 
 
-def from_tokens(tokens: Array, shape: tuple[int, int, int], groups: int = 1) -> Array:
-  """The inverse of `to_tokens`: [B, groups*h*w, C / groups] -> [B, h, w, C]; shape = (h, w, C)."""
+def from_tokens(tokens: Array, shape: tuple[int, int, int], groups: int = 1,
+                unit: str = "position") -> Array:
+  """The inverse of `to_tokens`: [B, N, D] -> [B, h, w, C]; shape = (h, w, C)."""
   height, width, channels = shape
   batch = tokens.shape[0]
-  if groups == 1:
+  if unit == "column":
+    return jnp.swapaxes(tokens.reshape(batch, width, height, channels), 1, 2)
+  if groups == 1 and unit == "position":
     return tokens.reshape(batch, height, width, channels)
   grouped = tokens.reshape(batch, groups, height, width, channels // groups)
   return jnp.moveaxis(grouped, 1, 3).reshape(batch, height, width, channels)
 
 
+def token_shape(shape: tuple[int, int, int], groups: int = 1, unit: str = "position"
+                ) -> tuple[int, int]:
+  """(number of tokens, values per token) of a latent of shape (h, w, C) (`to_tokens`)."""
+  height, width, channels = shape
+  if unit == "column":
+    return width, height * channels
+  if unit == "block":
+    return groups, height * width * channels // groups
+  return groups * height * width, channels // groups
+
+
 class TokenEmbedder(nn.Module):
-  """Latent grid [B, h, w, C] -> tokens [B, groups*h*w, hidden] (`to_tokens`): patch-1 Dense +
-  sin-cos of (row, column) + a learnable per-token modality embedding, + with `times` (one time per
-  token, in frames of the clip) a 1-D sin-cos code of that time, the same function for both
-  modalities so that a video token and an audio token of the same moment carry the same code."""
+  """Latent grid [B, h, w, C] -> tokens [B, N, hidden] (`to_tokens` by `groups` and `unit`): a Dense
+  of each token's values (a patch-1 conv for 'position' tokens) + for 'position' tokens the sin-cos
+  of (row, column) + a learnable per-token modality embedding, + with `times` (one time per token,
+  in frames of the clip) a 1-D sin-cos code of that time, the same function for both modalities so
+  that a video token and an audio token of the same moment carry the same code."""
   hidden_size: int
   groups: int = 1
+  unit: str = "position"
   times: tuple[float, ...] = ()
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -256,13 +281,15 @@ class TokenEmbedder(nn.Module):
   @nn.compact
   def __call__(self, latent: Array) -> Array:
     _, height, width, _ = latent.shape
-    flat = to_tokens(latent, self.groups)
+    flat = to_tokens(latent, self.groups, self.unit)
     tokens = dense(self.hidden_size, (None, "embed"), name="x_embedder", dtype=self.dtype,
                    param_dtype=self.param_dtype)(flat)
     modality = self.param(
         "mod_embed", nn.with_logical_partitioning(nn.initializers.normal(0.01), (None, "embed")),
         (flat.shape[1], self.hidden_size), self.param_dtype)
-    positions = np.tile(sincos_2d(self.hidden_size, height, width), (self.groups, 1))
+    positions = np.zeros((flat.shape[1], self.hidden_size), np.float32)
+    if self.unit == "position":
+      positions = np.tile(sincos_2d(self.hidden_size, height, width), (self.groups, 1))
     if self.times:
       positions = positions + sincos_1d(self.hidden_size, np.asarray(self.times)).astype(np.float32)
     return tokens + jnp.asarray(positions, self.dtype) + modality.astype(self.dtype)
@@ -302,6 +329,9 @@ class MMDiT(nn.Module):
   # and the clip's length in frames (the audio latent's columns span it).
   key_frame_times: tuple[float, ...] = ()
   clip_frames: int = 0
+  # With time-aligned tokens (`config.dit.frame_tokens`): one token per key frame (its whole block
+  # of the video latent) and one per audio column, instead of one per grid position.
+  frame_tokens: bool = False
   # Class-conditional (`config.dit.class_conditional`): the number of classes whose learnable
   # context vectors `cond['label']` picks; 0 = unconditional, the reference.
   num_classes: int = 0
@@ -309,16 +339,27 @@ class MMDiT(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   def token_layout(self, name: str) -> dict[str, Any]:
-    """`TokenEmbedder` fields of modality `name`: channel groups and per-token times."""
+    """`TokenEmbedder` fields of modality `name`: channel groups, token unit and per-token times."""
     if not self.key_frame_times:
       return {}
     if name == "video":
       height, width, _ = self.video_shape
-      return {"groups": len(self.key_frame_times),
-              "times": tuple(float(t) for t in np.repeat(self.key_frame_times, height * width))}
+      times = np.asarray(self.key_frame_times, np.float64)
+      if self.frame_tokens:
+        return {"groups": len(times), "unit": "block", "times": tuple(float(t) for t in times)}
+      return {"groups": len(times),
+              "times": tuple(float(t) for t in np.repeat(times, height * width))}
     height, width, _ = self.audio_shape
     column_times = (np.arange(width) + 0.5) * self.clip_frames / width
+    if self.frame_tokens:
+      return {"unit": "column", "times": tuple(float(t) for t in column_times)}
     return {"times": tuple(float(t) for t in np.tile(column_times, height))}
+
+  def token_shape(self, name: str) -> tuple[int, int]:
+    """(number of tokens, values per token) of modality `name` (see `to_tokens`)."""
+    layout = self.token_layout(name)
+    shape = self.video_shape if name == "video" else self.audio_shape
+    return token_shape(shape, layout.get("groups", 1), layout.get("unit", "position"))
 
   def _stack(self, depth, emit, name):
     return BlockStack(depth=depth, hidden_size=self.hidden_size, num_heads=self.num_heads,
@@ -355,7 +396,7 @@ class MMDiT(nn.Module):
       layout = self.token_layout(name)
       clean = cond.get(f"cond_{name}")
       clean = jnp.zeros_like(latent) if clean is None else clean.astype(self.dtype)
-      clean = to_tokens(clean, layout.get("groups", 1))
+      clean = to_tokens(clean, layout.get("groups", 1), layout.get("unit", "position"))
       # A 1x1 conv in the reference: torch's default init, bias included.
       cond_tokens = layers.Dense(
           self.hidden_size, kernel_axes=(None, "embed"),
@@ -380,9 +421,10 @@ class MMDiT(nn.Module):
     video_out = sequence[:, num_context + 2 + num_audio:]
     out = {}
     for name, hidden, latent in (("audio", audio_out, audio), ("video", video_out, video)):
-      groups = self.token_layout(name).get("groups", 1)
-      eps = FinalLayer(latent.shape[-1] // groups, name=f"final_layer_{name}", **kw)(hidden, t_emb)
-      out[name] = from_tokens(eps, latent.shape[1:], groups).astype(jnp.float32)
+      layout = self.token_layout(name)
+      eps = FinalLayer(self.token_shape(name)[1], name=f"final_layer_{name}", **kw)(hidden, t_emb)
+      out[name] = from_tokens(eps, latent.shape[1:], layout.get("groups", 1),
+                              layout.get("unit", "position")).astype(jnp.float32)
     return out
 
   def context(self, cond, batch: int) -> Array:
@@ -490,7 +532,7 @@ def build_dit(config, dtype: Dtype = jnp.float32, **overrides) -> MMDiT:
     args.update(num_classes=int(config.data.num_classes))
   if d.time_tokens:
     args.update(key_frame_times=tuple(float(index) for index in config.data.key_frames),
-                clip_frames=int(config.data.num_frames))
+                clip_frames=int(config.data.num_frames), frame_tokens=bool(d.frame_tokens))
   args.update(overrides)
   return MMDiT(**args)
 

@@ -23,10 +23,10 @@ def dit_forward_flops(model: dit_lib.MMDiT, text_tokens: int | None = None) -> i
   width, mlp_width = model.hidden_size, int(model.hidden_size * model.mlp_ratio)
   grids = {"audio": model.audio_shape, "video": model.video_shape}
   # Time-aligned tokens (`MMDiT.token_layout`) split the video latent's channels into one block
-  # per key frame, each its own set of h*w tokens.
-  groups = {name: model.token_layout(name).get("groups", 1) for name in grids}
-  latent_tokens = {name: h * w * groups[name] for name, (h, w, _) in grids.items()}
-  channels = {name: shape[2] // groups[name] for name, shape in grids.items()}
+  # per key frame, each its own set of h*w tokens or one token (frame tokens).
+  latent_tokens, channels = {}, {}
+  for name in grids:
+    latent_tokens[name], channels[name] = model.token_shape(name)
   context = text_tokens or model.context_tokens
   prev_context = sum(latent_tokens.values()) if model.continuation else 0
   tokens = context + prev_context + 2 + sum(latent_tokens.values())
