@@ -294,7 +294,7 @@ def dit_config() -> ConfigDict:
       # of the video latent, and one per audio latent column (every row and channel of that
       # moment), instead of one per grid position. Suits small latents (the quality preset's 4x4):
       # a token then sees a whole picture, and attention runs over moments, not positions. There
-      # a step costs about a tenth; README "Results" has what it changed in the samples.
+      # a step costs about a quarter; README "Results" has what it changed in the samples.
       frame_tokens=False,
       # Share of the training noise's variance common to the video latent's key-frame blocks
       # (not in the reference; `dit.key_frame_noise_fn`): with 0 the DiT learns from independent
