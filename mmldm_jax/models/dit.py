@@ -339,27 +339,29 @@ class MMDiT(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   def token_layout(self, name: str) -> dict[str, Any]:
-    """`TokenEmbedder` fields of modality `name`: channel groups, token unit and per-token times."""
+    """`TokenEmbedder` fields of modality `name`: channel `groups`, token `unit` (see `to_tokens`)
+    and per-token `times` (empty without time-aligned tokens: the reference's layout)."""
     if not self.key_frame_times:
-      return {}
+      return {"groups": 1, "unit": "position", "times": ()}
     if name == "video":
       height, width, _ = self.video_shape
       times = np.asarray(self.key_frame_times, np.float64)
       if self.frame_tokens:
         return {"groups": len(times), "unit": "block", "times": tuple(float(t) for t in times)}
-      return {"groups": len(times),
+      return {"groups": len(times), "unit": "position",
               "times": tuple(float(t) for t in np.repeat(times, height * width))}
     height, width, _ = self.audio_shape
     column_times = (np.arange(width) + 0.5) * self.clip_frames / width
     if self.frame_tokens:
-      return {"unit": "column", "times": tuple(float(t) for t in column_times)}
-    return {"times": tuple(float(t) for t in np.tile(column_times, height))}
+      return {"groups": 1, "unit": "column", "times": tuple(float(t) for t in column_times)}
+    return {"groups": 1, "unit": "position",
+            "times": tuple(float(t) for t in np.tile(column_times, height))}
 
   def token_shape(self, name: str) -> tuple[int, int]:
     """(number of tokens, values per token) of modality `name` (see `to_tokens`)."""
     layout = self.token_layout(name)
     shape = self.video_shape if name == "video" else self.audio_shape
-    return token_shape(shape, layout.get("groups", 1), layout.get("unit", "position"))
+    return token_shape(shape, layout["groups"], layout["unit"])
 
   def _stack(self, depth, emit, name):
     return BlockStack(depth=depth, hidden_size=self.hidden_size, num_heads=self.num_heads,
@@ -396,7 +398,7 @@ class MMDiT(nn.Module):
       layout = self.token_layout(name)
       clean = cond.get(f"cond_{name}")
       clean = jnp.zeros_like(latent) if clean is None else clean.astype(self.dtype)
-      clean = to_tokens(clean, layout.get("groups", 1), layout.get("unit", "position"))
+      clean = to_tokens(clean, layout["groups"], layout["unit"])
       # A 1x1 conv in the reference: torch's default init, bias included.
       cond_tokens = layers.Dense(
           self.hidden_size, kernel_axes=(None, "embed"),
@@ -423,8 +425,8 @@ class MMDiT(nn.Module):
     for name, hidden, latent in (("audio", audio_out, audio), ("video", video_out, video)):
       layout = self.token_layout(name)
       eps = FinalLayer(self.token_shape(name)[1], name=f"final_layer_{name}", **kw)(hidden, t_emb)
-      out[name] = from_tokens(eps, latent.shape[1:], layout.get("groups", 1),
-                              layout.get("unit", "position")).astype(jnp.float32)
+      out[name] = from_tokens(eps, latent.shape[1:], layout["groups"],
+                              layout["unit"]).astype(jnp.float32)
     return out
 
   def context(self, cond, batch: int) -> Array:
